@@ -1,0 +1,43 @@
+# sourcetrace: `make demo` runs the main job on an embedded default, `make test` runs the suite.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+EXTRAS ?= dev,bench,llm,views,corpus
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: setup demo test test-all bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	# kronfluence 1.0.1 declares torchvision but never imports it; the registry's torchvision does not
+	# import beside the CPU torch, so it is installed without dependencies plus what it really uses.
+	$(BIN)/pip install -q --no-deps kronfluence==1.0.1
+	$(BIN)/pip install -q accelerate einops einconv opt-einsum
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/sourcetrace demo
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/sourcetrace bench digits-mlp
+
+lint: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,11 @@
+"""sourcetrace: trace what a model produces back to the training data that caused it."""
+
+from .attributor import Attributor, available_methods
+from .data import Examples
+from .scores import Attribution, Scores
+from .tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
+
+__version__ = "0.1.0"
+
+__all__ = ["Attribution", "Attributor", "CausalLMTask", "ClassificationTask", "Examples", "RegressionTask",
+           "Scores", "Task", "__version__", "available_methods"]

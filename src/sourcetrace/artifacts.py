@@ -1,0 +1,88 @@
+"""Atomic writes and manifests: every artifact sourcetrace leaves on disk goes through here.
+
+A file is written under a temporary name in the same folder and renamed into place, so a run killed
+mid-way never leaves a half-written artifact behind. A manifest (JSON) records what made a folder of
+artifacts; reusing the folder for something else is refused, never silently accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import WorkdirMismatchError
+
+MANIFEST = "manifest.json"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call `write(tmp_path)` and rename the result to `path` once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def check_manifest(folder: str | os.PathLike, expected: dict[str, Any], *, overwrite: bool = False,
+                   what: str = "workdir") -> bool:
+    """Make `folder` hold artifacts described by `expected`.
+
+    Returns True when the folder already holds a manifest equal to `expected` (its artifacts may be
+    reused or resumed), False when the folder is new (the manifest is written now). A folder made for
+    anything else raises `WorkdirMismatchError`, unless `overwrite` is set, which empties it first.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    expected = json.loads(json.dumps(expected, sort_keys=True, default=str))
+    if path.exists():
+        found = read_json(path)
+        if found == expected:
+            return True
+        if not overwrite:
+            diffs = [k for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k)]
+            details = "; ".join(f"{k}: was {found.get(k)!r}, now {expected.get(k)!r}" for k in diffs[:4])
+            raise WorkdirMismatchError(
+                f"{what} {folder} was made with other settings ({details}); "
+                "use a new workdir or pass overwrite=True to replace it"
+            )
+        _empty(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, expected)
+    return False
+
+
+def _empty(folder: Path) -> None:
+    import shutil
+
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

@@ -1,0 +1,84 @@
+"""Attributor: the one entry point of the gradient family — fit on training data, score queries."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .artifacts import check_manifest
+from .data import Examples, model_fingerprint
+from .errors import SourcetraceError
+from .methods import build
+from .methods.base import Context
+from .scores import Scores
+from .tasks import Task, task_config
+
+
+class Attributor:
+    """Attribute a model's outputs to its training data.
+
+    `method` is a name from `available_methods()`; its options are keyword arguments (each has a default
+    that works untuned). Artifacts go to `workdir` (a temporary folder if none), under a manifest recording
+    the method, its options, the model and the data: a rerun with the same settings reuses or resumes them,
+    a rerun with other settings is refused unless `overwrite=True`.
+    """
+
+    def __init__(self, model: nn.Module, task: Task, method: str = "grad-dot",
+                 workdir: str | os.PathLike | None = None, *, overwrite: bool = False, progress: bool = True,
+                 **options: Any):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        self.method = build(method, options)
+        self.model, self.task = model, task
+        if workdir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="sourcetrace-")
+            workdir = self._tmp.name
+        self.workdir = Path(workdir)
+        self.ctx = Context(model, task, self.workdir, progress=progress, overwrite=overwrite)
+        self._fitted = False
+
+    def fit(self, train: Any, ids: list[Any] | None = None) -> Attributor:
+        """Collect what the method needs from the training data (cached in workdir, resumable)."""
+        examples = Examples(train, ids, name="training data")
+        manifest = {"method": self.method.name, "options": self.method.options.manifest(),
+                    "model": model_fingerprint(self.model), "task": task_config(self.task),
+                    "data": examples.fingerprint(), "n_train": len(examples)}
+        check_manifest(self.workdir, manifest, overwrite=self.ctx.overwrite)
+        self.method.fit(self.ctx, examples)
+        self.train = examples
+        self._fitted = True
+        return self
+
+    def score(self, queries: Any, ids: list[Any] | None = None, *, top_k: int | None = None) -> Scores:
+        """Scores [n_query, n_train] (positive = proponent); with `top_k`, only each query's extremes."""
+        self._require_fit()
+        examples = Examples(queries, ids, name="queries")
+        return self.method.score(self.ctx, examples, top_k=top_k)
+
+    def self_influence(self) -> torch.Tensor:
+        """Each training example's influence on its own loss (high = unusual or mislabeled)."""
+        self._require_fit()
+        values = self.method.self_influence(self.ctx)
+        if values is None:
+            raise SourcetraceError(f"method {self.method.name!r} defines no self-influence; use grad-dot "
+                                   "or tracin")
+        return values
+
+    def _require_fit(self) -> None:
+        if not self._fitted:
+            raise SourcetraceError("call fit(train_data) before scoring")
+
+    def __repr__(self) -> str:
+        return f"Attributor(method={self.method.name!r}, workdir={str(self.workdir)!r})"
+
+
+def available_methods() -> list[str]:
+    """Names accepted by `Attributor(method=...)`."""
+    from .methods import available_methods as names
+
+    return names()

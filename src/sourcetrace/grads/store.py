@@ -1,0 +1,106 @@
+"""GradientStore: per-example feature rows (gradients or their projections) on disk, in shards.
+
+Each shard holds `shard_size` consecutive rows as a `.npy` file, written atomically, and is read back
+as a memory map, so scoring streams the store without loading it into RAM. A fit that is killed
+resumes by computing only the shards that are missing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts import atomic_write, check_manifest, read_json
+
+DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
+
+
+class GradientStore:
+    """Rows [n, dim] of per-example features, sharded on disk under `folder`."""
+
+    def __init__(self, folder: str | os.PathLike, n: int, dim: int, *, dtype: str = "float32",
+                 shard_size: int = 4096, key: dict[str, Any] | None = None, overwrite: bool = False):
+        if dtype not in DTYPES:
+            raise ValueError(f"store dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+        self.folder = Path(folder)
+        self.n, self.dim, self.dtype, self.shard_size = n, dim, dtype, max(1, int(shard_size))
+        layout = {"kind": "gradient-store", "n": n, "dim": dim, "dtype": dtype, "shard_size": self.shard_size}
+        check_manifest(self.folder, {**layout, **(key or {})}, overwrite=overwrite, what="gradient store")
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> GradientStore:
+        """Open an existing store read-only (its manifest says how it is laid out)."""
+        m = read_json(Path(folder) / "manifest.json")
+        store = cls.__new__(cls)
+        store.folder, store.n, store.dim = Path(folder), m["n"], m["dim"]
+        store.dtype, store.shard_size = m["dtype"], m["shard_size"]
+        return store
+
+    # ---- layout --------------------------------------------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        return -(-self.n // self.shard_size)
+
+    def bounds(self, k: int) -> tuple[int, int]:
+        lo = k * self.shard_size
+        return lo, min(lo + self.shard_size, self.n)
+
+    def _path(self, k: int) -> Path:
+        return self.folder / f"shard-{k:05d}.npy"
+
+    def missing(self) -> list[int]:
+        return [k for k in range(self.num_shards) if not self._path(k).exists()]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing()
+
+    # ---- writing -------------------------------------------------------------------------------------
+    def fill(self, rows: Callable[[int, int], torch.Tensor], *, batch_size: int, progress: bool = True,
+             desc: str = "collect") -> None:
+        """Compute every missing shard with `rows(lo, hi) -> [hi-lo, dim]` and write it atomically."""
+        todo = self.missing()
+        if not todo:
+            return
+        done = self.n - sum(self.bounds(k)[1] - self.bounds(k)[0] for k in todo)
+        with tqdm(total=self.n, initial=done, desc=desc, unit="ex", disable=not progress) as bar:
+            for k in todo:
+                lo, hi = self.bounds(k)
+                shard = np.empty((hi - lo, self.dim), dtype=DTYPES[self.dtype])
+                for start in range(lo, hi, batch_size):
+                    stop = min(start + batch_size, hi)
+                    block = rows(start, stop)
+                    if block.shape != (stop - start, self.dim):
+                        raise ValueError(f"feature rows of shape {tuple(block.shape)}, expected "
+                                         f"{(stop - start, self.dim)}")
+                    shard[start - lo: stop - lo] = block.detach().to("cpu", torch.float64).numpy()
+                    bar.update(stop - start)
+                atomic_write(self._path(k), lambda tmp, s=shard: _save_npy(tmp, s))
+
+    # ---- reading -------------------------------------------------------------------------------------
+    def shards(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Yield `(lo, hi, rows)` per shard, each memory-mapped from disk."""
+        missing = self.missing()
+        if missing:
+            raise FileNotFoundError(f"gradient store {self.folder} is incomplete ({len(missing)} shards "
+                                    "missing); run fit() again to finish it")
+        for k in range(self.num_shards):
+            lo, hi = self.bounds(k)
+            yield lo, hi, torch.from_numpy(np.load(self._path(k), mmap_mode="r").copy())
+
+    def read(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """Rows [lo, hi) as one tensor (for small stores and tests)."""
+        hi = self.n if hi is None else hi
+        parts = [r[max(lo, a) - a: min(hi, b) - a] for a, b, r in self.shards() if a < hi and b > lo]
+        return torch.cat(parts) if parts else torch.empty(0, self.dim)
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, array)

@@ -1,0 +1,219 @@
+"""Gradient similarity methods: grad-dot, grad-cos and TracIn.
+
+All three are one computation: per-example training-loss gradients are collected into a GradientStore
+per checkpoint; a query's measurement gradient q is compared with every stored row g as
+`score = -Σ_c w_c · sim(q_c, g_c)`, where sim is the dot product (grad-dot, TracIn) or the cosine
+(grad-cos), and w_c is the learning rate of checkpoint c (TracIn) or 1 (the current model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ..data import Examples, state_fingerprint
+from ..errors import InvalidOptionError, ShapeError
+from ..grads import GradientCapture
+from ..grads.store import GradientStore
+from ..scores import Scores
+from ..tasks import collate
+from . import register
+from .base import Context, Method, Options
+
+SHARD_BYTES = 256 * 2**20  # a shard is read into memory whole while scoring
+
+
+@dataclass(frozen=True)
+class GradientOptions(Options):
+    """Options of the gradient methods.
+
+    modules: fnmatch patterns of module names to attribute through (default: every trainable parameter).
+    batch_size: examples per backward pass. fallback: use torch.func for parameters outside supported
+    layers. store_dtype: precision of the stored gradients. checkpoints / learning_rates: TracIn's saved
+    models (state_dicts or paths) and the learning rate in force at each.
+    """
+
+    modules: tuple[str, ...] | list[str] | None = None
+    batch_size: int = 64
+    fallback: bool = True
+    store_dtype: str = "float32"
+    checkpoints: tuple[Any, ...] | list[Any] | None = None
+    learning_rates: tuple[float, ...] | list[float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise InvalidOptionError("batch_size must be at least 1")
+        if self.store_dtype not in ("float32", "float64", "float16"):
+            raise InvalidOptionError("store_dtype must be 'float32', 'float64' or 'float16'")
+        if self.learning_rates is not None and (
+                self.checkpoints is None or len(self.learning_rates) != len(self.checkpoints)):
+            raise InvalidOptionError("give one learning rate per checkpoint")
+
+
+@register("grad-dot", "grad-cos", "tracin")
+class GradientSimilarity(Method):
+    """grad-dot / grad-cos on the current model; TracIn summed over checkpoints weighted by learning rate."""
+
+    Options = GradientOptions
+    options: GradientOptions
+
+    def __init__(self, name: str, options: GradientOptions):
+        super().__init__(name, options)
+        if name == "tracin" and not options.checkpoints:
+            raise InvalidOptionError("tracin needs checkpoints=[state_dict or path, ...] saved during "
+                                     "training, and learning_rates=[...] in force at each")
+        if name != "tracin" and options.checkpoints and len(options.checkpoints) > 1:
+            raise InvalidOptionError(f"{name} uses one model; for several checkpoints use method='tracin'")
+        self.normalize = name == "grad-cos"
+        self.stores: list[GradientStore] = []
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def _states(self) -> list[tuple[dict[str, torch.Tensor] | None, float]]:
+        o = self.options
+        if not o.checkpoints:
+            return [(None, 1.0)]
+        rates = o.learning_rates or [1.0] * len(o.checkpoints)
+        return [(_load_state(c), float(lr)) for c, lr in zip(o.checkpoints, rates)]
+
+    @contextlib.contextmanager
+    def _at(self, ctx: Context, state: dict[str, torch.Tensor] | None) -> Iterator[nn.Module]:
+        """The model at a checkpoint, in eval mode (the user's model is left as it was)."""
+        model = ctx.model if state is None else copy.deepcopy(ctx.model)
+        if state is not None:
+            model.load_state_dict(state)
+        was_training = model.training
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train(was_training)
+
+    def _features(self, model: nn.Module, ctx: Context, examples: Examples, fn: Any, capture: GradientCapture
+                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        for lo, items in examples.batches(self.options.batch_size):
+            batch = _to(collate(ctx.task, items), _device(model))
+            yield lo, lo + len(items), capture.flat(fn, batch)
+
+    # ---- fit and score -------------------------------------------------------------------------------
+    def fit(self, ctx: Context, train: Examples) -> None:
+        o = self.options
+        self.train_ids = train.ids
+        self.stores, self.weights, self.states = [], [], []
+        for c, (state, weight) in enumerate(self._states()):
+            with self._at(ctx, state) as model:
+                capture = GradientCapture(model, o.modules, fallback=o.fallback)
+                itemsize = 8 if o.store_dtype == "float64" else 4
+                shard = max(1, min(8192, SHARD_BYTES // (capture.dim * itemsize)))
+                key = {"checkpoint": state_fingerprint(model.state_dict()), "modules": o.modules}
+                store = GradientStore(ctx.workdir / f"train-grads-{c}", len(train), capture.dim,
+                                      dtype=o.store_dtype, shard_size=shard, key=key, overwrite=ctx.overwrite)
+
+                def rows(lo: int, hi: int, model: nn.Module = model, capture: GradientCapture = capture
+                         ) -> torch.Tensor:
+                    batch = _to(collate(ctx.task, [train[i] for i in range(lo, hi)]), _device(model))
+                    return capture.flat(ctx.task.train_loss, batch)
+
+                desc = "train gradients" + (f" (checkpoint {c + 1})" if o.checkpoints else "")
+                store.fill(rows, batch_size=o.batch_size, progress=ctx.progress, desc=desc)
+            self.stores.append(store)
+            self.weights.append(weight)
+            self.states.append(state)
+
+    def query_features(self, ctx: Context, queries: Examples) -> list[torch.Tensor]:
+        """Measurement gradients of the queries at each checkpoint, [n_query, dim] each."""
+        feats = []
+        for store, state in zip(self.stores, self.states):
+            with self._at(ctx, state) as model:
+                capture = GradientCapture(model, self.options.modules, fallback=self.options.fallback)
+                if capture.dim != store.dim:
+                    raise ShapeError(f"query gradients have {capture.dim} entries but the training store "
+                                     f"has {store.dim}; queries must go through the same model")
+                rows = [f for _, _, f in self._features(model, ctx, queries, ctx.task.measurement, capture)]
+            feats.append(torch.cat(rows).to(torch.float64 if store.dtype == "float64" else torch.float32))
+        return feats
+
+    def _blocks(self, feats: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Scores against each shard of the training stores, in order: (lo, hi, [n_query, hi-lo])."""
+        if self.normalize:
+            feats = [q / q.norm(dim=1, keepdim=True).clamp_min(1e-12) for q in feats]
+        for parts in zip(*(s.shards() for s in self.stores)):
+            lo, hi = parts[0][0], parts[0][1]
+            total = None
+            for q, w, (_, _, g) in zip(feats, self.weights, parts):
+                g = g.to(q.dtype)
+                if self.normalize:
+                    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                block = -w * (q @ g.T)
+                total = block if total is None else total + block
+            assert total is not None
+            yield lo, hi, total
+
+    def score(self, ctx: Context, queries: Examples, top_k: int | None = None) -> Scores:
+        feats = self.query_features(ctx, queries)
+        parts = reduce_blocks(self._blocks(feats), len(queries), len(self.train_ids), top_k)
+        meta = {"options": self.options.manifest()}
+        return Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name, metadata=meta,
+                      self_influence=self.self_influence(ctx) if top_k is None else None, **parts)
+
+    def self_influence(self, ctx: Context) -> torch.Tensor | None:
+        """Σ_c w_c ‖∇L_c(i)‖² (grad-dot, TracIn); undefined for grad-cos, where it is always 1."""
+        if self.normalize:
+            return None
+        total = torch.zeros(len(self.train_ids), dtype=torch.float64)
+        for store, w in zip(self.stores, self.weights):
+            for lo, hi, g in store.shards():
+                total[lo:hi] += w * g.double().pow(2).sum(1)
+        return total.float()
+
+
+def reduce_blocks(blocks: Iterator[tuple[int, int, torch.Tensor]], n_query: int, n_train: int,
+                  top_k: int | None) -> dict[str, torch.Tensor]:
+    """Assemble streamed score blocks into a dense matrix, or keep only each query's top and bottom k."""
+    if top_k is None:
+        matrix = torch.empty(n_query, n_train)
+        for lo, hi, block in blocks:
+            matrix[:, lo:hi] = block
+        return {"matrix": matrix}
+    if top_k < 1:
+        raise InvalidOptionError("top_k must be at least 1")
+    k = min(top_k, n_train)
+    empty = torch.empty(n_query, 0)
+    top_v, top_i, bot_v, bot_i = empty, empty.long(), empty, empty.long()
+    for lo, hi, block in blocks:
+        idx = torch.arange(lo, hi).expand(n_query, -1)
+        top_v, j = torch.cat([top_v, block.float()], 1).topk(min(k, top_v.shape[1] + hi - lo), dim=1)
+        top_i = torch.cat([top_i, idx], 1).gather(1, j)
+        bot_v, j = torch.cat([bot_v, block.float()], 1).topk(min(k, bot_v.shape[1] + hi - lo), dim=1,
+                                                             largest=False)
+        bot_i = torch.cat([bot_i, idx], 1).gather(1, j)
+    return {"matrix": None, "top_values": top_v, "top_indices": top_i, "bottom_values": bot_v,
+            "bottom_indices": bot_i}
+
+
+def _load_state(checkpoint: Any) -> dict[str, torch.Tensor]:
+    if isinstance(checkpoint, (str, os.PathLike)):
+        if not os.path.exists(checkpoint):
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if isinstance(checkpoint, nn.Module):
+        checkpoint = checkpoint.state_dict()
+    if not isinstance(checkpoint, dict):
+        raise InvalidOptionError("a checkpoint is a state_dict, a model, or the path of a saved state_dict")
+    return checkpoint
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)

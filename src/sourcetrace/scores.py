@@ -1,0 +1,169 @@
+"""Scores: attribution scores of queries against training examples, with their ids.
+
+Sign convention, for every method in sourcetrace: **a positive score means the training example is a
+proponent of the query** — up-weighting it would increase the query's measurement (a margin, a
+log-probability; a loss enters as its negative). For gradient methods this makes
+`score(q, i) = -∇m(q) · P ∇L(i)`, with P the method's preconditioner (identity for grad-dot): one
+gradient step on example i with step size η changes m(q) by about η · score(q, i).
+
+Scores are dense ([n_query, n_train]) or, when scored with `top_k`, hold only the k highest and k lowest
+scores of each query.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .artifacts import atomic_write, atomic_write_json
+from .errors import MissingExtraError, ScoresError, ShapeError
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """One training example's score for one query."""
+
+    train_id: Any
+    index: int
+    score: float
+
+
+@dataclass
+class Scores:
+    """Scores of `query_ids` (rows) against `train_ids` (columns); see the module docstring for the sign."""
+
+    matrix: torch.Tensor | None
+    train_ids: list[Any]
+    query_ids: list[Any]
+    method: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    self_influence: torch.Tensor | None = None
+    top_values: torch.Tensor | None = None  # [n_query, k], descending, when only the extremes are kept
+    top_indices: torch.Tensor | None = None
+    bottom_values: torch.Tensor | None = None  # [n_query, k], ascending
+    bottom_indices: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        nq, nt = len(self.query_ids), len(self.train_ids)
+        if self.matrix is not None and tuple(self.matrix.shape) != (nq, nt):
+            raise ShapeError(f"score matrix of shape {tuple(self.matrix.shape)} for {nq} queries and "
+                             f"{nt} training examples")
+        if self.matrix is None and self.top_values is None:
+            raise ShapeError("Scores need a matrix or top/bottom values")
+        if self.self_influence is not None and self.self_influence.shape != (nt,):
+            raise ShapeError(f"self-influence of shape {tuple(self.self_influence.shape)}, expected ({nt},)")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.query_ids), len(self.train_ids)
+
+    @property
+    def dense(self) -> bool:
+        return self.matrix is not None
+
+    def _dense(self, what: str) -> torch.Tensor:
+        if self.matrix is None:
+            raise ScoresError(f"{what} needs every score, but these scores keep only the top "
+                              f"{self.top_values.shape[1]} per query; score again without top_k")  # type: ignore
+        return self.matrix
+
+    def _row(self, query: int | Any) -> int:
+        if isinstance(query, int) and 0 <= query < len(self.query_ids):
+            return query
+        try:
+            return self.query_ids.index(query)
+        except ValueError:
+            raise ScoresError(f"no query {query!r}; give a position < {len(self.query_ids)} or a query id") \
+                from None
+
+    def top(self, query: int | Any = 0, k: int = 10) -> list[Attribution]:
+        """The k strongest proponents of a query (by position or id), highest score first."""
+        return self._extreme(query, k, largest=True)
+
+    def bottom(self, query: int | Any = 0, k: int = 10) -> list[Attribution]:
+        """The k strongest opponents of a query, lowest score first."""
+        return self._extreme(query, k, largest=False)
+
+    def _extreme(self, query: int | Any, k: int, largest: bool) -> list[Attribution]:
+        r = self._row(query)
+        if self.matrix is not None:
+            k = min(k, self.matrix.shape[1])
+            values, idx = torch.topk(self.matrix[r], k, largest=largest)
+        else:
+            values, idx = (self.top_values, self.top_indices) if largest else \
+                          (self.bottom_values, self.bottom_indices)
+            assert values is not None and idx is not None
+            if k > values.shape[1]:
+                raise ScoresError(f"only the top {values.shape[1]} were kept; score with a larger top_k")
+            values, idx = values[r, :k], idx[r, :k]
+        return [Attribution(self.train_ids[int(i)], int(i), float(v)) for v, i in zip(values, idx)]
+
+    def group_by(self, labels: Sequence[Any] | Mapping[Any, Any]) -> Scores:
+        """Score mass per group: a Scores whose columns are the groups (summed scores of their members).
+
+        `labels` gives each training example's group, in training order or as {train id: group}.
+        """
+        matrix = self._dense("group_by")
+        if isinstance(labels, Mapping):
+            missing = [i for i in self.train_ids if i not in labels]
+            if missing:
+                raise ShapeError(f"no group for training ids {missing[:5]}")
+            labels = [labels[i] for i in self.train_ids]
+        labels = list(labels)
+        if len(labels) != len(self.train_ids):
+            raise ShapeError(f"{len(labels)} labels for {len(self.train_ids)} training examples")
+        groups = sorted(set(labels), key=str)
+        where = {g: j for j, g in enumerate(groups)}
+        onehot = torch.zeros(len(labels), len(groups), dtype=matrix.dtype)
+        onehot[torch.arange(len(labels)), torch.tensor([where[g] for g in labels])] = 1
+        return Scores(matrix @ onehot, groups, list(self.query_ids), self.method,
+                      {**self.metadata, "grouped": True, "group_sizes": onehot.sum(0).tolist()})
+
+    def to_pandas(self) -> Any:
+        """A DataFrame with one row per query and one column per training example."""
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise MissingExtraError("to_pandas needs pandas; install it with `pip install pandas`") from exc
+        return pd.DataFrame(self._dense("to_pandas").numpy(), index=self.query_ids, columns=self.train_ids)
+
+    # ---- persistence ---------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write `path/scores.safetensors` and `path/scores.json` (atomically)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {k: v.contiguous() for k, v in self._tensors().items() if v is not None}
+        atomic_write(path / "scores.safetensors", lambda tmp: save_file(tensors, tmp))
+        atomic_write_json(path / "scores.json", {"format": 1, "method": self.method, "metadata": self.metadata,
+                                                 "train_ids": self.train_ids, "query_ids": self.query_ids})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Scores:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "scores.json").exists():
+            raise FileNotFoundError(f"{path} holds no saved scores (scores.json is missing)")
+        meta = json.loads((path / "scores.json").read_text())
+        tensors = load_file(path / "scores.safetensors")
+        return cls(train_ids=meta["train_ids"], query_ids=meta["query_ids"], method=meta["method"],
+                   metadata=meta["metadata"], **{k: tensors.get(k) for k in cls._tensor_fields()})
+
+    @staticmethod
+    def _tensor_fields() -> tuple[str, ...]:
+        return ("matrix", "self_influence", "top_values", "top_indices", "bottom_values", "bottom_indices")
+
+    def _tensors(self) -> dict[str, torch.Tensor | None]:
+        return {k: getattr(self, k) for k in self._tensor_fields()}
+
+    def __repr__(self) -> str:
+        kind = "dense" if self.dense else f"top {self.top_values.shape[1]}"  # type: ignore[union-attr]
+        return f"Scores({self.method or 'scores'}, {self.shape[0]} queries × {self.shape[1]} train, {kind})"

@@ -1,0 +1,206 @@
+"""Tasks say how to compute a per-example training loss and a per-example query measurement.
+
+Measurements are "higher is better" (a margin, a log-probability); a loss enters as its negative. Both
+functions return one value per example, shape [B], so that per-example gradients are well defined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import NonFiniteError, ShapeError
+
+Batch = Any
+
+
+@runtime_checkable
+class Task(Protocol):
+    """How a model is trained and what is measured on a query."""
+
+    def train_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Per-example training loss, shape [B]."""
+        ...
+
+    def measurement(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Per-example query measurement, higher is better, shape [B]."""
+        ...
+
+
+def collate(task: Task, examples: Sequence[Any]) -> Batch:
+    """Stack examples into a batch with the task's own `collate` if it has one."""
+    own = getattr(task, "collate", None)
+    if own is not None:
+        return own(examples)
+    return torch.utils.data.default_collate(list(examples))
+
+
+def checked(values: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+    """Refuse a per-example loss or measurement of the wrong shape or with NaN/inf values."""
+    if values.dim() != 1 or values.shape[0] != batch_size:
+        raise ShapeError(f"{what} must return one value per example, shape [{batch_size}]; "
+                         f"got {tuple(values.shape)}. Reduce over every axis but the batch axis")
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise NonFiniteError(f"{what} is NaN or infinite for {bad} of {batch_size} examples; "
+                             "check the inputs and the model (e.g. a diverged checkpoint)")
+    return values
+
+
+def _split(batch: Batch, input_key: str, target_key: str) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, Mapping):
+        return batch[input_key], batch[target_key]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ShapeError("a batch must be (inputs, targets) or a dict with keys "
+                     f"{input_key!r} and {target_key!r}; got {type(batch).__name__}")
+
+
+class ClassificationTask:
+    """Cross-entropy training loss; the measurement is the margin (default) or the negative loss.
+
+    margin = logit_y - logsumexp_{k != y} logit_k, i.e. the log-odds of the correct class.
+    """
+
+    def __init__(self, measurement: str = "margin", input_key: str = "x", target_key: str = "y"):
+        if measurement not in ("margin", "loss"):
+            raise ValueError("measurement must be 'margin' or 'loss'")
+        self.kind = measurement
+        self.input_key, self.target_key = input_key, target_key
+
+    def _logits(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = _split(batch, self.input_key, self.target_key)
+        logits = model(inputs)
+        if logits.dim() != 2:
+            raise ShapeError(f"a classifier must return logits [B, classes]; got {tuple(logits.shape)}")
+        targets = torch.as_tensor(targets, device=logits.device)
+        if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
+            raise ShapeError(f"labels must have shape [{logits.shape[0]}] (one class index per example); "
+                             f"got {tuple(targets.shape)}")
+        if targets.dtype.is_floating_point:
+            raise ShapeError("labels must be integer class indices; got floating-point labels "
+                             "(use RegressionTask for real-valued targets)")
+        return logits, targets.long()
+
+    def train_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits, targets = self._logits(model, batch)
+        return F.cross_entropy(logits, targets, reduction="none")
+
+    def measurement(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        logits, targets = self._logits(model, batch)
+        if self.kind == "loss":
+            return -F.cross_entropy(logits, targets, reduction="none")
+        correct = logits.gather(1, targets[:, None]).squeeze(1)
+        others = logits.scatter(1, targets[:, None], float("-inf"))
+        return correct - torch.logsumexp(others, dim=1)
+
+    def config(self) -> dict[str, Any]:
+        return {"task": type(self).__name__, "measurement": self.kind}
+
+
+class RegressionTask:
+    """Squared-error training loss (½(f-y)², summed over outputs); the measurement is its negative."""
+
+    def __init__(self, input_key: str = "x", target_key: str = "y"):
+        self.input_key, self.target_key = input_key, target_key
+
+    def train_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        inputs, targets = _split(batch, self.input_key, self.target_key)
+        preds = model(inputs)
+        targets = torch.as_tensor(targets, device=preds.device, dtype=preds.dtype)
+        if targets.shape != preds.shape:
+            if targets.numel() == preds.numel():
+                targets = targets.reshape(preds.shape)
+            else:
+                raise ShapeError(f"targets of shape {tuple(targets.shape)} do not match the model's "
+                                 f"output {tuple(preds.shape)}")
+        return 0.5 * (preds - targets).pow(2).reshape(preds.shape[0], -1).sum(1)
+
+    def measurement(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return -self.train_loss(model, batch)
+
+    def config(self) -> dict[str, Any]:
+        return {"task": type(self).__name__}
+
+
+class CausalLMTask:
+    """Next-token loss of the completion tokens only; the measurement is the completion's log-probability.
+
+    A batch is a dict with `input_ids`, optional `attention_mask` and `labels` where prompt and padding
+    positions hold -100. Examples may be such dicts of token lists, or `{"prompt": ids, "completion": ids}`,
+    which `collate` turns into masked, right-padded tensors. Works with Hugging Face causal LMs (output
+    with `.logits`) and plain PyTorch LMs returning logits [B, T, V].
+    """
+
+    def __init__(self, pad_token_id: int = 0, loss_per_token: bool = False):
+        self.pad_token_id = pad_token_id
+        self.loss_per_token = loss_per_token
+
+    def collate(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = []
+        for ex in examples:
+            if "prompt" in ex:
+                prompt, completion = list(ex["prompt"]), list(ex["completion"])
+                ids = prompt + completion
+                labels = [-100] * len(prompt) + completion
+            else:
+                ids = list(_as_list(ex["input_ids"]))
+                labels = list(_as_list(ex["labels"])) if "labels" in ex else list(ids)
+            if len(ids) != len(labels):
+                raise ShapeError("input_ids and labels of an example must have the same length")
+            rows.append((ids, labels))
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (ids, lab) in enumerate(rows):
+            input_ids[r, : len(ids)] = torch.as_tensor(ids)
+            labels[r, : len(lab)] = torch.as_tensor(lab)
+            mask[r, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    def token_logprobs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Log-probability of each label token given its prefix, 0 where the label is -100; [B, T-1]."""
+        kwargs = {"input_ids": batch["input_ids"]}
+        if "attention_mask" in batch:
+            kwargs["attention_mask"] = batch["attention_mask"]
+        try:
+            out = model(**kwargs)
+        except TypeError:  # a plain PyTorch LM taking token ids only
+            out = model(batch["input_ids"])
+        logits = out.logits if hasattr(out, "logits") else out
+        if logits.dim() != 3:
+            raise ShapeError(f"a causal LM must return logits [B, T, V]; got {tuple(logits.shape)}")
+        labels = batch["labels"].to(logits.device)
+        targets = labels[:, 1:]
+        keep = targets != -100
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        picked = logp.gather(2, targets.clamp_min(0)[..., None]).squeeze(2)
+        return torch.where(keep, picked, torch.zeros_like(picked)).to(logits.dtype)
+
+    def train_loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        total = -self.token_logprobs(model, batch).sum(1)
+        if self.loss_per_token:
+            total = total / (batch["labels"][:, 1:] != -100).sum(1).clamp_min(1)
+        return total
+
+    def measurement(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.token_logprobs(model, batch).sum(1)
+
+    def config(self) -> dict[str, Any]:
+        return {"task": type(self).__name__, "pad_token_id": self.pad_token_id,
+                "loss_per_token": self.loss_per_token}
+
+
+def _as_list(x: Any) -> list:
+    return x.tolist() if isinstance(x, torch.Tensor) else list(x)
+
+
+def task_config(task: Task) -> dict[str, Any]:
+    """What identifies a task in a manifest."""
+    cfg: Callable[[], dict[str, Any]] | None = getattr(task, "config", None)
+    return cfg() if cfg is not None else {"task": type(task).__qualname__}
