@@ -1,0 +1,15 @@
+"""Benchmarks: `sourcetrace bench NAME` writes figures to benchmarks/NAME.md and .json."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _digits_mlp(out_dir: Path, **kw: object) -> Path:
+    from .digits_mlp import run
+
+    return run(out_dir, **kw)  # type: ignore[arg-type]
+
+
+BENCHMARKS: dict[str, Callable[..., Path]] = {"digits-mlp": _digits_mlp}

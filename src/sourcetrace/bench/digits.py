@@ -1,0 +1,117 @@
+"""The `digits-mlp` setting: scikit-learn's bundled digits, a fixed split, a small MLP trained by SGD.
+
+Shared by the benchmark (which also retrains it on random halves of the training set for LDS) and the
+demo. Everything is deterministic given the seeds, so a child process rebuilds the same setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import require
+
+
+@dataclass
+class DigitsSetting:
+    """Data, model recipe and trained checkpoints of the digits benchmark."""
+
+    n_train: int = 1000
+    n_query: int = 100
+    hidden: int = 128
+    epochs: int = 30
+    lr: float = 0.1
+    batch_size: int = 64
+    n_checkpoints: int = 5
+    weight_decay: float = 1e-3
+    x_train: torch.Tensor = field(init=False)
+    y_train: torch.Tensor = field(init=False)
+    x_query: torch.Tensor = field(init=False)
+    y_query: torch.Tensor = field(init=False)
+    images: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        datasets = require("sklearn.datasets", "bench")
+        digits = datasets.load_digits()
+        order = np.random.default_rng(0).permutation(len(digits.target))
+        x = torch.tensor(digits.data[order] / 16.0, dtype=torch.float32)
+        y = torch.tensor(digits.target[order], dtype=torch.long)
+        if self.n_train + self.n_query > len(y):
+            raise ValueError(f"digits has {len(y)} images; n_train + n_query must not exceed it")
+        self.x_train, self.y_train = x[: self.n_train], y[: self.n_train]
+        q = slice(self.n_train, self.n_train + self.n_query)
+        self.x_query, self.y_query = x[q], y[q]
+        self.images = digits.images[order]
+
+    @property
+    def train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x_train, self.y_train
+
+    @property
+    def queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x_query, self.y_query
+
+    def fingerprint(self) -> str:
+        cfg = (self.n_train, self.n_query, self.hidden, self.epochs, self.lr, self.batch_size,
+               self.n_checkpoints, self.weight_decay)
+        return hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
+
+    def model(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
+
+    def fit(self, indices: np.ndarray | None = None, seed: int = 0
+            ) -> tuple[nn.Module, list[dict[str, torch.Tensor]], list[float]]:
+        """Train on `indices` (default: all); return the model, checkpoints and the lr at each."""
+        idx = torch.as_tensor(np.arange(self.n_train) if indices is None else np.asarray(indices))
+        x, y = self.x_train[idx], self.y_train[idx]
+        model = self.model(seed)
+        opt = torch.optim.SGD(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        every = max(1, self.epochs // self.n_checkpoints)
+        checkpoints, rates = [], []
+        for epoch in range(self.epochs):
+            perm = torch.randperm(len(idx), generator=gen)
+            for start in range(0, len(idx), self.batch_size):
+                b = perm[start: start + self.batch_size]
+                opt.zero_grad()
+                F.cross_entropy(model(x[b]), y[b]).backward()
+                opt.step()
+            if (epoch + 1) % every == 0 and len(checkpoints) < self.n_checkpoints:
+                checkpoints.append({k: v.clone() for k, v in model.state_dict().items()})
+                rates.append(self.lr)
+        return model.eval(), checkpoints, rates
+
+    def train_fn(self, indices: np.ndarray, seed: int) -> nn.Module:
+        return self.fit(indices, seed)[0]
+
+    def measure_fn(self, model: nn.Module) -> np.ndarray:
+        """Query margins (the measurement every method attributes)."""
+        with torch.no_grad():
+            logits = model(self.x_query)
+        correct = logits.gather(1, self.y_query[:, None]).squeeze(1)
+        others = logits.scatter(1, self.y_query[:, None], float("-inf"))
+        return (correct - torch.logsumexp(others, 1)).numpy()
+
+    def trained(self, workdir: Path | None = None
+                ) -> tuple[nn.Module, list[dict[str, torch.Tensor]], list[float]]:
+        """The model trained on the whole training set (seed 0), cached in `workdir` if given."""
+        path = None if workdir is None else Path(workdir) / f"model-{self.fingerprint()}.pt"
+        if path is not None and path.exists():
+            saved = torch.load(path, weights_only=True)
+            model = self.model(0)
+            model.load_state_dict(saved["final"])
+            return model.eval(), saved["checkpoints"], saved["rates"]
+        model, checkpoints, rates = self.fit()
+        if path is not None:
+            from ..artifacts import atomic_write
+
+            data = {"final": model.state_dict(), "checkpoints": checkpoints, "rates": rates}
+            atomic_write(path, lambda tmp: torch.save(data, tmp))
+        return model, checkpoints, rates

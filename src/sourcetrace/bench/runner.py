@@ -1,0 +1,90 @@
+"""Benchmark runner: each method runs in a fresh process, timed and measured, anchors beside it."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import platform
+import resource
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifacts import atomic_write_json, atomic_write_bytes
+
+
+@dataclass
+class Measured:
+    """What one run of a method produced, and what it cost."""
+
+    scores: np.ndarray
+    wall_s: float
+    peak_mb: float  # peak resident memory of the process during the run, above its level before it
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _child(job: Callable[[], np.ndarray], imports: tuple[str, ...]) -> Measured:
+    import importlib
+
+    for name in imports:  # import costs are not the method's
+        importlib.import_module(name)
+    before = _rss_mb()
+    start = time.perf_counter()
+    scores = job()
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return Measured(np.asarray(scores, dtype=np.float64), wall, max(0.0, peak - before))
+
+
+def measure(job: Callable[[], np.ndarray], imports: tuple[str, ...] = ()) -> Measured:
+    """Run `job` (a picklable callable) in a fresh process, after importing `imports` untimed."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(_child, job, ("torch", "numpy", "sourcetrace", *imports)).result()
+
+
+def versions(*packages: str) -> dict[str, str]:
+    found = {"python": platform.python_version(), "machine": f"{platform.machine()} {mp.cpu_count()} cores"}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def write_results(out_dir: Path, name: str, title: str, rows: list[dict[str, Any]], info: dict[str, Any],
+                  columns: list[tuple[str, str]], notes: list[str]) -> Path:
+    """Write `name.json` and a `name.md` table (never edited by hand)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / f"{name}.json", {"benchmark": name, "info": info, "rows": rows})
+    lines = [f"# {title}", "", f"Written by `sourcetrace bench {name}`; do not edit by hand.", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += ["", "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(k)) for k, _ in columns) + " |")
+    lines += [""] + notes
+    path = out_dir / f"{name}.md"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,15 @@
+"""The README's Python quick start runs as written."""
+
+import re
+from pathlib import Path
+
+
+def test_quick_start_runs(tmp_path, monkeypatch):
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    scores = namespace["scores"]
+    assert scores.shape == (5, 200)
+    assert (tmp_path / "runs/quickstart/scores/scores.json").exists()
