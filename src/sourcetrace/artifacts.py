@@ -56,7 +56,8 @@ def check_manifest(folder: str | os.PathLike, expected: dict[str, Any], *, overw
 
     Returns True when the folder already holds a manifest equal to `expected` (its artifacts may be
     reused or resumed), False when the folder is new (the manifest is written now). A folder made for
-    anything else raises `WorkdirMismatchError`, unless `overwrite` is set, which empties it first.
+    anything else raises `WorkdirMismatchError`, unless `overwrite` is set, which empties it first, or the
+    folder holds no artifact yet (nothing would be reused).
     """
     folder = Path(folder)
     path = folder / MANIFEST
@@ -65,9 +66,9 @@ def check_manifest(folder: str | os.PathLike, expected: dict[str, Any], *, overw
         found = read_json(path)
         if found == expected:
             return True
-        if not overwrite:
-            diffs = [k for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k)]
-            details = "; ".join(f"{k}: was {found.get(k)!r}, now {expected.get(k)!r}" for k in diffs[:4])
+        # a folder holding nothing but manifests (a run that failed before computing anything) is replaced
+        if not overwrite and _holds_artifacts(folder):
+            details = "; ".join(_differences(found, expected)[:4])
             raise WorkdirMismatchError(
                 f"{what} {folder} was made with other settings ({details}); "
                 "use a new workdir or pass overwrite=True to replace it"
@@ -76,6 +77,25 @@ def check_manifest(folder: str | os.PathLike, expected: dict[str, Any], *, overw
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, expected)
     return False
+
+
+def _differences(found: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: was A, now B` for each differing entry; nested dicts (method options) name the inner key."""
+    out = []
+    for k in sorted(set(found) | set(expected)):
+        a, b = found.get(k), expected.get(k)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}: was {a!r}, now {b!r}")
+    return out
+
+
+def _holds_artifacts(folder: Path) -> bool:
+    """Whether anything but manifests (and temporary files of a killed write) lies under `folder`."""
+    return any(p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp") for p in folder.rglob("*"))
 
 
 def _empty(folder: Path) -> None:

@@ -96,12 +96,12 @@ class Scores:
             k = min(k, self.matrix.shape[1])
             values, idx = torch.topk(self.matrix[r], k, largest=largest)
         else:
-            values, idx = (self.top_values, self.top_indices) if largest else \
-                          (self.bottom_values, self.bottom_indices)
-            assert values is not None and idx is not None
-            if k > values.shape[1]:
-                raise ScoresError(f"only the top {values.shape[1]} were kept; score with a larger top_k")
-            values, idx = values[r, :k], idx[r, :k]
+            kept_v, kept_i = (self.top_values, self.top_indices) if largest else \
+                             (self.bottom_values, self.bottom_indices)
+            assert kept_v is not None and kept_i is not None
+            if k > kept_v.shape[1]:
+                raise ScoresError(f"only the top {kept_v.shape[1]} were kept; score with a larger top_k")
+            values, idx = kept_v[r, :k], kept_i[r, :k]
         return [Attribution(self.train_ids[int(i)], int(i), float(v)) for v, i in zip(values, idx)]
 
     def group_by(self, labels: Sequence[Any] | Mapping[Any, Any]) -> Scores:
@@ -141,8 +141,9 @@ class Scores:
         path = Path(path)
         tensors = {k: v.contiguous() for k, v in self._tensors().items() if v is not None}
         atomic_write(path / "scores.safetensors", lambda tmp: save_file(tensors, tmp))
-        atomic_write_json(path / "scores.json", {"format": 1, "method": self.method, "metadata": self.metadata,
-                                                 "train_ids": self.train_ids, "query_ids": self.query_ids})
+        atomic_write_json(path / "scores.json", {"format": 1, "method": self.method,
+                                                 "metadata": self.metadata, "train_ids": self.train_ids,
+                                                 "query_ids": self.query_ids})
         return path
 
     @classmethod

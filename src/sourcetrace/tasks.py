@@ -6,6 +6,7 @@ functions return one value per example, shape [B], so that per-example gradients
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -36,7 +37,28 @@ def collate(task: Task, examples: Sequence[Any]) -> Batch:
     own = getattr(task, "collate", None)
     if own is not None:
         return own(examples)
-    return torch.utils.data.default_collate(list(examples))
+    return torch.utils.data.default_collate([_numbers_as_tensors(ex) for ex in examples])
+
+
+def _numbers_as_tensors(example: Any) -> Any:
+    """A dict example's lists of numbers (e.g. a JSONL row's features) as tensors.
+
+    default_collate would otherwise transpose a list field into one tensor per position.
+    """
+    if not isinstance(example, Mapping):
+        return example
+    out = dict(example)
+    for key, value in example.items():
+        if isinstance(value, list) and value and _numeric(value):
+            with contextlib.suppress(ValueError):  # a ragged list is left as it is
+                out[key] = torch.as_tensor(value)
+    return out
+
+
+def _numeric(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_numeric(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def checked(values: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
@@ -90,6 +112,24 @@ class ClassificationTask:
         logits, targets = self._logits(model, batch)
         return F.cross_entropy(logits, targets, reduction="none")
 
+    def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The logits [B, classes]: the outputs the Gauss-Newton curvature linearises the model at."""
+        return self._logits(model, batch)[0]
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-example training loss from the logits; `train_loss` = `loss_from_outputs(outputs(...))`."""
+        _, targets = _split(batch, self.input_key, self.target_key)
+        targets = torch.as_tensor(targets, device=outputs.device).long()
+        return F.cross_entropy(outputs, targets, reduction="none")
+
+    def sampled_loss(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
+        """Loss against labels drawn from the model's own prediction (its gradients give the true Fisher)."""
+        logits, _ = self._logits(model, batch)
+        probs = torch.softmax(logits.detach().double(), dim=1).cpu()
+        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(logits.device)
+        return F.cross_entropy(logits, drawn, reduction="none")
+
     def measurement(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         logits, targets = self._logits(model, batch)
         if self.kind == "loss":
@@ -123,6 +163,27 @@ class RegressionTask:
     def measurement(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return -self.train_loss(model, batch)
 
+    def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The predictions: the outputs the Gauss-Newton curvature linearises the model at."""
+        inputs, _ = _split(batch, self.input_key, self.target_key)
+        return model(inputs)
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-example squared error from the predictions; `train_loss` = this of `outputs(...)`."""
+        _, targets = _split(batch, self.input_key, self.target_key)
+        targets = torch.as_tensor(targets, device=outputs.device, dtype=outputs.dtype)
+        if targets.shape != outputs.shape and targets.numel() == outputs.numel():
+            targets = targets.reshape(outputs.shape)
+        return 0.5 * (outputs - targets).pow(2).reshape(outputs.shape[0], -1).sum(1)
+
+    def sampled_loss(self, model: nn.Module, batch: Batch, generator: torch.Generator | None = None
+                     ) -> torch.Tensor:
+        """Squared error against targets drawn from N(prediction, I): its gradients give the true Fisher."""
+        inputs, _ = _split(batch, self.input_key, self.target_key)
+        preds = model(inputs)
+        noise = torch.randn(preds.shape, generator=generator, dtype=preds.dtype).to(preds.device)
+        return 0.5 * (preds - (preds.detach() + noise)).pow(2).reshape(preds.shape[0], -1).sum(1)
+
     def config(self) -> dict[str, Any]:
         return {"task": type(self).__name__}
 
@@ -146,13 +207,13 @@ class CausalLMTask:
             if "prompt" in ex:
                 prompt, completion = list(ex["prompt"]), list(ex["completion"])
                 ids = prompt + completion
-                labels = [-100] * len(prompt) + completion
+                row_labels = [-100] * len(prompt) + completion
             else:
                 ids = list(_as_list(ex["input_ids"]))
-                labels = list(_as_list(ex["labels"])) if "labels" in ex else list(ids)
-            if len(ids) != len(labels):
+                row_labels = list(_as_list(ex["labels"])) if "labels" in ex else list(ids)
+            if len(ids) != len(row_labels):
                 raise ShapeError("input_ids and labels of an example must have the same length")
-            rows.append((ids, labels))
+            rows.append((ids, row_labels))
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
@@ -163,8 +224,7 @@ class CausalLMTask:
             mask[r, : len(ids)] = 1
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
-    def token_logprobs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Log-probability of each label token given its prefix, 0 where the label is -100; [B, T-1]."""
+    def _logits(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         kwargs = {"input_ids": batch["input_ids"]}
         if "attention_mask" in batch:
             kwargs["attention_mask"] = batch["attention_mask"]
@@ -175,12 +235,33 @@ class CausalLMTask:
         logits = out.logits if hasattr(out, "logits") else out
         if logits.dim() != 3:
             raise ShapeError(f"a causal LM must return logits [B, T, V]; got {tuple(logits.shape)}")
+        return logits
+
+    def token_logprobs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Log-probability of each label token given its prefix, 0 where the label is -100; [B, T-1]."""
+        logits = self._logits(model, batch)
         labels = batch["labels"].to(logits.device)
         targets = labels[:, 1:]
         keep = targets != -100
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        shifted = logits[:, :-1]
+        if shifted.dtype in (torch.float16, torch.bfloat16):  # upcast half precision; keep float64 as is
+            shifted = shifted.float()
+        logp = torch.log_softmax(shifted, dim=-1)
         picked = logp.gather(2, targets.clamp_min(0)[..., None]).squeeze(2)
         return torch.where(keep, picked, torch.zeros_like(picked)).to(logits.dtype)
+
+    def sampled_loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor],
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Completion loss against tokens drawn from the model itself (gradients give the true Fisher)."""
+        with torch.no_grad():
+            logits = self._logits(model, batch)
+            probs = torch.softmax(logits[:, :-1].double(), dim=-1).cpu()
+            drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+            drawn = drawn.reshape(probs.shape[:2]).to(logits.device)
+        labels = batch["labels"].clone()
+        keep = labels[:, 1:] != -100
+        labels[:, 1:] = torch.where(keep, drawn, labels[:, 1:])
+        return -self.token_logprobs(model, {**batch, "labels": labels}).sum(1)
 
     def train_loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         total = -self.token_logprobs(model, batch).sum(1)

@@ -148,7 +148,13 @@ class GradientCapture:
         return torch.cat([grads[n].reshape(b, -1) for n in self.params], dim=1)
 
     # ---- hooks ---------------------------------------------------------------------------------------
-    def _hooked(self, fn: PerExampleFn, batch: Any) -> tuple[dict[str, torch.Tensor], set[str]]:
+    def layer_io(self, fn: PerExampleFn, batch: Any
+                 ) -> tuple[dict[str, list[tuple[torch.Tensor, torch.Tensor]]], torch.Tensor]:
+        """Run `fn` forward and backward; return each hooked layer's (input, output gradient) per call.
+
+        The raw material of per-layer curvature (K-FAC covariances) and per-layer projections (LoGra):
+        `{layer name: [(a [B, ..., in], g [B, ..., out]), ...]}` plus the per-example values of `fn`.
+        """
         from ..tasks import checked
 
         inputs: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -181,15 +187,18 @@ class GradientCapture:
                 h.remove()
         self._last_batch_grads = dict(zip([n for n in self.params if n not in self.fallback_names],
                                           batch_grads))
+        io = {name: [(a, outgrads[name][call]) for call, a in enumerate(inputs[name]) if call in outgrads[name]]
+              for name in self.layers}
+        return io, values
+
+    def _hooked(self, fn: PerExampleFn, batch: Any) -> tuple[dict[str, torch.Tensor], set[str]]:
+        io, values = self.layer_io(fn, batch)
         b = values.shape[0]
         grads: dict[str, torch.Tensor] = {}
         unbatched: set[str] = set()
         for name, m in self.layers.items():
             keys = {local: self.owner.get((name, local)) for local, _ in m.named_parameters(recurse=False)}
-            for call, a in enumerate(inputs[name]):
-                g = outgrads[name].get(call)
-                if g is None:
-                    continue
+            for a, g in io[name]:
                 if a.shape[0] != b or g.shape[0] != b:
                     unbatched.update(k for k in keys.values() if k is not None)
                     continue

@@ -7,6 +7,7 @@ resumes by computing only the shards that are missing.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,7 +82,7 @@ class GradientStore:
                                          f"{(stop - start, self.dim)}")
                     shard[start - lo: stop - lo] = block.detach().to("cpu", torch.float64).numpy()
                     bar.update(stop - start)
-                atomic_write(self._path(k), lambda tmp, s=shard: _save_npy(tmp, s))
+                atomic_write(self._path(k), functools.partial(_save_npy, array=shard))
 
     # ---- reading -------------------------------------------------------------------------------------
     def shards(self) -> Iterator[tuple[int, int, torch.Tensor]]:

@@ -34,7 +34,7 @@ def build(name: str, options: dict[str, Any]) -> Method:
     _load_builtins()
     if name not in REGISTRY:
         close = difflib.get_close_matches(name, REGISTRY, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = f"; did you mean {close[0]!r}?" if close else "."
         raise UnknownMethodError(f"unknown method {name!r}{hint} Available: {', '.join(available_methods())}")
     cls = REGISTRY[name]
     fields = {f.name for f in dataclasses.fields(cls.Options)}
@@ -46,7 +46,13 @@ def build(name: str, options: dict[str, Any]) -> Method:
 
 
 def _load_builtins() -> None:
-    from . import gradient  # noqa: F401  (registers itself)
+    """Import every module of this package once: each registers its methods."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 __all__ = ["Context", "Method", "REGISTRY", "available_methods", "build", "register"]

@@ -106,6 +106,7 @@ class GradientSimilarity(Method):
     def fit(self, ctx: Context, train: Examples) -> None:
         o = self.options
         self.train_ids = train.ids
+        self.train_shapes = _shapes(collate(ctx.task, [train[0]]))
         self.stores, self.weights, self.states = [], [], []
         for c, (state, weight) in enumerate(self._states()):
             with self._at(ctx, state) as model:
@@ -136,7 +137,16 @@ class GradientSimilarity(Method):
                 if capture.dim != store.dim:
                     raise ShapeError(f"query gradients have {capture.dim} entries but the training store "
                                      f"has {store.dim}; queries must go through the same model")
-                rows = [f for _, _, f in self._features(model, ctx, queries, ctx.task.measurement, capture)]
+                try:
+                    rows = [f for _, _, f in
+                            self._features(model, ctx, queries, ctx.task.measurement, capture)]
+                except torch.OutOfMemoryError:
+                    raise
+                except RuntimeError as exc:  # torch's own shape errors, e.g. "mat1 and mat2 shapes ..."
+                    raise ShapeError(
+                        f"the model failed on the queries ({str(exc).splitlines()[0]}); queries must have "
+                        f"the training data's shape: a training example has {self.train_shapes}, a query has "
+                        f"{_shapes(collate(ctx.task, [queries[0]]))}") from exc
             feats.append(torch.cat(rows).to(torch.float64 if store.dtype == "float64" else torch.float32))
         return feats
 
@@ -171,15 +181,17 @@ class GradientSimilarity(Method):
         for store, w in zip(self.stores, self.weights):
             for lo, hi, g in store.shards():
                 total[lo:hi] += w * g.double().pow(2).sum(1)
-        return total.float()
+        return total if self.stores[0].dtype == "float64" else total.float()
 
 
 def reduce_blocks(blocks: Iterator[tuple[int, int, torch.Tensor]], n_query: int, n_train: int,
-                  top_k: int | None) -> dict[str, torch.Tensor]:
+                  top_k: int | None) -> dict[str, torch.Tensor | None]:
     """Assemble streamed score blocks into a dense matrix, or keep only each query's top and bottom k."""
     if top_k is None:
-        matrix = torch.empty(n_query, n_train)
+        matrix = None
         for lo, hi, block in blocks:
+            if matrix is None:  # the blocks' precision: float64 scores from a float64 store
+                matrix = torch.empty(n_query, n_train, dtype=block.dtype)
             matrix[:, lo:hi] = block
         return {"matrix": matrix}
     if top_k < 1:
@@ -189,10 +201,10 @@ def reduce_blocks(blocks: Iterator[tuple[int, int, torch.Tensor]], n_query: int,
     top_v, top_i, bot_v, bot_i = empty, empty.long(), empty, empty.long()
     for lo, hi, block in blocks:
         idx = torch.arange(lo, hi).expand(n_query, -1)
-        top_v, j = torch.cat([top_v, block.float()], 1).topk(min(k, top_v.shape[1] + hi - lo), dim=1)
+        top_v, j = torch.cat([top_v, block], 1).topk(min(k, top_v.shape[1] + hi - lo), dim=1)
         top_i = torch.cat([top_i, idx], 1).gather(1, j)
-        bot_v, j = torch.cat([bot_v, block.float()], 1).topk(min(k, bot_v.shape[1] + hi - lo), dim=1,
-                                                             largest=False)
+        bot_v, j = torch.cat([bot_v, block], 1).topk(min(k, bot_v.shape[1] + hi - lo), dim=1,
+                                                     largest=False)
         bot_i = torch.cat([bot_i, idx], 1).gather(1, j)
     return {"matrix": None, "top_values": top_v, "top_indices": top_i, "bottom_values": bot_v,
             "bottom_indices": bot_i}
@@ -208,6 +220,11 @@ def _load_state(checkpoint: Any) -> dict[str, torch.Tensor]:
     if not isinstance(checkpoint, dict):
         raise InvalidOptionError("a checkpoint is a state_dict, a model, or the path of a saved state_dict")
     return checkpoint
+
+
+def _shapes(batch: Any) -> Any:
+    """The shapes of a one-example batch without its batch axis, for error messages."""
+    return tree_map(lambda t: tuple(t.shape[1:]) if isinstance(t, torch.Tensor) else type(t).__name__, batch)
 
 
 def _device(model: nn.Module) -> torch.device:

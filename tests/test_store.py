@@ -1,0 +1,99 @@
+"""GradientStore: sharded, atomic, resumable; its contents are exactly the rows it was given."""
+
+import numpy as np
+import pytest
+import torch
+
+from sourcetrace.errors import WorkdirMismatchError
+from sourcetrace.grads.store import GradientStore
+
+N, DIM, SHARD = 23, 5, 6  # 4 shards, the last one short
+
+
+@pytest.fixture
+def source():
+    return torch.randn(N, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+
+def counting(source, fail_at=None):
+    """rows(lo, hi) that records its calls and raises once it reaches row `fail_at`."""
+    calls = []
+
+    def rows(lo, hi):
+        if fail_at is not None and lo <= fail_at < hi:
+            raise RuntimeError("interrupted")
+        calls.append((lo, hi))
+        return source[lo:hi]
+
+    return rows, calls
+
+
+def make(folder, **kw):
+    return GradientStore(folder, N, DIM, dtype="float64", shard_size=SHARD, **kw)
+
+
+def test_fill_shards_atomic_and_exact(tmp_path, source):
+    store = make(tmp_path / "s")
+    assert store.num_shards == 4 and store.missing() == [0, 1, 2, 3] and not store.complete
+    rows, calls = counting(source)
+    store.fill(rows, batch_size=4, progress=False)
+    assert store.complete and store.missing() == []
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert names == ["manifest.json"] + [f"shard-{k:05d}.npy" for k in range(4)]  # no temp files left
+    assert torch.equal(store.read(), source)
+    assert torch.equal(store.read(5, 14), source[5:14])
+    # batches never cross a shard boundary, and every row was computed once
+    assert calls == [(0, 4), (4, 6), (6, 10), (10, 12), (12, 16), (16, 18), (18, 22), (22, 23)]
+    seen = [(lo, hi) for lo, hi, _ in store.shards()]
+    assert seen == [(0, 6), (6, 12), (12, 18), (18, 23)]
+    # a complete store is not recomputed, and opens read-only from its manifest
+    store.fill(rows, batch_size=4, progress=False)
+    assert len(calls) == 8
+    assert torch.equal(GradientStore.open(tmp_path / "s").read(), source)
+
+
+def test_resume_after_interruption(tmp_path, source):
+    store = make(tmp_path / "s")
+    rows, calls = counting(source, fail_at=SHARD + 1)  # inside the 2nd shard
+    with pytest.raises(RuntimeError, match="interrupted"):
+        store.fill(rows, batch_size=SHARD, progress=False)
+    assert store.missing() == [1, 2, 3]
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(FileNotFoundError, match="3 shards missing"):
+        store.read()
+
+    again = make(tmp_path / "s")  # a fresh process would reopen it like this
+    rows, calls = counting(source)
+    again.fill(rows, batch_size=SHARD, progress=False)
+    assert calls == [(6, 12), (12, 18), (18, 23)]  # only the missing shards
+    whole = make(tmp_path / "whole")
+    whole.fill(counting(source)[0], batch_size=SHARD, progress=False)
+    assert torch.equal(again.read(), whole.read())
+    for k in range(4):
+        assert np.array_equal(np.load(again._path(k)), np.load(whole._path(k)))
+
+
+def test_store_refuses_another_layout_or_key(tmp_path, source):
+    make(tmp_path / "s", key={"checkpoint": "abc"}).fill(counting(source)[0], batch_size=8, progress=False)
+    with pytest.raises(WorkdirMismatchError, match="checkpoint"):
+        make(tmp_path / "s", key={"checkpoint": "other"})
+    with pytest.raises(WorkdirMismatchError, match="dim"):
+        GradientStore(tmp_path / "s", N, DIM + 1, dtype="float64", shard_size=SHARD,
+                      key={"checkpoint": "abc"})
+    fresh = make(tmp_path / "s", key={"checkpoint": "other"}, overwrite=True)
+    assert fresh.missing() == [0, 1, 2, 3]
+
+
+def test_bad_rows_and_dtype(tmp_path, source):
+    store = make(tmp_path / "s")
+    with pytest.raises(ValueError, match="expected"):
+        store.fill(lambda lo, hi: source[lo:hi, :2], batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="store dtype"):
+        GradientStore(tmp_path / "t", N, DIM, dtype="int8")
+
+
+def test_float32_store_rounds_once(tmp_path, source):
+    store = GradientStore(tmp_path / "s", N, DIM, shard_size=SHARD)
+    store.fill(counting(source)[0], batch_size=4, progress=False)
+    got = store.read()
+    assert got.dtype == torch.float32 and torch.equal(got, source.float())
