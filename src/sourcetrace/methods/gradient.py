@@ -96,11 +96,6 @@ class GradientSimilarity(Method):
         finally:
             model.train(was_training)
 
-    def _features(self, model: nn.Module, ctx: Context, examples: Examples, fn: Any, capture: GradientCapture
-                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        for lo, items in examples.batches(self.options.batch_size):
-            batch = _to(collate(ctx.task, items), _device(model))
-            yield lo, lo + len(items), capture.flat(fn, batch)
 
     # ---- fit and score -------------------------------------------------------------------------------
     def fit(self, ctx: Context, train: Examples) -> None:
@@ -111,19 +106,21 @@ class GradientSimilarity(Method):
         for c, (state, weight) in enumerate(self._states()):
             with self._at(ctx, state) as model:
                 capture = GradientCapture(model, o.modules, fallback=o.fallback)
+                dim = self.feature_dim(c, capture)
                 itemsize = 8 if o.store_dtype == "float64" else 4
-                shard = max(1, min(8192, SHARD_BYTES // (capture.dim * itemsize)))
+                shard = max(1, min(8192, SHARD_BYTES // (dim * itemsize)))
                 key = {"checkpoint": state_fingerprint(model.state_dict()), "modules": o.modules}
-                store = GradientStore(ctx.workdir / f"train-grads-{c}", len(train), capture.dim,
+                store = GradientStore(ctx.workdir / f"train-grads-{c}", len(train), dim,
                                       dtype=o.store_dtype, shard_size=shard, key=key, overwrite=ctx.overwrite)
 
-                def rows(lo: int, hi: int, model: nn.Module = model, capture: GradientCapture = capture
-                         ) -> torch.Tensor:
+                def rows(lo: int, hi: int, c: int = c, model: nn.Module = model,
+                         capture: GradientCapture = capture) -> torch.Tensor:
                     batch = _to(collate(ctx.task, [train[i] for i in range(lo, hi)]), _device(model))
-                    return capture.flat(ctx.task.train_loss, batch)
+                    return self.train_rows(ctx, c, capture, batch)
 
                 desc = "train gradients" + (f" (checkpoint {c + 1})" if o.checkpoints else "")
                 store.fill(rows, batch_size=o.batch_size, progress=ctx.progress, desc=desc)
+                self.fit_curvature(ctx, c, model, capture, train, store)
             self.stores.append(store)
             self.weights.append(weight)
             self.states.append(state)
@@ -134,12 +131,13 @@ class GradientSimilarity(Method):
         for store, state in zip(self.stores, self.states):
             with self._at(ctx, state) as model:
                 capture = GradientCapture(model, self.options.modules, fallback=self.options.fallback)
-                if capture.dim != store.dim:
-                    raise ShapeError(f"query gradients have {capture.dim} entries but the training store "
-                                     f"has {store.dim}; queries must go through the same model")
+                c = len(feats)
+                if self.feature_dim(c, capture) != store.dim:
+                    raise ShapeError(f"query features have {self.feature_dim(c, capture)} entries but the "
+                                     f"training store has {store.dim}; queries must go through the same model")
                 try:
-                    rows = [f for _, _, f in
-                            self._features(model, ctx, queries, ctx.task.measurement, capture)]
+                    rows = [self.query_rows(ctx, c, capture, _to(collate(ctx.task, items), _device(model)))
+                            for _, items in queries.batches(self.options.batch_size)]
                 except torch.OutOfMemoryError:
                     raise
                 except RuntimeError as exc:  # torch's own shape errors, e.g. "mat1 and mat2 shapes ..."
@@ -147,8 +145,32 @@ class GradientSimilarity(Method):
                         f"the model failed on the queries ({str(exc).splitlines()[0]}); queries must have "
                         f"the training data's shape: a training example has {self.train_shapes}, a query has "
                         f"{_shapes(collate(ctx.task, [queries[0]]))}") from exc
-            feats.append(torch.cat(rows).to(torch.float64 if store.dtype == "float64" else torch.float32))
+            q = torch.cat(rows).to(torch.float64 if store.dtype == "float64" else torch.float32)
+            feats.append(self.precondition(c, q))
         return feats
+
+    # ---- what other methods override: features, curvature, preconditioning ---------------------------
+    cheap_self_influence = True  # self-influence is attached to every dense Scores
+
+    def feature_dim(self, c: int, capture: GradientCapture) -> int:
+        """Width of a stored row at checkpoint `c` (the number of parameters, unless projected)."""
+        return capture.dim
+
+    def train_rows(self, ctx: Context, c: int, capture: GradientCapture, batch: Any) -> torch.Tensor:
+        """Stored rows of a training batch: per-example training-loss gradients [B, feature_dim]."""
+        return capture.flat(ctx.task.train_loss, batch)
+
+    def query_rows(self, ctx: Context, c: int, capture: GradientCapture, batch: Any) -> torch.Tensor:
+        """Rows of a query batch: per-example measurement gradients [B, feature_dim]."""
+        return capture.flat(ctx.task.measurement, batch)
+
+    def fit_curvature(self, ctx: Context, c: int, model: nn.Module, capture: GradientCapture,
+                      train: Examples, store: GradientStore) -> None:
+        """Fit what `precondition` needs at checkpoint `c` (nothing for plain gradient similarity)."""
+
+    def precondition(self, c: int, rows: torch.Tensor) -> torch.Tensor:
+        """Rows [n, dim] times the inverse curvature at checkpoint `c` (the identity here)."""
+        return rows
 
     def _blocks(self, feats: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor]]:
         """Scores against each shard of the training stores, in order: (lo, hi, [n_query, hi-lo])."""
@@ -170,17 +192,19 @@ class GradientSimilarity(Method):
         feats = self.query_features(ctx, queries)
         parts = reduce_blocks(self._blocks(feats), len(queries), len(self.train_ids), top_k)
         meta = {"options": self.options.manifest()}
+        attach = top_k is None and self.cheap_self_influence
         return Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name, metadata=meta,
-                      self_influence=self.self_influence(ctx) if top_k is None else None, **parts)
+                      self_influence=self.self_influence(ctx) if attach else None, **parts)
 
     def self_influence(self, ctx: Context) -> torch.Tensor | None:
-        """Σ_c w_c ‖∇L_c(i)‖² (grad-dot, TracIn); undefined for grad-cos, where it is always 1."""
+        """Σ_c w_c ∇L_c(i)ᵀ P_c ∇L_c(i) (P = I for grad-dot and TracIn); undefined for grad-cos (always 1)."""
         if self.normalize:
             return None
         total = torch.zeros(len(self.train_ids), dtype=torch.float64)
-        for store, w in zip(self.stores, self.weights):
+        for c, (store, w) in enumerate(zip(self.stores, self.weights)):
             for lo, hi, g in store.shards():
-                total[lo:hi] += w * g.double().pow(2).sum(1)
+                g = g.double()
+                total[lo:hi] += w * (self.precondition(c, g).double() * g).sum(1)
         return total if self.stores[0].dtype == "float64" else total.float()
 
 

@@ -1,0 +1,71 @@
+"""Influence functions: `score(q, i) = -∇m(q)ᵀ (C + λI)⁻¹ ∇L(i)` with C a curvature of the mean training loss.
+
+The gradient collection, store and scoring are those of grad-dot; only the query side is preconditioned,
+by a curvature from `sourcetrace.curvature` (explicit, cg, lissa, arnoldi, kfac, ekfac, diagonal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..curvature import build_curvature
+from ..curvature.base import Curvature, CurvatureContext
+from ..data import Examples
+from ..errors import InvalidOptionError
+from ..grads import GradientCapture
+from ..grads.store import GradientStore
+from . import register
+from .base import Context
+from .gradient import GradientOptions, GradientSimilarity
+
+CURVATURE_METHODS = ("explicit", "cg", "lissa", "arnoldi", "kfac", "ekfac", "diagonal", "datainf")
+
+
+@dataclass(frozen=True)
+class InfluenceOptions(GradientOptions):
+    """curvature: which approximation of the curvature (default ekfac, which works at every scale).
+    damping: λ added to the curvature; None applies the curvature's documented default rule.
+    curvature_options: options of that curvature (e.g. {"rank": 50} for arnoldi).
+    """
+
+    curvature: str = "ekfac"
+    damping: float | None = None
+    curvature_options: dict[str, Any] = field(default_factory=dict)
+
+
+@register("influence", *CURVATURE_METHODS)
+class Influence(GradientSimilarity):
+    """Influence functions; `method="ekfac"` is short for `method="influence", curvature="ekfac"`."""
+
+    Options = InfluenceOptions
+    options: InfluenceOptions
+    cheap_self_influence = False
+
+    def __init__(self, name: str, options: InfluenceOptions):
+        if name != "influence":
+            if options.curvature not in ("ekfac", name):  # a curvature given beside a curvature name
+                raise InvalidOptionError(f"method {name!r} is influence with curvature={name!r}; "
+                                         f"use method='influence' to choose curvature={options.curvature!r}")
+            options = dataclasses.replace(options, curvature=name)
+        if options.curvature not in CURVATURE_METHODS:
+            raise InvalidOptionError(f"curvature must be one of {', '.join(CURVATURE_METHODS)}; "
+                                     f"got {options.curvature!r}")
+        super().__init__(name, options)
+        self.curvatures: list[Curvature] = []
+
+    def fit_curvature(self, ctx: Context, c: int, model: nn.Module, capture: GradientCapture,
+                      train: Examples, store: GradientStore) -> None:
+        o = self.options
+        curv = build_curvature(o.curvature, damping=o.damping, **o.curvature_options)
+        cctx = CurvatureContext(model, ctx.task, capture, train, batch_size=o.batch_size,
+                                folder=ctx.workdir / f"curvature-{c}", progress=ctx.progress)
+        curv.fit(cctx)
+        self.curvatures[c:] = [curv]
+
+    def precondition(self, c: int, rows: torch.Tensor) -> torch.Tensor:
+        return self.curvatures[c].apply(rows).to(rows.dtype)
