@@ -39,8 +39,10 @@ def test_fill_shards_atomic_and_exact(tmp_path, source):
     store.fill(rows, batch_size=4, progress=False)
     assert store.complete and store.missing() == []
     names = sorted(p.name for p in (tmp_path / "s").iterdir())
-    assert names == ["manifest.json"] + [f"shard-{k:05d}.npy" for k in range(4)]  # no temp files left
+    want = ["manifest.json"] + [f"{kind}-{k:05d}.npy" for kind in ("shard", "sqnorm") for k in range(4)]
+    assert names == want  # no temp files left
     assert torch.equal(store.read(), source)
+    assert torch.allclose(store.sqnorms(), source.pow(2).sum(1), rtol=1e-12)
     assert torch.equal(store.read(5, 14), source[5:14])
     # batches never cross a shard boundary, and every row was computed once
     assert calls == [(0, 4), (4, 6), (6, 10), (10, 12), (12, 16), (16, 18), (18, 22), (22, 23)]

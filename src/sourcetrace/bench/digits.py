@@ -89,7 +89,13 @@ class DigitsSetting:
         return model.eval(), checkpoints, rates
 
     def train_fn(self, indices: np.ndarray, seed: int) -> nn.Module:
-        return self.fit(indices, seed)[0]
+        # one thread: a model this small gains nothing from more, and loses a lot on a busy machine
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self.fit(indices, seed)[0]
+        finally:
+            torch.set_num_threads(threads)
 
     def measure_fn(self, model: nn.Module) -> np.ndarray:
         """Query margins (the measurement every method attributes)."""

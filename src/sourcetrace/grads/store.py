@@ -55,6 +55,9 @@ class GradientStore:
     def _path(self, k: int) -> Path:
         return self.folder / f"shard-{k:05d}.npy"
 
+    def _norms_path(self, k: int) -> Path:
+        return self.folder / f"sqnorm-{k:05d}.npy"
+
     def missing(self) -> list[int]:
         return [k for k in range(self.num_shards) if not self._path(k).exists()]
 
@@ -80,8 +83,11 @@ class GradientStore:
                     if block.shape != (stop - start, self.dim):
                         raise ValueError(f"feature rows of shape {tuple(block.shape)}, expected "
                                          f"{(stop - start, self.dim)}")
-                    shard[start - lo: stop - lo] = block.detach().to("cpu", torch.float64).numpy()
+                    shard[start - lo: stop - lo] = block.detach().cpu().numpy()
                     bar.update(stop - start)
+                # squared row norms first, so that a shard on disk always has its norms beside it
+                sqnorm = np.einsum("ij,ij->i", shard, shard, dtype=np.float64)
+                atomic_write(self._norms_path(k), functools.partial(_save_npy, array=sqnorm))
                 atomic_write(self._path(k), functools.partial(_save_npy, array=shard))
 
     # ---- reading -------------------------------------------------------------------------------------
@@ -93,7 +99,11 @@ class GradientStore:
                                     "missing); run fit() again to finish it")
         for k in range(self.num_shards):
             lo, hi = self.bounds(k)
-            yield lo, hi, torch.from_numpy(np.load(self._path(k), mmap_mode="r").copy())
+            yield lo, hi, torch.from_numpy(np.load(self._path(k)))  # one shard in memory at a time
+
+    def sqnorms(self) -> torch.Tensor:
+        """Squared norm of every row [n] (float64), saved while filling: self-influence and cosines for free."""
+        return torch.from_numpy(np.concatenate([np.load(self._norms_path(k)) for k in range(self.num_shards)]))
 
     def read(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Rows [lo, hi) as one tensor (for small stores and tests)."""

@@ -176,14 +176,15 @@ class GradientSimilarity(Method):
         """Scores against each shard of the training stores, in order: (lo, hi, [n_query, hi-lo])."""
         if self.normalize:
             feats = [q / q.norm(dim=1, keepdim=True).clamp_min(1e-12) for q in feats]
+            norms = [s.sqnorms().sqrt().clamp_min(1e-12) for s in self.stores]
         for parts in zip(*(s.shards() for s in self.stores)):
             lo, hi = parts[0][0], parts[0][1]
             total = None
-            for q, w, (_, _, g) in zip(feats, self.weights, parts):
-                g = g.to(q.dtype)
+            for c, (q, w, (_, _, g)) in enumerate(zip(feats, self.weights, parts)):
+                block = q @ g.to(q.dtype).T
                 if self.normalize:
-                    g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                block = -w * (q @ g.T)
+                    block /= norms[c][lo:hi].to(q.dtype)
+                block *= -w
                 total = block if total is None else total + block
             assert total is not None
             yield lo, hi, total
@@ -201,6 +202,10 @@ class GradientSimilarity(Method):
         if self.normalize:
             return None
         total = torch.zeros(len(self.train_ids), dtype=torch.float64)
+        if type(self).precondition is GradientSimilarity.precondition:  # gᵀg was saved with the store
+            for store, w in zip(self.stores, self.weights):
+                total += w * store.sqnorms()
+            return total if self.stores[0].dtype == "float64" else total.float()
         for c, (store, w) in enumerate(zip(self.stores, self.weights)):
             for lo, hi, g in store.shards():
                 g = g.double()
