@@ -36,7 +36,6 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
 clean:

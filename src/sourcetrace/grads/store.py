@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from ..artifacts import atomic_write, check_manifest, read_json
 
 DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
+MEMORY_BUDGET = 1 << 30  # shards a store has just written stay in memory up to this many bytes
 
 
 class GradientStore:
@@ -33,6 +35,7 @@ class GradientStore:
         self.n, self.dim, self.dtype, self.shard_size = n, dim, dtype, max(1, int(shard_size))
         layout = {"kind": "gradient-store", "n": n, "dim": dim, "dtype": dtype, "shard_size": self.shard_size}
         check_manifest(self.folder, {**layout, **(key or {})}, overwrite=overwrite, what="gradient store")
+        self._memory: dict[int, np.ndarray] = {}
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> GradientStore:
@@ -41,6 +44,7 @@ class GradientStore:
         store = cls.__new__(cls)
         store.folder, store.n, store.dim = Path(folder), m["n"], m["dim"]
         store.dtype, store.shard_size = m["dtype"], m["shard_size"]
+        store._memory = {}
         return store
 
     # ---- layout --------------------------------------------------------------------------------------
@@ -73,7 +77,10 @@ class GradientStore:
         if not todo:
             return
         done = self.n - sum(self.bounds(k)[1] - self.bounds(k)[0] for k in todo)
-        with tqdm(total=self.n, initial=done, desc=desc, unit="ex", disable=not progress) as bar:
+        # shards are written by a background thread while the next one is computed
+        with tqdm(total=self.n, initial=done, desc=desc, unit="ex", disable=not progress) as bar, \
+                ThreadPoolExecutor(max_workers=1) as writer:
+            pending: list[Future] = []
             for k in todo:
                 lo, hi = self.bounds(k)
                 shard = np.empty((hi - lo, self.dim), dtype=DTYPES[self.dtype])
@@ -85,21 +92,31 @@ class GradientStore:
                                          f"{(stop - start, self.dim)}")
                     shard[start - lo: stop - lo] = block.detach().cpu().numpy()
                     bar.update(stop - start)
-                # squared row norms first, so that a shard on disk always has its norms beside it
-                sqnorm = np.einsum("ij,ij->i", shard, shard, dtype=np.float64)
-                atomic_write(self._norms_path(k), functools.partial(_save_npy, array=sqnorm))
-                atomic_write(self._path(k), functools.partial(_save_npy, array=shard))
+                pending.append(writer.submit(self._write, k, shard))
+                if sum(a.nbytes for a in self._memory.values()) + shard.nbytes <= MEMORY_BUDGET:
+                    self._memory[k] = shard
+            for done_write in pending:
+                done_write.result()  # a failed write raises here
+
+    def _write(self, k: int, shard: np.ndarray) -> None:
+        # squared row norms first, so that a shard on disk always has its norms beside it
+        sqnorm = np.einsum("ij,ij->i", shard, shard, dtype=np.float64)
+        atomic_write(self._norms_path(k), functools.partial(_save_npy, array=sqnorm))
+        atomic_write(self._path(k), functools.partial(_save_npy, array=shard))
 
     # ---- reading -------------------------------------------------------------------------------------
     def shards(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Yield `(lo, hi, rows)` per shard, each memory-mapped from disk."""
+        """Yield `(lo, hi, rows)` per shard: from memory if this store just wrote it, else from disk."""
         missing = self.missing()
         if missing:
             raise FileNotFoundError(f"gradient store {self.folder} is incomplete ({len(missing)} shards "
                                     "missing); run fit() again to finish it")
         for k in range(self.num_shards):
             lo, hi = self.bounds(k)
-            yield lo, hi, torch.from_numpy(np.load(self._path(k)))  # one shard in memory at a time
+            shard = self._memory.get(k)
+            if shard is None:
+                shard = np.load(self._path(k))  # one shard in memory at a time
+            yield lo, hi, torch.from_numpy(shard)
 
     def sqnorms(self) -> torch.Tensor:
         """Squared norm of every row [n] (float64), saved while filling: self-influence and cosines for free."""
