@@ -75,7 +75,8 @@ class DigitsSetting:
         opt = torch.optim.SGD(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         gen = torch.Generator().manual_seed(seed)
         every = max(1, self.epochs // self.n_checkpoints)
-        checkpoints, rates = [], []
+        checkpoints: list[dict[str, torch.Tensor]] = []
+        rates: list[float] = []
         for epoch in range(self.epochs):
             perm = torch.randperm(len(idx), generator=gen)
             for start in range(0, len(idx), self.batch_size):

@@ -20,7 +20,9 @@ def _ours(method: str, workdir: str, options: dict[str, Any]) -> np.ndarray:
     if method == "tracin":
         options = {"checkpoints": checkpoints, "learning_rates": rates, **options}
     attr = st.Attributor(model, st.ClassificationTask(), method, workdir=None, progress=False, **options)
-    return attr.fit(setting.train).score(setting.queries).matrix.numpy()
+    matrix = attr.fit(setting.train).score(setting.queries).matrix
+    assert matrix is not None
+    return matrix.numpy()
 
 
 def _anchor(name: str, workdir: str, options: dict[str, Any]) -> np.ndarray:
@@ -66,7 +68,7 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/dig
                             fraction=0.5, seeds=seeds, workdir=workdir / "ground-truth",
                             fingerprint=setting.fingerprint(), progress=progress)
     have = available_anchors()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, library, runner, what, options in ENTRIES:
         if only and label.split()[0] not in only and library not in only:
             continue

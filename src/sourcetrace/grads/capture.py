@@ -55,7 +55,8 @@ def _layer_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[st
             out["bias"] = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
         return out
     if isinstance(module, nn.Conv2d):
-        cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding,
+        padding: Any = module.padding  # never a string here: hookable() sends string padding to the fallback
+        cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=padding,
                         stride=module.stride)  # [B, C_in*kh*kw, L]
         g2 = g.reshape(g.shape[0], g.shape[1], -1)  # [B, C_out, L]
         out = {"weight": torch.einsum("bol,bil->boi", g2, cols).reshape(g.shape[0], *module.weight.shape)}

@@ -127,7 +127,7 @@ class GradientSimilarity(Method):
 
     def query_features(self, ctx: Context, queries: Examples) -> list[torch.Tensor]:
         """Measurement gradients of the queries at each checkpoint, [n_query, dim] each."""
-        feats = []
+        feats: list[torch.Tensor] = []
         for store, state in zip(self.stores, self.states):
             with self._at(ctx, state) as model:
                 capture = GradientCapture(model, self.options.modules, fallback=self.options.fallback)
