@@ -36,7 +36,8 @@ def _anchor(name: str, workdir: str, options: dict[str, Any]) -> np.ndarray:
         return anchors.captum_tracincp_scores(model, setting.train, setting.queries, checkpoints=checkpoints,
                                               learning_rates=rates, **options)
     if name == "traker":
-        return anchors.traker_scores(model, setting.train, setting.queries, checkpoints=checkpoints, **options)
+        return anchors.traker_scores(model, setting.train, setting.queries, checkpoints=checkpoints,
+                                     **options)
     raise ValueError(name)
 
 
@@ -78,9 +79,9 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/dig
         modules = ("sklearn.datasets", ANCHOR_IMPORTS.get(library, "sourcetrace.methods.gradient"))
         result = measure(functools.partial(runner, what, str(workdir), options), modules)
         score = evaluate.lds(result.scores, truth)
+        ci = f"{score.mean:.3f} [{score.ci_low:.3f}, {score.ci_high:.3f}]"
         rows.append({"method": label, "library": library, "lds": score.mean, "ci_low": score.ci_low,
-                     "ci_high": score.ci_high, "lds_ci": f"{score.mean:.3f} [{score.ci_low:.3f}, {score.ci_high:.3f}]",
-                     "wall_s": result.wall_s, "peak_mb": result.peak_mb})
+                     "ci_high": score.ci_high, "lds_ci": ci, "wall_s": result.wall_s, "peak_mb": result.peak_mb})
         if progress:
             print(f"{library:>12} {label:<40} LDS {rows[-1]['lds_ci']}  {result.wall_s:6.2f} s  "
                   f"{result.peak_mb:7.1f} MB")
