@@ -81,7 +81,8 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/dig
         score = evaluate.lds(result.scores, truth)
         ci = f"{score.mean:.3f} [{score.ci_low:.3f}, {score.ci_high:.3f}]"
         rows.append({"method": label, "library": library, "lds": score.mean, "ci_low": score.ci_low,
-                     "ci_high": score.ci_high, "lds_ci": ci, "wall_s": result.wall_s, "peak_mb": result.peak_mb})
+                     "ci_high": score.ci_high, "lds_ci": ci, "wall_s": result.wall_s,
+                     "peak_mb": result.peak_mb})
         if progress:
             print(f"{library:>12} {label:<40} LDS {rows[-1]['lds_ci']}  {result.wall_s:6.2f} s  "
                   f"{result.peak_mb:7.1f} MB")
@@ -89,8 +90,8 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/dig
             "model": f"MLP 64-{setting.hidden}-10, SGD lr {setting.lr}, {setting.epochs} epochs, batch "
                      f"{setting.batch_size}",
             "measurement": "query margin",
-            "ground truth": f"{n_subsets} random halves x {len(seeds)} seeds, LDS = mean Spearman over queries "
-                            "(95 % bootstrap CI)",
+            "ground truth": f"{n_subsets} random halves x {len(seeds)} seeds, LDS = mean Spearman over "
+                            "queries (95 % bootstrap CI)",
             "versions": versions("sourcetrace", "torch", "kronfluence", "captum", "traker", "dattri")}
     columns = [("method", "method"), ("library", "library"), ("lds_ci", "LDS [95 % CI]"),
                ("wall_s", "wall s"), ("peak_mb", "peak MB above start"), ("note", "note")]

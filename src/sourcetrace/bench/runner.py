@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import platform
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..artifacts import atomic_write_json, atomic_write_bytes
+from ..artifacts import atomic_write_bytes, atomic_write_json
 
 
 @dataclass
@@ -55,10 +56,8 @@ def measure(job: Callable[[], np.ndarray], imports: tuple[str, ...] = ()) -> Mea
 def versions(*packages: str) -> dict[str, str]:
     found = {"python": platform.python_version(), "machine": f"{platform.machine()} {mp.cpu_count()} cores"}
     for name in packages:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return found
 
 
