@@ -12,4 +12,11 @@ def _digits_mlp(out_dir: Path, **kw: object) -> Path:
     return run(out_dir, **kw)  # type: ignore[arg-type]
 
 
-BENCHMARKS: dict[str, Callable[..., Path]] = {"digits-mlp": _digits_mlp}
+def _ekfac_scaling(out_dir: Path, **kw: object) -> Path:
+    from ..curvature.kfac import scaling_benchmark
+
+    kw.pop("workdir", None)
+    return scaling_benchmark(out_dir)
+
+
+BENCHMARKS: dict[str, Callable[..., Path]] = {"digits-mlp": _digits_mlp, "ekfac-scaling": _ekfac_scaling}
