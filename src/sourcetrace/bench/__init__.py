@@ -15,8 +15,8 @@ def _digits_mlp(out_dir: Path, **kw: object) -> Path:
 def _ekfac_scaling(out_dir: Path, **kw: object) -> Path:
     from ..curvature.kfac import scaling_benchmark
 
-    kw.pop("workdir", None)
-    return scaling_benchmark(out_dir)
+    scaling_benchmark(out_dir)
+    return out_dir / "ekfac-scaling.md"
 
 
 BENCHMARKS: dict[str, Callable[..., Path]] = {"digits-mlp": _digits_mlp, "ekfac-scaling": _ekfac_scaling}
