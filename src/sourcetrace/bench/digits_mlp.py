@@ -49,6 +49,16 @@ ENTRIES: list[tuple[str, str, Any, str, dict[str, Any]]] = [
     ("TracInCP (5 checkpoints)", "captum", _anchor, "captum", {}),
     ("grad-cos", "sourcetrace", _ours, "grad-cos", {}),
     ("TRAK (5 checkpoints, proj 512, λ=0)", "traker", _anchor, "traker", {"proj_dim": 512}),
+    ("ekfac (defaults)", "sourcetrace", _ours, "ekfac", {}),
+    ("ekfac (damping heuristic)", "kronfluence", _anchor, "kronfluence",
+     {"strategy": "ekfac", "damping_factor": None}),
+    ("ekfac (default damping 1e-8)", "kronfluence", _anchor, "kronfluence", {"strategy": "ekfac"}),
+    ("kfac (defaults)", "sourcetrace", _ours, "kfac", {}),
+    ("kfac (damping heuristic)", "kronfluence", _anchor, "kronfluence",
+     {"strategy": "kfac", "damping_factor": None}),
+    ("diagonal (defaults)", "sourcetrace", _ours, "diagonal", {}),
+    ("diagonal (damping heuristic)", "kronfluence", _anchor, "kronfluence",
+     {"strategy": "diagonal", "damping_factor": None}),
 ]
 
 
