@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 	# import beside the CPU torch, so it is installed without dependencies plus what it really uses.
 	$(BIN)/pip install -q --no-deps kronfluence==1.0.1
 	$(BIN)/pip install -q accelerate einops einconv opt-einsum
+	# browser tests drive Debian's Chromium (never a downloaded browser); they skip where it is missing
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium not installed: browser tests will be skipped"
 	touch $(STAMP)
 
 demo: setup

@@ -8,9 +8,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .views.server import serve
+
 app = typer.Typer(help="Trace what a model produces back to the training data that caused it.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
+app.command("serve")(serve)  # fastapi and uvicorn load when the command runs
 
 SHADES = " ░▒▓█"
 

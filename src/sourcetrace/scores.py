@@ -125,6 +125,12 @@ class Scores:
         return Scores(matrix @ onehot, groups, list(self.query_ids), self.method,
                       {**self.metadata, "grouped": True, "group_sizes": onehot.sum(0).tolist()})
 
+    def to_html(self, path: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write a self-contained HTML report of these scores (options: `sourcetrace.views.write_report`)."""
+        from .views import write_report
+
+        return write_report(self, path, **kwargs)
+
     def to_pandas(self) -> Any:
         """A DataFrame with one row per query and one column per training example."""
         try:

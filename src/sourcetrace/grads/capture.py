@@ -140,7 +140,7 @@ class GradientCapture:
             self._verify(grads, batch)
         if self.fallback_names:
             grads.update(self._functional(fn, batch, self.fallback_names))
-        return {n: grads[n] for n in self.params}
+        return {n: grads[n].detach() for n in self.params}
 
     def flat(self, fn: PerExampleFn, batch: Any) -> torch.Tensor:
         """Per-example gradients as one vector per example, [B, dim], in `self.params` order."""

@@ -1,0 +1,174 @@
+"""`sourcetrace serve WORKDIR`: the views as a local web app with a JSON API that attributes new selections.
+
+The app binds 127.0.0.1 unless told otherwise, answers malformed requests and unknown ids with 4xx, and serves
+files from inside the workdir only. FastAPI and uvicorn are imported when the app is made, so that the CLI
+imports without the `[views]` extra.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the request models' annotations at run time
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import MissingExtraError, SourcetraceError
+from .report import render_html
+from .session import NoBackendError, Session, load_view
+
+MAX_SELECTION = 4096
+MAX_TEXT = 20_000
+
+
+def _require() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError("the web app needs fastapi and uvicorn; install them with "
+                                "`pip install sourcetrace[views]`") from exc
+
+
+def create_app(session: Session | str | os.PathLike, *, root: str | os.PathLike | None = None) -> Any:
+    """A FastAPI app showing `session` (or the view saved in a workdir); `/files/` serves `root` only."""
+    _require()
+    from fastapi import Body, FastAPI, HTTPException
+    from fastapi.responses import FileResponse, HTMLResponse
+    from pydantic import BaseModel, ConfigDict, Field
+
+    if not isinstance(session, Session):
+        root = session if root is None else root
+        session = load_view(session)
+    files_root = Path(root).resolve() if root is not None else None
+
+    class Selection(BaseModel):
+        """Token positions (in the query's generated tokens) whose log-probability to attribute."""
+
+        model_config = ConfigDict(extra="forbid")
+        selection: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=MAX_SELECTION)
+
+    class Compare(BaseModel):
+        """A text of the user's, to compare with the model's generation word by word."""
+
+        model_config = ConfigDict(extra="forbid")
+        text: str = Field(min_length=1, max_length=MAX_TEXT)
+
+    app = FastAPI(title="sourcetrace", version="1",
+                  description="Training-data attribution views: which training examples made the model "
+                              "produce this output. Positive scores are proponents.")
+    view = session
+
+    def find(query: str) -> int:
+        try:
+            return view.row(query)
+        except KeyError:
+            raise HTTPException(404, f"no query with id {query!r}; GET /api/queries lists them") from None
+
+    def act(fn: Any, *args: Any) -> dict[str, Any]:
+        try:
+            return fn(*args)
+        except NoBackendError as exc:
+            raise HTTPException(409, str(exc)) from None
+        except SourcetraceError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        return render_html(view.payload(), api="/api")
+
+    @app.get("/api/view", summary="Everything the front end draws")
+    def get_view() -> dict[str, Any]:
+        return view.payload()
+
+    @app.get("/api/queries", summary="The queries, in order")
+    def list_queries() -> list[dict[str, Any]]:
+        return [{k: q[k] for k in ("id", "index", "prompt", "text", "label", "source", "selection") if k in q}
+                for q in view.payload()["queries"]]
+
+    @app.get("/api/queries/{query}", summary="One query with its attribution and shown training items")
+    def get_query(query: str) -> dict[str, Any]:
+        return view.query_update([find(query)])
+
+    @app.post("/api/queries/{query}/attribute", summary="Attribute a new selection of the query's tokens")
+    def attribute(query: str, body: Annotated[Selection, Body()]) -> dict[str, Any]:
+        return act(view.attribute, find(query), body.selection)
+
+    @app.post("/api/queries/{query}/compare", summary="Compare the model's text with the user's text")
+    def compare(query: str, body: Annotated[Compare, Body()]) -> dict[str, Any]:
+        return act(view.compare, find(query), body.text)
+
+    @app.get("/api/train/{index}", summary="One training item, in full")
+    def train_item(index: int) -> dict[str, Any]:
+        try:
+            return view.train_item(index)
+        except KeyError:
+            raise HTTPException(404, f"no training item {index}") from None
+
+    @app.get("/files/{path:path}", include_in_schema=False)
+    def files(path: str) -> Any:
+        target = _inside(files_root, path)
+        if target is None:
+            raise HTTPException(404, "not found")
+        return FileResponse(target)
+
+    return app
+
+
+@contextmanager
+def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run `app` under uvicorn in a background thread (port 0: a free one); yields its base URL.
+
+    For notebooks and tests: the server stops when the block ends.
+    """
+    _require()
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", limit_concurrency=1000))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            sock.close()
+            raise RuntimeError("the web app did not start; see the log above")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _inside(root: Path | None, path: str) -> Path | None:
+    """The file `path` names under `root`; None if missing or resolving outside (`..`, absolute, links)."""
+    if root is None or "\x00" in path:
+        return None
+    target = (root / path.lstrip("/")).resolve()
+    if not target.is_relative_to(root) or not target.is_file():
+        return None
+    return target
+
+
+def serve(workdir: Annotated[Path, typer.Argument(help="A folder written by sourcetrace.views.save_view",
+                                                  exists=True, file_okay=False)],
+          host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only")]
+          = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="TCP port")] = 8765) -> None:
+    """Open the attribution views of WORKDIR in a local web app (select tokens to attribute them)."""
+    _require()
+    import uvicorn
+
+    app = create_app(workdir)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: serving on {host}: anyone who can reach it can run attributions", err=True)
+    typer.echo(f"sourcetrace views of {workdir} at http://{host}:{port}/  (Ctrl-C to stop)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,212 @@
+"""Views without a browser: the payload the front end draws, the report file, text helpers, the LM backend."""
+
+import copy
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from sourcetrace import Scores
+from sourcetrace.errors import ShapeError
+from sourcetrace.views import report_payload, write_report
+from sourcetrace.views.payload import image_json
+from sourcetrace.views.report import render_html, script_json
+from sourcetrace.views.text import Keywords, joiner, word_diff, words
+
+
+def small_scores(seed=0, n_query=3, n_train=40):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(n_query, n_train, generator=g, dtype=torch.float64)
+    return Scores(m, [f"t{i}" for i in range(n_train)], [f"q{i}" for i in range(n_query)], "grad-dot")
+
+
+def test_payload_lists_match_scores_and_histogram_counts_every_score():
+    s = small_scores()
+    labels = [str(i % 4) for i in range(40)]
+    train = [{"text": f"example number {i} about topic{i % 4}", "label": labels[i], "source": "ab"[i % 2]}
+             for i in range(40)]
+    p = report_payload(s, train_items=train, k=5)
+    assert p["kind"] == "classifier" and len(p["queries"]) == 3
+    for r, q in enumerate(p["queries"]):
+        order = torch.argsort(s.matrix[r], descending=True)
+        assert [x["index"] for x in q["result"]["top"]] == order[:5].tolist()
+        assert [x["index"] for x in q["result"]["bottom"]] == order.flip(0)[:5].tolist()
+        assert q["result"]["top"][0]["score"] == pytest.approx(float(s.matrix[r].max()), rel=1e-5)
+        hist = q["result"]["hist"]
+        assert sum(hist["counts"]) == 40
+        assert hist["edges"][0] == pytest.approx(float(s.matrix[r].min()), rel=1e-5)
+        for x in q["result"]["top"] + q["result"]["bottom"]:
+            assert str(x["index"]) in p["train"]  # every shown example travels with the payload
+    assert len(p["train"]) < 40  # and only those
+    # group mass: brute-force sums over the members of each group
+    by_label = next(g for g in p["groups"] if g["name"] == "label")
+    assert by_label["names"] == ["0", "1", "2", "3"] and by_label["sizes"] == [10, 10, 10, 10]
+    for r in range(3):
+        for j, name in enumerate(by_label["names"]):
+            want = sum(float(s.matrix[r, i]) for i in range(40) if labels[i] == name)
+            assert by_label["query"][r][j] == pytest.approx(want, rel=1e-5, abs=1e-9)
+    want = np.mean([by_label["query"][r][0] for r in range(3)])
+    assert by_label["mean"][0] == pytest.approx(want, rel=1e-5)
+    assert {g["name"] for g in p["groups"]} == {"label", "source"}
+
+
+def test_payload_with_top_k_scores_and_explicit_groups():
+    s = small_scores()
+    top = Scores(None, s.train_ids, s.query_ids, "grad-dot", top_values=s.matrix.topk(3).values,
+                 top_indices=s.matrix.topk(3).indices, bottom_values=s.matrix.topk(3, largest=False).values,
+                 bottom_indices=s.matrix.topk(3, largest=False).indices)
+    p = report_payload(top, k=10)
+    assert len(p["queries"][0]["result"]["top"]) == 3 and p["queries"][0]["result"]["partial"]
+    assert p["groups"] == []  # group mass needs every score
+    p = report_payload(s, groups=["x" if i < 10 else "y" for i in range(40)])
+    assert p["groups"][0]["name"] == "group" and p["groups"][0]["sizes"] == [10, 30]
+
+
+def test_items_must_align_with_ids():
+    s = small_scores()
+    with pytest.raises(ShapeError, match="40 train ids"):
+        report_payload(s, train_items=[{}] * 39)
+
+
+def test_image_json_scales_digits_and_unit_images():
+    digits = np.arange(64).reshape(8, 8) % 17  # 0..16, like scikit-learn's digits
+    j = image_json(digits)
+    assert (j["w"], j["h"]) == (8, 8) and max(j["data"]) == 255 and j["data"][1] == round(1 / 16 * 255)
+    assert image_json(torch.full((2, 3), 0.5))["data"] == [128] * 6
+    assert image_json(np.ones(16))["w"] == 4
+    with pytest.raises(ShapeError):
+        image_json(np.ones(15))
+
+
+def test_keywords_are_tf_idf_against_the_training_set():
+    corpus = ["the cat sat", "the dog ran", "a cat and a dog", "rockets fly high"]
+    kw = Keywords(corpus)
+    shown = ["cat cat rockets"]
+    got = dict(kw.top(shown, k=5))
+    idf = {w: math.log((1 + 4) / (1 + df)) + 1 for w, df in (("cat", 2), ("rockets", 1))}
+    assert got["cat"] == pytest.approx(2 / 3 * idf["cat"], rel=1e-4)
+    assert got["rockets"] == pytest.approx(1 / 3 * idf["rockets"], rel=1e-4)
+    assert words("The cat, and THE dog") == ["cat", "dog"]  # stop words and case
+
+
+def test_word_diff_marks_removed_and_added_positions():
+    a = ["the", "chef", "bakes", "fresh", "bread", "."]
+    b = ["the", "chef", "bakes", "sour", "bread", "with", "jam", "."]
+    d = word_diff(a, b)
+    assert d["removed"] == [3] and d["added"] == [3, 5, 6]
+    rebuilt = []
+    for op in d["ops"]:
+        rebuilt += b[op["b"][0]:op["b"][1]]
+    assert rebuilt == b
+    assert joiner(["Ġthe", " cat"]) == "" and joiner(["the", "cat"]) == " "
+
+
+def test_report_is_one_self_contained_file(tmp_path):
+    s = small_scores()
+    nasty = "</script><script>alert(1)</script> & <!-- x"
+    train = [{"text": nasty if i == int(s.matrix[0].argmax()) else f"t {i}"} for i in range(40)]
+    path = write_report(s, tmp_path / "r.html", train_items=train, title="<b>title</b>")
+    html = path.read_text()
+    assert path.name == "r.html" and html.startswith("<!doctype html>")
+    assert "<b>title</b>" not in html and "&lt;b&gt;title&lt;/b&gt;" in html
+    assert html.count("</script>") == 3  # the data, the config and the app; the nasty text is escaped
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", html)  # nothing from a network
+    assert "__DATA__" not in html and "/*__SCRIPT__*/" not in html
+    data = json.loads(re.search(r'id="st-data">(.*?)</script>', html, re.S).group(1))
+    assert nasty in json.dumps(data)
+    assert write_report(s, tmp_path / "dir").name == "report.html"
+
+
+def test_script_json_round_trips():
+    obj = {"a": "</script>", "b": "<!--", "c": "&amp;", "d": [1.5, None]}
+    assert json.loads(script_json(obj)) == obj and "<" not in script_json(obj)
+
+
+def test_llm_queries_selection_and_compare_in_payload():
+    s = small_scores(n_query=2)
+    queries = [{"prompt": "the chef", "tokens": ["bakes", "bread", "."], "selection": [0, 1],
+                "compare_to": 1},
+               {"prompt": "the chef", "tokens": ["bakes", "sour", "bread", "."], "selection": [1]}]
+    p = report_payload(s, query_items=queries)
+    assert p["kind"] == "llm"
+    q = p["queries"][0]
+    assert q["text"] == "bakes bread ." and q["selection"] == [0, 1] and q["joiner"] == " "
+    assert q["compare"]["other"] == 1 and q["compare"]["added"] == [1] and q["compare"]["removed"] == []
+    html = render_html(p)
+    assert "bakes bread" in html
+
+
+# ---- the LM backend --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm():
+    pytest.importorskip("transformers")
+    from sourcetrace.views.examples import shared_tiny_lm
+
+    return shared_tiny_lm()
+
+
+def test_backend_scores_equal_grad_dot_of_the_selected_tokens(lm):
+    """Independent check: -∇(Σ selected log p)·∇L(i), by autograd over the same parameters."""
+    from sourcetrace.grads.capture import select_parameters
+    from sourcetrace.views.llm import lm_example
+
+    backend, train, queries = lm
+    q = queries[0]
+    sel = [0, 2]
+    scores = backend.attribute(q["tokens"], sel, q["prompt"])
+    params = list(select_parameters(backend.model, backend.modules).values())
+    task = backend.task
+    batch = task.collate([lm_example(backend.tokenizer, q["tokens"], sel, backend.tokenize(q["prompt"]))])
+    gq = torch.autograd.grad(task.measurement(backend.model, batch).sum(), params)
+    for i in (0, 5, 40):
+        tb = task.collate([backend.train_examples[i]])
+        gi = torch.autograd.grad(task.train_loss(backend.model, tb).sum(), params)
+        want = -sum(float((a * b).sum()) for a, b in zip(gq, gi))
+        assert float(scores.matrix[0, i]) == pytest.approx(want, rel=1e-4, abs=1e-4)
+        shares = backend.token_contributions(q["tokens"], sel, i, q["prompt"])
+        assert len(shares) == len(train[i]["tokens"])
+        assert sum(shares) == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+def test_report_with_backend_shades_influential_tokens(lm, tmp_path):
+    backend, train, queries = lm
+    q = queries[0]
+    scores = backend.attribute(q["tokens"], q["selection"], q["prompt"])
+    path = write_report(scores, tmp_path / "lm.html", train_items=train, query_items=[q], backend=backend)
+    data = json.loads(re.search(r'id="st-data">(.*?)</script>', path.read_text(), re.S).group(1))
+    top = data["queries"][0]["result"]["top"][0]
+    assert sum(top["token_scores"]) == pytest.approx(top["score"], rel=1e-3)
+    assert data["can_attribute"] is False and path.stat().st_mode & 0o777 == 0o644
+
+
+def test_backend_refuses_tokens_outside_the_text(lm):
+    backend, _, queries = lm
+    with pytest.raises(ShapeError, match="outside"):
+        backend.attribute(queries[0]["tokens"], [99], queries[0]["prompt"])
+
+
+def test_session_attribute_and_compare(lm):
+    from sourcetrace.views.session import Session
+
+    backend, train, queries = lm
+    session = Session(None, train, copy.deepcopy(queries), title="t", backend=backend)
+    assert session.payload()["can_attribute"]
+    update = session.attribute(0, [1])
+    q = update["queries"][0]
+    want = backend.attribute(queries[0]["tokens"], [1], queries[0]["prompt"]).matrix[0]
+    assert q["selection"] == [1]
+    assert q["result"]["top"][0]["index"] == int(want.argmax())
+    assert "token_scores" in q["result"]["top"][0]
+    assert {g["name"] for g in update["groups"]} == {"source"}
+    text = " ".join(queries[0]["tokens"][:-1] + ["and", "jam", "."])
+    update = session.compare(0, text)
+    a, b = update["queries"]
+    assert a["compare"]["other"] == b["index"] == 2 and b["id"] == "0~edit1"
+    assert b["selection"] == a["compare"]["added"] and b["selection"]
+    with pytest.raises(ShapeError):
+        session.attribute(0, [])
+    with pytest.raises(ShapeError, match="same"):
+        session.compare(0, " ".join(queries[0]["tokens"]))
