@@ -17,6 +17,8 @@ from typing import Any
 from .errors import WorkdirMismatchError
 
 MANIFEST = "manifest.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
@@ -29,6 +31,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; an artifact gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
