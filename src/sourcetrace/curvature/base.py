@@ -33,6 +33,7 @@ class CurvatureContext:
     folder: Path | None = None
     progress: bool = True
     seed: int = 0
+    store: Any = None  # the method's GradientStore of training-loss gradients, when it has one
 
     def batches(self, examples: Examples | None = None) -> Iterator[Any]:
         """Collated batches of the training data (or of `examples`), on the model's device."""

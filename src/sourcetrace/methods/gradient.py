@@ -70,12 +70,16 @@ class GradientSimilarity(Method):
         if name == "tracin" and not options.checkpoints:
             raise InvalidOptionError("tracin needs checkpoints=[state_dict or path, ...] saved during "
                                      "training, and learning_rates=[...] in force at each")
-        if name != "tracin" and options.checkpoints and len(options.checkpoints) > 1:
+        if not self.multi_checkpoint(name) and options.checkpoints and len(options.checkpoints) > 1:
             raise InvalidOptionError(f"{name} uses one model; for several checkpoints use method='tracin'")
         self.normalize = name == "grad-cos"
         self.stores: list[GradientStore] = []
 
     # ---- checkpoints ---------------------------------------------------------------------------------
+    def multi_checkpoint(self, name: str) -> bool:
+        """Whether the method called `name` combines several checkpoints (TracIn sums them)."""
+        return name == "tracin"
+
     def _states(self) -> list[tuple[dict[str, torch.Tensor] | None, float]]:
         o = self.options
         if not o.checkpoints:

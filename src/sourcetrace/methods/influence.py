@@ -63,7 +63,7 @@ class Influence(GradientSimilarity):
         o = self.options
         curv = build_curvature(o.curvature, damping=o.damping, **o.curvature_options)
         cctx = CurvatureContext(model, ctx.task, capture, train, batch_size=o.batch_size,
-                                folder=ctx.workdir / f"curvature-{c}", progress=ctx.progress)
+                                folder=ctx.workdir / f"curvature-{c}", progress=ctx.progress, store=store)
         curv.fit(cctx)
         self.curvatures[c:] = [curv]
 
