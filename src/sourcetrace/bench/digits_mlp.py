@@ -19,6 +19,8 @@ def _ours(method: str, workdir: str, options: dict[str, Any]) -> np.ndarray:
     model, checkpoints, rates = setting.trained(Path(workdir))
     if method == "tracin":
         options = {"checkpoints": checkpoints, "learning_rates": rates, **options}
+    if method == "trak":
+        options = {"checkpoints": checkpoints, **options}
     attr = st.Attributor(model, st.ClassificationTask(), method, workdir=None, progress=False, **options)
     matrix = attr.fit(setting.train).score(setting.queries).matrix
     assert matrix is not None
@@ -48,7 +50,14 @@ ENTRIES: list[tuple[str, str, Any, str, dict[str, Any]]] = [
     ("tracin (5 checkpoints)", "sourcetrace", _ours, "tracin", {}),
     ("TracInCP (5 checkpoints)", "captum", _anchor, "captum", {}),
     ("grad-cos", "sourcetrace", _ours, "grad-cos", {}),
-    ("TRAK (5 checkpoints, proj 512, λ=0)", "traker", _anchor, "traker", {"proj_dim": 512}),
+    ("trak (5 checkpoints, proj 2048, defaults)", "sourcetrace", _ours, "trak", {"proj_dim": 2048}),
+    *[(f"TRAK (5 checkpoints, proj 2048, λ={lam})", "traker", _anchor, "traker",
+       {"proj_dim": 2048, "lambda_reg": float(lam)}) for lam in (0, 1, 10, 100)],
+    ("trak (5 checkpoints, proj 512, defaults)", "sourcetrace", _ours, "trak", {"proj_dim": 512}),
+    *[(f"TRAK (5 checkpoints, proj 512, λ={lam})", "traker", _anchor, "traker",
+       {"proj_dim": 512, "lambda_reg": float(lam)}) for lam in (0, 1, 10, 100)],
+    ("logra (rank 32, defaults)", "sourcetrace", _ours, "logra", {}),
+    ("datainf (defaults)", "sourcetrace", _ours, "datainf", {}),
     ("ekfac (defaults)", "sourcetrace", _ours, "ekfac", {}),
     ("ekfac (damping heuristic)", "kronfluence", _anchor, "kronfluence",
      {"strategy": "ekfac", "damping_factor": None}),

@@ -21,7 +21,7 @@ import json
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -316,6 +316,58 @@ class KFAC(_Fisher):
         self._finish()
         self.fit_seconds = time.perf_counter() - start
 
+    def fit_average(self, contexts: Sequence[CurvatureContext]) -> None:
+        """Fit to the Fisher averaged over several models of one architecture (e.g. checkpoints): A and S
+        averaged over them, one eigenbasis, eigenvalues (EK-FAC) averaged in it (SOURCE's segment
+        curvature, Bae et al. 2024 §3.3). Not cached: each model's data pass is redone on a rerun."""
+        start = time.perf_counter()
+        if not contexts:
+            raise InvalidOptionError("fit_average needs at least one model")
+        ctxs = [self._own_capture(c) for c in contexts]
+        self.layout = {name: sl for name, _, sl in ctxs[0].layout()}
+        for c in ctxs:
+            c.capture.per_example(c.task.train_loss, next(c.batches()))
+        self._plan(ctxs[0])
+        a_tot: dict[str, torch.Tensor] = {}
+        s_tot: dict[str, torch.Tensor] = {}
+        counts = {b.layer: [0.0, 0.0] for b in self.blocks}
+        for c in ctxs:
+            for b in self.blocks:
+                b.a_count = b.s_count = 0.0
+            self._covariances(c)
+            for b in self.blocks:
+                assert b.a_sum is not None and b.s_sum is not None
+                a_tot[b.layer] = a_tot[b.layer] + b.a_sum if b.layer in a_tot else b.a_sum
+                s_tot[b.layer] = s_tot[b.layer] + b.s_sum if b.layer in s_tot else b.s_sum
+                counts[b.layer][0] += b.a_count
+                counts[b.layer][1] += b.s_count
+        for b in self.blocks:
+            b.a_sum, b.s_sum = a_tot[b.layer], s_tot[b.layer]
+            b.a_count, b.s_count = counts[b.layer]
+        self._eigen()
+        if self.corrected or self.diag_names:
+            lam_tot: dict[str, torch.Tensor] = {}
+            lam_count = {b.layer: 0.0 for b in self.blocks}
+            diag_tot: dict[str, torch.Tensor] = {}
+            diag_count = 0.0
+            for c in ctxs:
+                for b in self.blocks:
+                    b.lam_count = 0.0
+                self._second_moments(c)
+                for b in self.blocks:
+                    if b.lam_sum is not None:
+                        lam_tot[b.layer] = lam_tot[b.layer] + b.lam_sum if b.layer in lam_tot else b.lam_sum
+                        lam_count[b.layer] += b.lam_count
+                for n, d in self.diag_sum.items():
+                    diag_tot[n] = diag_tot[n] + d if n in diag_tot else d
+                diag_count += self.diag_count
+            for b in self.blocks:
+                if b.layer in lam_tot:
+                    b.lam_sum, b.lam_count = lam_tot[b.layer], lam_count[b.layer]
+            self.diag_sum, self.diag_count = diag_tot, diag_count
+        self._finish()
+        self.fit_seconds = time.perf_counter() - start
+
     # ---- which parameters get which block ------------------------------------------------------------
     def _plan(self, ctx: CurvatureContext) -> None:
         cap = ctx.capture
@@ -428,6 +480,16 @@ class KFAC(_Fisher):
 
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
         """(F + λI)⁻¹ v per row: rotate into the Kronecker eigenbasis, divide, rotate back."""
+        return self._spectral(vectors, lambda eig, damp: 1.0 / (eig + damp))
+
+    def apply_fn(self, vectors: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """f(F) v per row, for an elementwise function f of the *undamped* eigenvalues (diagonal blocks: of
+        E[g²]); e.g. SOURCE's exp(−ηKF) and (I − exp(−ηKF))F⁻¹ (Bae et al. 2024)."""
+        return self._spectral(vectors, lambda eig, damp: fn(eig))
+
+    def _spectral(self, vectors: torch.Tensor, scale: Callable[[torch.Tensor, float], torch.Tensor]
+                  ) -> torch.Tensor:
+        """Q diag(scale(eigenvalues, damping)) Qᵀ v per row, block by block."""
         v = vectors.to(device=self.device, dtype=torch.float64)
         if v.dim() != 2 or v.shape[1] != sum(sl.stop - sl.start for sl in self.layout.values()):
             from ..errors import ShapeError
@@ -439,13 +501,13 @@ class KFAC(_Fisher):
             ws = self.layout[b.weight]
             bs = self.layout[b.bias] if b.bias is not None else None
             m = b.matrix(v[:, ws], v[:, bs] if bs is not None else None)
-            w, bias = b.unmatrix(b.unrotate(b.rotate(m) / (b.eig + b.damp)))
+            w, bias = b.unmatrix(b.unrotate(b.rotate(m) * scale(b.eig, b.damp)))
             out[:, ws] = w
             if bs is not None:
                 out[:, bs] = bias
         for name in self.diag_names:
             sl = self.layout[name]
-            out[:, sl] = v[:, sl] / (self.diag[name].reshape(-1) + self.diag_damp[name])
+            out[:, sl] = v[:, sl] * scale(self.diag[name].reshape(-1), self.diag_damp[name])
         return out.to(device=vectors.device, dtype=vectors.dtype)
 
     # ---- cache -------------------------------------------------------------------------------------
