@@ -39,6 +39,9 @@ def _child(job: Callable[[], np.ndarray], imports: tuple[str, ...]) -> Measured:
 
     for name in imports:  # import costs are not the method's
         importlib.import_module(name)
+    import torch
+
+    torch.set_num_threads(1)  # the same for every library: small models, and a machine others share
     before = _rss_mb()
     start = time.perf_counter()
     scores = job()
