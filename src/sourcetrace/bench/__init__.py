@@ -19,4 +19,12 @@ def _ekfac_scaling(out_dir: Path, **kw: object) -> Path:
     return out_dir / "ekfac-scaling.md"
 
 
-BENCHMARKS: dict[str, Callable[..., Path]] = {"digits-mlp": _digits_mlp, "ekfac-scaling": _ekfac_scaling}
+def _source(out_dir: Path, **kw: object) -> Path:
+    from .source_bench import run
+
+    kw.pop("only", None)
+    return run(out_dir, **kw)  # type: ignore[arg-type]
+
+
+BENCHMARKS: dict[str, Callable[..., Path]] = {"digits-mlp": _digits_mlp, "ekfac-scaling": _ekfac_scaling,
+                                              "source": _source}
