@@ -123,6 +123,6 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/dig
     columns = [("method", "method"), ("library", "library"), ("lds_ci", "LDS [95 % CI]"),
                ("wall_s", "wall s"), ("peak_mb", "peak MB above start"), ("note", "note")]
     notes = ["Wall time and memory: each method in a fresh process on one thread, from model loaded to "
-             "scores returned (imports excluded); memory is the process's peak resident set above its level before "
-             "the call."]
+             "scores returned (imports excluded); memory is the process's peak resident set above its level "
+             "before the call."]
     return write_results(out_dir, "digits-mlp", "digits-mlp", rows, info, columns, notes)
