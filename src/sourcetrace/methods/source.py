@@ -1,0 +1,350 @@
+"""SOURCE: approximate unrolled differentiation (Bae, Lin, Lorraine & Grosse 2024, arXiv 2405.12186).
+
+Training is cut into L segments of consecutive checkpoints. Within segment l the curvature H̄_l (an EK-FAC
+averaged over the segment's checkpoints, plus the weight decay) and each example's gradient ḡ_l(i) (its
+mean over those checkpoints) are held fixed for the segment's K_l steps at the mean learning rate η̄_l, so
+unrolling SGD through the segment gives (paper §3.3, eqs. 13-15):
+
+    Jacobian  S_l = exp(−η̄_l K_l H̄_l)          residual  r_l(i) = (I − exp(−η̄_l K_l H̄_l)) H̄_l⁻¹ ḡ_l(i)
+    score(q, i) = −Σ_l (S_{l+1} ⋯ S_L ∇m(q, θ_final))ᵀ r_l(i)
+
+with every matrix function applied elementwise to the eigenvalues in the Kronecker eigenbasis.
+
+Scale: the paper's r_l carries 1/N (the response to example i's weight in the summed loss). Here, as for
+influence functions and TracIn in sourcetrace, the score is the response to adding ε·L_i to the mean loss of
+every step, i.e. N × the paper's score; under multi-stage training a segment of a stage that trained on N_s
+examples is scaled by N/N_s, and examples outside that stage's data contribute nothing to it. SGD momentum β
+enters as the effective learning rate η/(1−β) (paper §3.4). Not implemented: the Adam variant (App. D).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..curvature import build_curvature
+from ..curvature.base import CurvatureContext
+from ..curvature.explicit import ExplicitCurvature
+from ..data import Examples
+from ..errors import InvalidOptionError, ShapeError
+from ..grads import GradientCapture
+from ..tasks import collate
+from . import register
+from .base import Context, Method
+from .gradient import GradientOptions, GradientSimilarity, _device, _to
+
+SEGMENT_CURVATURES = ("ekfac", "kfac", "explicit")
+
+
+@dataclass(frozen=True)
+class SourceOptions(GradientOptions):
+    """Options of SOURCE (besides those of the gradient methods).
+
+    checkpoints / learning_rates / steps: the saved models (state_dicts or paths), the learning rate in force
+    at each and the number of optimizer steps done when each was saved; checkpoint j stands for the steps
+    since checkpoint j−1. The model given to the Attributor is the final model, where queries are measured.
+    segments: how many segments (default 3, at least one per stage, at most one per checkpoint), or the
+    number of checkpoints in each segment, in order. stages: the stage of each checkpoint (0, 0, 1, ...);
+    segments never cross a stage boundary. stage_examples: per stage, the indices of the training examples
+    it trained on (None: all). momentum: SGD momentum β. weight_decay: L2 coefficient of the optimizer,
+    added to the curvature. curvature: "ekfac" (default), "kfac" or "explicit" (exact GGN, small models).
+    """
+
+    steps: tuple[int, ...] | list[int] | None = None
+    segments: int | tuple[int, ...] | list[int] = 3
+    stages: tuple[int, ...] | list[int] | None = None
+    stage_examples: tuple[Any, ...] | list[Any] | None = None
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    curvature: str = "ekfac"
+    curvature_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.checkpoints or self.learning_rates is None or self.steps is None:
+            raise InvalidOptionError("source needs checkpoints=[state_dict or path, ...] saved during "
+                                     "training, learning_rates=[...] in force at each and steps=[...] "
+                                     "(optimizer steps done when each was saved)")
+        if len(self.steps) != len(self.checkpoints):
+            raise InvalidOptionError("give one step count per checkpoint")
+        if any(b < a for a, b in zip(self.steps, self.steps[1:])) or min(self.steps) < 0:
+            raise InvalidOptionError(f"steps must be non-negative and non-decreasing; got {list(self.steps)}")
+        if self.stages is not None:
+            if len(self.stages) != len(self.checkpoints):
+                raise InvalidOptionError("give one stage per checkpoint")
+            if list(self.stages) != sorted(self.stages) or self.stages[0] != 0 or any(
+                    b - a > 1 for a, b in zip(self.stages, self.stages[1:])):
+                raise InvalidOptionError(f"stages must count up from 0 (e.g. [0, 0, 1, 1]); "
+                                         f"got {list(self.stages)}")
+        n_stages = 1 if self.stages is None else int(self.stages[-1]) + 1
+        if self.stage_examples is not None and len(self.stage_examples) != n_stages:
+            raise InvalidOptionError(f"stage_examples needs one entry per stage ({n_stages}); "
+                                     f"got {len(self.stage_examples)}")
+        if not 0 <= self.momentum < 1:
+            raise InvalidOptionError(f"momentum must be in [0, 1); got {self.momentum}")
+        if not self.weight_decay >= 0:
+            raise InvalidOptionError(f"weight_decay must be >= 0; got {self.weight_decay}")
+        if self.curvature not in SEGMENT_CURVATURES:
+            raise InvalidOptionError(f"source's curvature must be one of {', '.join(SEGMENT_CURVATURES)}; "
+                                     f"got {self.curvature!r}")
+        plan_segments(self.steps, self.learning_rates, self.stages, self.segments)  # validates segments
+
+
+@dataclass
+class Segment:
+    """Consecutive checkpoints treated as one stationary stretch of training: K steps at mean rate lr."""
+
+    checkpoints: list[int]
+    stage: int
+    steps: int
+    lr: float
+    curvature: Any = None  # fitted: has apply_fn(v, f)
+
+    @property
+    def horizon(self) -> float:
+        """η̄K, the time the segment's gradient flow runs for."""
+        return self.lr * self.steps
+
+
+def plan_segments(steps: Sequence[int], learning_rates: Sequence[float], stages: Sequence[int] | None,
+                  segments: int | Sequence[int]) -> list[Segment]:
+    """Group checkpoints into segments within stages; K_l and the step-weighted mean learning rate of each."""
+    n = len(steps)
+    stage_of = [0] * n if stages is None else [int(s) for s in stages]
+    n_stages = stage_of[-1] + 1
+    per_stage = [stage_of.count(s) for s in range(n_stages)]
+    if isinstance(segments, (int, np.integer)):
+        if segments < 1:
+            raise InvalidOptionError(f"segments must be at least 1; got {segments}")
+        alloc = [1] * n_stages  # one per stage, the rest to the stage with most checkpoints per segment
+        for _ in range(min(int(segments), n) - n_stages):
+            open_ = [s for s in range(n_stages) if alloc[s] < per_stage[s]]
+            best = max(open_, key=lambda s: per_stage[s] / alloc[s])
+            alloc[best] += 1
+        sizes = [len(part) for s in range(n_stages)
+                 for part in np.array_split(np.arange(per_stage[s]), alloc[s])]
+    else:
+        sizes = [int(k) for k in segments]
+        if any(k < 1 for k in sizes) or sum(sizes) != n:
+            raise InvalidOptionError(f"segment sizes {sizes} must be positive and sum to the {n} checkpoints")
+    out, lo = [], 0
+    for k in sizes:
+        members = list(range(lo, lo + k))
+        lo += k
+        if len({stage_of[c] for c in members}) > 1:
+            raise InvalidOptionError(f"segment of checkpoints {members} crosses a stage boundary")
+        deltas = [steps[c] - (steps[c - 1] if c > 0 else 0) for c in members]
+        total = sum(deltas)
+        if total <= 0:
+            raise InvalidOptionError(f"the segment of checkpoints {members} covers no optimizer steps "
+                                     f"(steps {[steps[c] for c in members]}); check steps=[...]")
+        lr = sum(d * float(learning_rates[c]) for d, c in zip(deltas, members)) / total
+        out.append(Segment(members, stage_of[members[0]], int(total), lr))
+    return out
+
+
+def flow_residual(horizon: float, shift: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """λ ↦ (1 − exp(−T(λ+s)))/(λ+s), computed as T·(−expm1(−x)/x) with x = T(λ+s) (→ T as λ+s → 0)."""
+
+    def f(eig: torch.Tensor) -> torch.Tensor:
+        x = horizon * (eig.clamp_min(0) + shift)
+        safe = torch.where(x > 0, x, torch.ones_like(x))
+        return horizon * torch.where(x > 0, -torch.expm1(-safe) / safe, torch.ones_like(x))
+
+    return f
+
+
+def flow_jacobian(horizon: float, shift: float = 0.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """λ ↦ exp(−T(λ+s)): the Jacobian of a segment of gradient flow of duration T."""
+    return lambda eig: torch.exp(-horizon * (eig.clamp_min(0) + shift))
+
+
+class AveragedExplicit:
+    """The exact GGN (or Hessian) averaged over several models, eigendecomposed: SOURCE on small models."""
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    def fit_average(self, contexts: Sequence[CurvatureContext]) -> None:
+        total = None
+        for ctx in contexts:
+            curv = ExplicitCurvature(**self.options)
+            curv.fit(ctx)
+            total = curv.matrix() if total is None else total + curv.matrix()
+        assert total is not None
+        values, self.eigenvectors = torch.linalg.eigh(total / len(contexts))
+        self.eigenvalues = values.clamp_min(0)
+
+    def apply_fn(self, vectors: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        u = self.eigenvectors
+        out = ((vectors.double().cpu() @ u) * fn(self.eigenvalues)) @ u.T
+        return out.to(device=vectors.device, dtype=vectors.dtype)
+
+
+@register("source")
+class Source(GradientSimilarity):
+    """SOURCE scores: per-segment EK-FAC flows applied to the final query gradient (see the module doc)."""
+
+    Options = SourceOptions
+    options: SourceOptions
+    cheap_self_influence = False
+
+    def __init__(self, name: str, options: SourceOptions):
+        Method.__init__(self, name, options)  # GradientSimilarity's check forbids several checkpoints
+        self.normalize = False
+        self.stores = []
+        self.segments = plan_segments(list(options.steps or []), list(options.learning_rates or []),
+                                      options.stages, options.segments)
+
+    def fit(self, ctx: Context, train: Examples) -> None:
+        o = self.options
+        members = self._stage_members(len(train))
+        super().fit(ctx, train)  # per-checkpoint training-gradient stores
+        n_train = len(train)
+        self.weights = [0.0] * len(self.stores)
+        self.members: list[torch.Tensor | None] = [None] * len(self.stores)
+        for seg in self.segments:
+            mask = members[seg.stage]
+            n_stage = n_train if mask is None else int(mask.sum())
+            for c in seg.checkpoints:  # mean over the segment's checkpoints; N/N_s for the stage's loss
+                self.weights[c] = n_train / n_stage / len(seg.checkpoints)
+                self.members[c] = mask
+            data = train if mask is None else _subset(train, mask)
+            with contextlib.ExitStack() as stack:
+                ctxs = []
+                for c in seg.checkpoints:
+                    model = stack.enter_context(self._at(ctx, self.states[c]))
+                    ctxs.append(CurvatureContext(model, ctx.task, GradientCapture(model, o.modules,
+                                                                                  fallback=o.fallback),
+                                                 data, batch_size=o.batch_size, progress=ctx.progress))
+                seg.curvature = self._segment_curvature()
+                seg.curvature.fit_average(ctxs)
+
+    def _segment_curvature(self) -> Any:
+        o = self.options
+        if o.curvature == "explicit":
+            return AveragedExplicit(**o.curvature_options)
+        return build_curvature(o.curvature, **o.curvature_options)
+
+    def _stage_members(self, n_train: int) -> list[torch.Tensor | None]:
+        o = self.options
+        n_stages = 1 if o.stages is None else int(o.stages[-1]) + 1
+        chosen = o.stage_examples or [None] * n_stages
+        out: list[torch.Tensor | None] = []
+        for s, idx in enumerate(chosen):
+            if idx is None:
+                out.append(None)
+                continue
+            idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n_train:
+                raise InvalidOptionError(f"stage_examples[{s}] must be non-empty indices into the {n_train} "
+                                         "training examples")
+            mask = torch.zeros(n_train, dtype=torch.bool)
+            mask[idx] = True
+            out.append(mask)
+        return out
+
+    def query_features(self, ctx: Context, queries: Examples) -> list[torch.Tensor]:
+        """Per checkpoint: f_l(H̄_l) S_{l+1}⋯S_L ∇m(q) for its segment l (the final query gradient walked
+        back through the later segments, then through the residual's function of the curvature)."""
+        o = self.options
+        with self._at(ctx, None) as model:
+            capture = GradientCapture(model, o.modules, fallback=o.fallback)
+            if capture.dim != self.stores[0].dim:
+                raise ShapeError(f"the model has {capture.dim} attributed parameters but the training store "
+                                 f"has {self.stores[0].dim}; give the final model of the same architecture")
+            rows = [capture.flat(ctx.task.measurement, _to(collate(ctx.task, items), _device(model)))
+                    for _, items in queries.batches(o.batch_size)]
+        v = torch.cat(rows).double()
+        feats: list[torch.Tensor] = [v] * len(self.stores)
+        dtype = torch.float64 if self.stores[0].dtype == "float64" else torch.float32
+        for seg in reversed(self.segments):
+            horizon = seg.horizon / (1 - o.momentum)
+            p = seg.curvature.apply_fn(v, flow_residual(horizon, o.weight_decay)).to(dtype)
+            for c in seg.checkpoints:
+                feats[c] = p
+            v = seg.curvature.apply_fn(v, flow_jacobian(horizon, o.weight_decay))
+        return feats
+
+    def _blocks(self, feats: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """−Σ_c w_c q_cᵀ g_c per shard, with examples outside a checkpoint's stage data masked out."""
+        for parts in zip(*(s.shards() for s in self.stores)):
+            lo, hi = parts[0][0], parts[0][1]
+            total = None
+            for q, w, mask, (_, _, g) in zip(feats, self.weights, self.members, parts):
+                block = q @ g.to(q.dtype).T
+                block *= -w
+                if mask is not None:
+                    block *= mask[lo:hi].to(block.dtype)
+                total = block if total is None else total + block
+            assert total is not None
+            yield lo, hi, total
+
+    def self_influence(self, ctx: Context) -> torch.Tensor | None:
+        """Not defined: SOURCE measures queries at the final model only."""
+        return None
+
+
+def trajectory_options(trajectory: Any, train_ids: Sequence[Any] | None = None) -> dict[str, Any]:
+    """SOURCE's options from a recorded `Trajectory`: checkpoints after step 0, the mean learning rate over
+    the steps each stands for (× batch size under reduction="sum"), step counts, SGD momentum and weight
+    decay, stages, and per stage the training examples its steps used (mapped to positions in `train_ids`,
+    needed when there are several stages). Usage: `Attributor(model, task, "source", **trajectory_options(t,
+    ids))`."""
+    steps = [int(s) for s in trajectory.checkpoints if int(s) > 0]
+    if not steps:
+        raise InvalidOptionError("the trajectory has no checkpoint after step 0; record with "
+                                 "checkpoint_every=N or at_steps=[...]")
+    kinds = {(o.kind, tuple(sorted((k, str(v)) for k, v in o.groups[0].items() if k != "params")))
+             for o in trajectory.optimizers}
+    if len(kinds) > 1:
+        raise InvalidOptionError("SOURCE takes one optimizer setting for the whole run; this trajectory "
+                                 "changes it between stages")
+    spec = trajectory.optimizers[0]
+    group = spec.groups[0]
+    if spec.kind != "SGD":
+        raise InvalidOptionError(f"SOURCE's {spec.kind} variant (Bae et al. 2024, App. D) is not "
+                                 "implemented; only SGD (with momentum) is")
+    if group.get("dampening", 0) or group.get("nesterov", False):
+        raise InvalidOptionError("SOURCE supports SGD momentum without dampening or Nesterov")
+    rates = []
+    prev = 0
+    for s in steps:
+        per_step = [trajectory.lrs[t][0] * (len(trajectory.batch_ids[t]) if trajectory.reduction == "sum"
+                                            else 1) for t in range(prev, s)]
+        rates.append(sum(per_step) / len(per_step))
+        prev = s
+    options: dict[str, Any] = {
+        "checkpoints": [trajectory.checkpoint(s)[0] for s in steps], "learning_rates": rates, "steps": steps,
+        "momentum": float(group.get("momentum", 0.0)), "weight_decay": float(group.get("weight_decay", 0.0))}
+    bounds = sorted(st.start for st in trajectory.stages if st.start > 0)
+    raw = [sum(b < s for b in bounds) for s in steps]
+    if len(set(raw)) > 1:
+        rank = {r: i for i, r in enumerate(sorted(set(raw)))}
+        options["stages"] = [rank[r] for r in raw]
+        if train_ids is None:
+            raise InvalidOptionError("a trajectory with stages needs train_ids=[...] (the ids of the "
+                                     "training data in the order given to fit) to find each stage's examples")
+        position = {i: k for k, i in enumerate(train_ids)}
+        ends = [0, *bounds, trajectory.n_steps]
+        chosen = []
+        for r in sorted(set(raw)):
+            seen = {i for t in range(ends[r], ends[r + 1]) for i in trajectory.batch_ids[t]}
+            idx = sorted(position[i] for i in seen if i in position)
+            chosen.append(None if len(idx) == len(position) else idx)
+        options["stage_examples"] = chosen
+    return options
+
+
+def _subset(train: Examples, mask: torch.Tensor) -> Examples:
+    idx = mask.nonzero().flatten().tolist()
+    return Examples([train[i] for i in idx], ids=[train.ids[i] for i in idx], name="stage data")
+
+
+__all__ = ["Segment", "Source", "SourceOptions", "flow_jacobian", "flow_residual", "plan_segments",
+           "trajectory_options"]
