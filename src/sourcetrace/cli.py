@@ -8,12 +8,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .corpus.cli import app as corpus_app
 from .views.server import serve
 
 app = typer.Typer(help="Trace what a model produces back to the training data that caused it.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
 app.command("serve")(serve)  # fastapi and uvicorn load when the command runs
+app.add_typer(corpus_app, name="corpus", help="Verbatim tracing: index a corpus, trace text into it, mine spans.")
 
 SHADES = " ░▒▓█"
 

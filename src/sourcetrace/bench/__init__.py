@@ -26,5 +26,12 @@ def _source(out_dir: Path, **kw: object) -> Path:
     return run(out_dir, **kw)  # type: ignore[arg-type]
 
 
-BENCHMARKS: dict[str, Callable[..., Path]] = {"digits-mlp": _digits_mlp, "ekfac-scaling": _ekfac_scaling,
+def _corpus_trace(out_dir: Path, **kw: object) -> Path:
+    from ..corpus.bench import run_benchmark
+
+    run_benchmark(out_dir)
+    return out_dir / "corpus-trace.md"
+
+
+BENCHMARKS: dict[str, Callable[..., Path]] = {"corpus-trace": _corpus_trace,"digits-mlp": _digits_mlp, "ekfac-scaling": _ekfac_scaling,
                                               "source": _source}
