@@ -99,3 +99,12 @@ def test_float32_store_rounds_once(tmp_path, source):
     store.fill(counting(source)[0], batch_size=4, progress=False)
     got = store.read()
     assert got.dtype == torch.float32 and torch.equal(got, source.float())
+
+
+def test_throwaway_store_stays_in_memory(tmp_path, source):
+    store = GradientStore(tmp_path / "m", N, DIM, dtype="float64", shard_size=SHARD, persist=False)
+    rows, _ = counting(source)
+    store.fill(rows, batch_size=4, progress=False)
+    assert store.complete and torch.equal(store.read(), source)
+    assert torch.allclose(store.sqnorms(), source.pow(2).sum(1), rtol=1e-12)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["manifest.json"]  # nothing else written

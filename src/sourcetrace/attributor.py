@@ -35,11 +35,13 @@ class Attributor:
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         self.method = build(method, options)
         self.model, self.task = model, task
+        persist = workdir is not None
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="sourcetrace-")
             workdir = self._tmp.name
         self.workdir = Path(workdir)
-        self.ctx = Context(model, task, self.workdir, progress=progress, overwrite=overwrite)
+        self.ctx = Context(model, task, self.workdir, progress=progress, overwrite=overwrite,
+                           persist=persist)
         self._fitted = False
 
     def fit(self, train: Any, ids: list[Any] | None = None) -> Attributor:

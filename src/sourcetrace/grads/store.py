@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,17 @@ class GradientStore:
     """Rows [n, dim] of per-example features, sharded on disk under `folder`."""
 
     def __init__(self, folder: str | os.PathLike, n: int, dim: int, *, dtype: str = "float32",
-                 shard_size: int = 4096, key: dict[str, Any] | None = None, overwrite: bool = False):
+                 shard_size: int = 4096, key: dict[str, Any] | None = None, overwrite: bool = False,
+                 persist: bool = True):
         if dtype not in DTYPES:
             raise ValueError(f"store dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
         self.folder = Path(folder)
         self.n, self.dim, self.dtype, self.shard_size = n, dim, dtype, max(1, int(shard_size))
         layout = {"kind": "gradient-store", "n": n, "dim": dim, "dtype": dtype, "shard_size": self.shard_size}
         check_manifest(self.folder, {**layout, **(key or {})}, overwrite=overwrite, what="gradient store")
+        self.persist = persist  # False: shards live in memory only (a throwaway workdir)
         self._memory: dict[int, np.ndarray] = {}
+        self._norms: dict[int, np.ndarray] = {}
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> GradientStore:
@@ -44,7 +47,7 @@ class GradientStore:
         store = cls.__new__(cls)
         store.folder, store.n, store.dim = Path(folder), m["n"], m["dim"]
         store.dtype, store.shard_size = m["dtype"], m["shard_size"]
-        store._memory = {}
+        store._memory, store._norms, store.persist = {}, {}, True
         return store
 
     # ---- layout --------------------------------------------------------------------------------------
@@ -63,6 +66,8 @@ class GradientStore:
         return self.folder / f"sqnorm-{k:05d}.npy"
 
     def missing(self) -> list[int]:
+        if not self.persist:
+            return [k for k in range(self.num_shards) if k not in self._memory]
         return [k for k in range(self.num_shards) if not self._path(k).exists()]
 
     @property
@@ -92,16 +97,18 @@ class GradientStore:
                                          f"{(stop - start, self.dim)}")
                     shard[start - lo: stop - lo] = block.detach().cpu().numpy()
                     bar.update(stop - start)
-                pending.append(writer.submit(self._write, k, shard))
-                if sum(a.nbytes for a in self._memory.values()) + shard.nbytes <= MEMORY_BUDGET:
+                self._norms[k] = np.einsum("ij,ij->i", shard, shard, dtype=np.float64)
+                if self.persist:
+                    pending.append(writer.submit(self._write, k, shard))
+                held = sum(a.nbytes for a in self._memory.values()) + shard.nbytes
+                if not self.persist or held <= MEMORY_BUDGET:
                     self._memory[k] = shard
             for done_write in pending:
                 done_write.result()  # a failed write raises here
 
     def _write(self, k: int, shard: np.ndarray) -> None:
         # squared row norms first, so that a shard on disk always has its norms beside it
-        sqnorm = np.einsum("ij,ij->i", shard, shard, dtype=np.float64)
-        atomic_write(self._norms_path(k), functools.partial(_save_npy, array=sqnorm))
+        atomic_write(self._norms_path(k), functools.partial(_save_npy, array=self._norms[k]))
         atomic_write(self._path(k), functools.partial(_save_npy, array=shard))
 
     # ---- reading -------------------------------------------------------------------------------------
@@ -119,8 +126,10 @@ class GradientStore:
             yield lo, hi, torch.from_numpy(shard)
 
     def sqnorms(self) -> torch.Tensor:
-        """Squared norm of every row [n] (float64), saved while filling: self-influence and cosines for free."""
-        return torch.from_numpy(np.concatenate([np.load(self._norms_path(k)) for k in range(self.num_shards)]))
+        """Squared norm of every row [n] (float64), kept while filling: free self-influence and cosines."""
+        parts = [self._norms[k] if k in self._norms else np.load(self._norms_path(k))
+                 for k in range(self.num_shards)]
+        return torch.from_numpy(np.concatenate(parts))
 
     def read(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Rows [lo, hi) as one tensor (for small stores and tests)."""

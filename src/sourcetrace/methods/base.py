@@ -24,6 +24,7 @@ class Context:
     workdir: Path
     progress: bool = True
     overwrite: bool = False
+    persist: bool = True  # False for a throwaway workdir: large artifacts stay in memory
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,8 @@ class GradientSimilarity(Method):
                 shard = max(1, min(8192, SHARD_BYTES // (dim * itemsize)))
                 key = {"checkpoint": state_fingerprint(model.state_dict()), "modules": o.modules}
                 store = GradientStore(ctx.workdir / f"train-grads-{c}", len(train), dim,
-                                      dtype=o.store_dtype, shard_size=shard, key=key, overwrite=ctx.overwrite)
+                                      dtype=o.store_dtype, shard_size=shard, key=key, overwrite=ctx.overwrite,
+                                      persist=ctx.persist)
 
                 def rows(lo: int, hi: int, c: int = c, model: nn.Module = model,
                          capture: GradientCapture = capture) -> torch.Tensor:
@@ -138,7 +139,8 @@ class GradientSimilarity(Method):
                 c = len(feats)
                 if self.feature_dim(c, capture) != store.dim:
                     raise ShapeError(f"query features have {self.feature_dim(c, capture)} entries but the "
-                                     f"training store has {store.dim}; queries must go through the same model")
+                                     f"training store has {store.dim}; queries must go through the same "
+                                     "model")
                 try:
                     rows = [self.query_rows(ctx, c, capture, _to(collate(ctx.task, items), _device(model)))
                             for _, items in queries.batches(self.options.batch_size)]
