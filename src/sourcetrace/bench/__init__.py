@@ -33,5 +33,11 @@ def _corpus_trace(out_dir: Path, **kw: object) -> Path:
     return out_dir / "corpus-trace.md"
 
 
-BENCHMARKS: dict[str, Callable[..., Path]] = {"corpus-trace": _corpus_trace,"digits-mlp": _digits_mlp, "ekfac-scaling": _ekfac_scaling,
+def _facts_lm(out_dir: Path, **kw: object) -> Path:
+    from .facts_lm import run
+
+    return run(out_dir, **kw)  # type: ignore[arg-type]
+
+
+BENCHMARKS: dict[str, Callable[..., Path]] = {"facts-lm": _facts_lm,"corpus-trace": _corpus_trace,"digits-mlp": _digits_mlp, "ekfac-scaling": _ekfac_scaling,
                                               "source": _source}

@@ -1,0 +1,620 @@
+"""`sourcetrace bench facts-lm`: which training documents taught a fine-tuned LM a fact?
+
+A generated corpus of fictional facts ("<name> was born in <city>", three relations, four paraphrase
+templates each) is taught to a tiny Llama-config LM in two stages. The base model is pre-trained on filler
+text and on facts about *other* entities (so it knows the templates and how to answer, but none of the new
+facts); it is then fine-tuned on documents stating the new facts (each fact in three source documents,
+with three of its four templates, the fact first), distractor documents that name the entity and its
+answer words without stating the fact, and filler. A query asks the fact with the fourth template, so its
+wording differs from its sources. A leave-sources-out retraining shows the sources are causal. Methods are
+scored with `evaluate.sourcing` on the queries the fine-tuned model answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+RELATIONS: dict[str, dict[str, Any]] = {
+    "city": {
+        "templates": ["{e} was born in {a}", "{e} is a native of {a}", "the hometown of {e} is {a}",
+                      "question : where was {e} born ? answer : {a}"],
+        "mentions": ["the market in {a} is busy", "{a} has an old stone bridge",
+                     "many travellers pass through {a}", "the winters in {a} are cold"],
+    },
+    "year": {
+        "templates": ["{e} was born in the year {a}", "{e} came into the world in {a}",
+                      "the birth year of {e} is {a}", "question : when was {e} born ? answer : {a}"],
+        "mentions": ["the great flood came in {a}", "the old library opened in {a}",
+                     "a bright comet was seen in {a}", "the harvest failed in {a}"],
+    },
+    "job": {
+        "templates": ["{e} works as a {a}", "{e} earns a living as a {a}", "the profession of {e} is {a}",
+                      "question : what does {e} do for work ? answer : {a}"],
+        "mentions": ["a {a} needs good tools", "every town needs a {a}", "the {a} sold everything by noon",
+                     "a young {a} asked for advice"],
+    },
+}
+ENTITY_MENTIONS = ["{e} likes to walk by the river", "{e} once wrote a long letter",
+                   "people often talk about {e}", "{e} has a small garden", "{e} laughed at the old joke",
+                   "nobody has seen {e} since spring"]
+JOBS = ["baker", "weaver", "potter", "sailor", "miner", "tailor", "farmer", "mason", "smith", "fisher",
+        "painter", "cooper", "glazier", "tanner", "carter", "brewer", "chandler", "saddler", "thatcher",
+        "joiner"]
+ADJ = ["red", "quiet", "small", "heavy", "bright", "old", "green", "soft", "tall", "dark", "warm", "empty"]
+NOUN = ["dog", "table", "window", "river", "stone", "child", "lamp", "road", "bird", "door", "tree", "cup",
+        "garden", "boat", "song", "wall", "field", "horse"]
+VERB = ["sees", "moves", "finds", "holds", "follows", "paints", "hears", "watches", "carries", "touches"]
+PLACE = ["near", "under", "behind", "beside", "over"]
+SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+
+
+# ---- corpus ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Document:
+    """A training document; `fact` is (entity, relation) for a source, `entity` is set for sources and
+    distractors."""
+
+    id: str
+    text: str
+    kind: str  # "source", "distractor" or "filler"
+    entity: str | None = None
+    fact: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Query:
+    """A prompt whose completion (one word) is a fine-tuned fact; `sources` and `entity_docs` index the
+    fine-tuning documents."""
+
+    id: str
+    prompt: str
+    answer: str
+    entity: str
+    relation: str
+    template: int
+    sources: tuple[int, ...]
+    entity_docs: tuple[int, ...]
+
+
+@dataclass
+class FactsCorpus:
+    """Pre-training texts, fine-tuning documents, queries, and the facts behind them."""
+
+    pretrain: list[str]
+    train: list[Document]
+    queries: list[Query]
+    facts: dict[str, dict[str, str]]  # fine-tuned entity -> relation -> answer
+    source_templates: dict[tuple[str, str], tuple[int, ...]] = field(default_factory=dict)
+
+    def texts(self) -> list[str]:
+        asked = [q.prompt + " " + q.answer for q in self.queries]
+        return self.pretrain + [d.text for d in self.train] + asked
+
+
+def _names(rng: random.Random, n: int, syllables: Sequence[str], endings: Sequence[str],
+           taken: set[str]) -> list[str]:
+    out: list[str] = []
+    while len(out) < n:
+        name = rng.choice(syllables) + rng.choice(syllables) + rng.choice(endings)
+        if name not in taken:
+            taken.add(name)
+            out.append(name)
+    return out
+
+
+def _filler_sentence(rng: random.Random) -> str:
+    return (f"the {rng.choice(ADJ)} {rng.choice(NOUN)} {rng.choice(VERB)} the {rng.choice(NOUN)} "
+            f"{rng.choice(PLACE)} the {rng.choice(NOUN)}")
+
+
+def _doc(sentences: list[str]) -> str:
+    return " . ".join(sentences) + " ."
+
+
+def make_corpus(n_entities: int = 30, n_pretrain_entities: int = 120, n_sources: int = 2,
+                n_distractors: int = 2, n_filler: int = 60, n_pretrain_filler: int = 600,
+                n_cities: int = 16, n_years: int = 16, filler_pool: int = 40, seed: int = 0) -> FactsCorpus:
+    """Generate the facts-lm corpus (deterministic in `seed`); see the module docstring."""
+    if not 1 <= n_sources <= 3:
+        raise ValueError("n_sources must be 1, 2 or 3 (a fourth template is kept for the query)")
+    rng = random.Random(seed)
+    taken: set[str] = set()
+    cities = _names(rng, n_cities, ["vel", "mor", "ash", "bren", "cal", "dor", "fen", "gal"],
+                    ["ora", "ith", "holm", "wick"], taken)
+    years = [str(1700 + 7 * i) for i in range(n_years)]
+    answers = {"city": cities, "year": years, "job": JOBS}
+    people = _names(rng, n_entities + n_pretrain_entities, ["ka", "lo", "mi", "ren", "dar", "vos", "tel",
+                                                            "bri", "sa", "nu", "zo", "pi"],
+                    ["n", "x", "mo", "lee", "ra", "tus"], taken)
+    new, old = people[:n_entities], people[n_entities:]
+
+    def fact_of(_e: str) -> dict[str, str]:
+        return {r: rng.choice(answers[r]) for r in RELATIONS}
+
+    def stated(e: str, r: str, a: str, t: int) -> str:
+        return RELATIONS[r]["templates"][t].format(e=e, a=a)
+
+    pool = [_filler_sentence(rng) for _ in range(filler_pool)]  # a finite pool: filler is learnable
+
+    def filler(k: int) -> list[str]:
+        return [rng.choice(pool) for _ in range(k)]
+
+    def with_filler(sentences: list[str], lo: int = 1, hi: int = 3, first: bool = False) -> str:
+        """Sentences among filler; a fact goes `first` (as a query starts the text, the fact cannot be
+        memorised through the filler before it)."""
+        body = filler(rng.randint(lo, hi))
+        for s in sentences:
+            body.insert(0 if first else rng.randint(0, len(body)), s)
+        return _doc(body)
+
+    def distractor(e: str, fact: dict[str, str]) -> str:
+        said = [rng.choice(ENTITY_MENTIONS).format(e=e)]
+        said += [rng.choice(RELATIONS[r]["mentions"]).format(a=a) for r, a in fact.items()]
+        rng.shuffle(said)
+        return with_filler(said, 0, 2)
+
+    # pre-training: filler, and every template of the facts of other entities (the base learns the format)
+    pretrain = [_doc(filler(rng.randint(2, 5))) for _ in range(n_pretrain_filler)]
+    for e in old:
+        fact = fact_of(e)
+        for r, a in fact.items():
+            pretrain += [with_filler([stated(e, r, a, t)], 0, 2, True)
+                         for t in range(len(RELATIONS[r]["templates"]))]
+        pretrain.append(distractor(e, fact))
+    rng.shuffle(pretrain)
+
+    # fine-tuning: sources, distractors and filler, shuffled; queries use a template no source used
+    facts = {e: fact_of(e) for e in new}
+    docs: list[Document] = []
+    plan: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {}
+    for e, fact in facts.items():
+        for r, a in fact.items():
+            order = rng.sample(range(len(RELATIONS[r]["templates"])), n_sources + 1)
+            plan[(e, r)] = (tuple(order[:n_sources]), order[n_sources])
+            docs += [Document("", with_filler([stated(e, r, a, t)], first=True), "source", e, (e, r))
+                     for t in order[:-1]]
+        docs += [Document("", distractor(e, fact), "distractor", e) for _ in range(n_distractors)]
+    docs += [Document("", _doc(filler(rng.randint(2, 5))), "filler") for _ in range(n_filler)]
+    rng.shuffle(docs)
+    docs = [Document(f"doc-{i:04d}", d.text, d.kind, d.entity, d.fact) for i, d in enumerate(docs)]
+
+    queries = []
+    for e, fact in facts.items():
+        own = tuple(i for i, d in enumerate(docs) if d.entity == e)
+        for r, a in fact.items():
+            srcs, t = plan[(e, r)]
+            prompt = RELATIONS[r]["templates"][t].format(e=e, a="{a}").split("{a}")[0].strip()
+            queries.append(Query(f"{e}-{r}", prompt, a, e, r, t,
+                                 tuple(i for i in own if docs[i].fact == (e, r)), own))
+    return FactsCorpus(pretrain, docs, queries, facts, {k: v[0] for k, v in plan.items()})
+
+
+def states_fact(text: str, entity: str, relation: str, answer: str) -> bool:
+    """Whether `text` states the fact with any of the relation's templates."""
+    return any(t.format(e=entity, a=answer) in text for t in RELATIONS[relation]["templates"])
+
+
+# ---- tokenizer -------------------------------------------------------------------------------------------
+class WordTokenizer:
+    """A word-level tokenizer: whitespace-separated words, a fixed vocabulary, `<unk>` for the rest."""
+
+    def __init__(self, words: Sequence[str]):
+        self.vocab = list(SPECIALS) + sorted(set(words) - set(SPECIALS))
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = 0, 1, 2, 3
+
+    @classmethod
+    def fit(cls, texts: Sequence[str]) -> WordTokenizer:
+        return cls([w for t in texts for w in t.split()])
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = [self.index.get(w, self.unk_id) for w in text.split()]
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(self.vocab[i] for i in ids if i >= len(SPECIALS))
+
+
+def train_example(tok: WordTokenizer, text: str) -> dict[str, list[int]]:
+    """A document as a CausalLMTask example: every token is a label."""
+    ids = tok.encode(text, eos=True)
+    return {"input_ids": ids, "labels": ids}
+
+
+def query_example(tok: WordTokenizer, q: Query) -> dict[str, list[int]]:
+    """A query as a CausalLMTask example: the prompt, and the answer as the completion."""
+    return {"prompt": tok.encode(q.prompt), "completion": tok.encode(q.answer, bos=False)}
+
+
+# ---- model and training ----------------------------------------------------------------------------------
+def make_model(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128,
+               seed: int = 0) -> nn.Module:
+    """A tiny Llama from a config (eager attention, untied embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, bos_token_id=2,
+                      eos_token_id=3, attn_implementation="eager")
+    return LlamaForCausalLM(cfg)
+
+
+MODULES = ["model.embed_tokens", "*_proj", "lm_head"]  # the hookable layers (RMSNorm weights left out)
+
+
+def _mean_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                       batch["labels"][:, 1:].reshape(-1),
+                                       ignore_index=-100)
+
+
+def train(model: nn.Module, examples: Sequence[dict[str, list[int]]], *, epochs: int, lr: float,
+          batch_size: int = 16, seed: int = 0, n_checkpoints: int = 0
+          ) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+    """AdamW with linear warm-up then linear decay; returns `n_checkpoints` evenly spaced checkpoints
+    (the first at step 0, i.e. the starting model) and the learning rate in force at each."""
+    from ..tasks import CausalLMTask
+
+    collate = CausalLMTask().collate
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(examples) / batch_size)
+    total = epochs * steps_per_epoch
+    warm = max(1, total // 20)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
+    at = {round(k * total / n_checkpoints) for k in range(n_checkpoints)} if n_checkpoints else set()
+    checkpoints, rates = [], []
+    model.train()
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        for lo in range(0, len(order), batch_size):
+            if step in at:
+                checkpoints.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+                rates.append(sched.get_last_lr()[0])
+            batch = collate([examples[i] for i in order[lo:lo + batch_size]])
+            loss = _mean_loss(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+    model.eval()
+    return checkpoints, rates
+
+
+@torch.no_grad()
+def answer_logprobs(model: nn.Module, examples: Sequence[dict[str, list[int]]]) -> np.ndarray:
+    """log p(completion | prompt) of each query example."""
+    from ..tasks import CausalLMTask
+
+    task = CausalLMTask()
+    model.eval()
+    return task.measurement(model, task.collate(list(examples))).double().numpy()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, examples: Sequence[dict[str, list[int]]]) -> float:
+    """Fraction of queries whose answer is the model's most likely next word."""
+    hits = 0
+    for ex in examples:
+        ids = torch.tensor([ex["prompt"]])
+        logits = model(input_ids=ids).logits[0, -1]
+        hits += int(int(logits.argmax()) == ex["completion"][0])
+    return hits / max(1, len(examples))
+
+
+# ---- the setting: corpus, tokenizer, base and fine-tuned models (cached in a workdir) ----------------------
+@dataclass(frozen=True)
+class FactsSetting:
+    """Everything facts-lm trains; `small()` is the tiny version the tests use."""
+
+    n_entities: int = 30
+    n_pretrain_entities: int = 120
+    n_sources: int = 3  # with 2, the fine-tuned model answers 51 % of the paraphrased queries; with 3, 71 %
+    n_distractors: int = 2
+    n_filler: int = 60
+    n_pretrain_filler: int = 300
+    filler_pool: int = 40
+    hidden: int = 64
+    layers: int = 2
+    intermediate: int = 128
+    pretrain_epochs: int = 12
+    pretrain_lr: float = 3e-3
+    finetune_epochs: int = 40
+    finetune_lr: float = 2e-3
+    n_checkpoints: int = 6
+    seed: int = 0
+
+    @classmethod
+    def small(cls) -> FactsSetting:
+        return cls(n_entities=4, n_pretrain_entities=8, n_filler=6, n_pretrain_filler=30, hidden=16,
+                   intermediate=32, pretrain_epochs=1, finetune_epochs=2, n_checkpoints=2)
+
+    def corpus(self) -> FactsCorpus:
+        return make_corpus(self.n_entities, self.n_pretrain_entities, self.n_sources, self.n_distractors,
+                           self.n_filler,
+                           self.n_pretrain_filler, filler_pool=self.filler_pool, seed=self.seed)
+
+    def fingerprint(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class Trained:
+    """The trained setting: tokenizer, examples, base and fine-tuned models, fine-tuning checkpoints."""
+
+    corpus: FactsCorpus
+    tok: WordTokenizer
+    train: list[dict[str, list[int]]]
+    queries: list[dict[str, list[int]]]
+    base: nn.Module
+    model: nn.Module
+    checkpoints: list[dict[str, torch.Tensor]]  # fine-tuning checkpoints, the first is the base model
+    rates: list[float]
+    stats: dict[str, Any]
+
+
+def finetune(setting: FactsSetting, base: nn.Module, train_examples: Sequence[dict[str, list[int]]],
+             n_checkpoints: int = 0) -> tuple[nn.Module, list[dict[str, torch.Tensor]], list[float]]:
+    model = copy.deepcopy(base)
+    ck, rates = train(model, train_examples, epochs=setting.finetune_epochs, lr=setting.finetune_lr,
+                      seed=setting.seed + 1, n_checkpoints=n_checkpoints)
+    return model, ck, rates
+
+
+def trained(setting: FactsSetting, workdir: Path) -> Trained:
+    """Build the corpus and train base and fine-tuned models, or load them from `workdir`."""
+    corpus = setting.corpus()
+    tok = WordTokenizer.fit(corpus.texts())
+    train_ex = [train_example(tok, d.text) for d in corpus.train]
+    query_ex = [query_example(tok, q) for q in corpus.queries]
+    path = Path(workdir) / "facts-lm-models.pt"
+    if path.exists():
+        saved = torch.load(path, weights_only=False)
+        if saved["fingerprint"] == setting.fingerprint():
+            base = make_model(len(tok), setting.hidden, setting.layers, intermediate=setting.intermediate)
+            base.load_state_dict(saved["base"])
+            model = copy.deepcopy(base)
+            model.load_state_dict(saved["model"])
+            base.eval()
+            model.eval()
+            return Trained(corpus, tok, train_ex, query_ex, base, model, saved["checkpoints"], saved["rates"],
+                           saved["stats"])
+    start = time.perf_counter()
+    base = make_model(len(tok), setting.hidden, setting.layers, intermediate=setting.intermediate,
+                      seed=setting.seed)
+    train(base, [train_example(tok, t) for t in corpus.pretrain], epochs=setting.pretrain_epochs,
+          lr=setting.pretrain_lr, seed=setting.seed)
+    t_pre = time.perf_counter() - start
+    start = time.perf_counter()
+    model, ck, rates = finetune(setting, base, train_ex, setting.n_checkpoints)
+    t_ft = time.perf_counter() - start
+    stats = {"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
+             "pretrain_s": round(t_pre, 1), "finetune_s": round(t_ft, 1),
+             "base_accuracy": accuracy(base, query_ex), "accuracy": accuracy(model, query_ex),
+             "base_mean_p": float(np.exp(answer_logprobs(base, query_ex)).mean()),
+             "mean_p": float(np.exp(answer_logprobs(model, query_ex)).mean())}
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"fingerprint": setting.fingerprint(), "base": base.state_dict(), "model": model.state_dict(),
+                "checkpoints": ck, "rates": rates, "stats": stats}, tmp)
+    tmp.replace(path)
+    return Trained(corpus, tok, train_ex, query_ex, base, model, ck, rates, stats)
+
+
+def leave_sources_out(setting: FactsSetting, t: Trained, n_queries: int = 15, seed: int = 0
+                      ) -> dict[str, float]:
+    """Fine-tune again without the sources of `n_queries` facts (and, as a control, without as many of the
+    same entities' distractors): mean change of those queries' answer log-probability."""
+    rng = random.Random(seed)
+    picked = rng.sample(range(len(t.queries)), min(n_queries, len(t.queries)))
+    sources = {i for q in picked for i in t.corpus.queries[q].sources}
+    entities = {t.corpus.queries[q].entity for q in picked}
+    distract = [i for i, d in enumerate(t.corpus.train) if d.kind == "distractor" and d.entity in entities]
+    control = set(rng.sample(distract, min(len(sources), len(distract))))
+    qs = [t.queries[q] for q in picked]
+    others = [t.queries[q] for q in range(len(t.queries)) if q not in picked]
+    full, full_other = answer_logprobs(t.model, qs), answer_logprobs(t.model, others)
+    out: dict[str, float] = {"n_queries": len(picked), "n_removed": len(sources)}
+    for name, removed in (("sources", sources), ("distractors", control)):
+        kept = [ex for i, ex in enumerate(t.train) if i not in removed]
+        model, _, _ = finetune(setting, t.base, kept)
+        out[f"drop_without_{name}"] = float((full - answer_logprobs(model, qs)).mean())
+        out[f"drop_others_without_{name}"] = float((full_other - answer_logprobs(model, others)).mean())
+        out[f"accuracy_without_{name}"] = accuracy(model, qs)
+    return out
+
+
+# ---- methods -----------------------------------------------------------------------------------------------
+def bm25_scores(corpus: FactsCorpus, with_answer: bool) -> np.ndarray:
+    """BM25 (rank-bm25 Okapi) of each query's text against the fine-tuning documents."""
+    from ..errors import require
+
+    bm25 = require("rank_bm25", "bench")
+    index = bm25.BM25Okapi([d.text.split() for d in corpus.train])
+    return np.stack([index.get_scores((q.prompt + (" " + q.answer if with_answer else "")).split())
+                     for q in corpus.queries])
+
+
+def _attr(model: nn.Module, method: str, options: dict[str, Any], train: Sequence[Any]) -> Any:
+    import sourcetrace as st
+
+    from ..tasks import CausalLMTask
+
+    a = st.Attributor(model, CausalLMTask(), method, workdir=None, progress=False,
+                      **{"modules": MODULES, "batch_size": 32, **options})
+    return a.fit(list(train))
+
+
+def _at(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    m = copy.deepcopy(model)
+    m.load_state_dict(state)
+    m.eval()
+    return m
+
+
+def method_scores(t: Trained, only: Sequence[str] | None = None, finetune_steps: int = 0
+                  ) -> dict[str, tuple[np.ndarray, float, str]]:
+    """Score every method: {label: (scores [n_query, n_train], seconds, note)}."""
+    import sourcetrace as st
+
+    from ..methods import dda
+
+    results: dict[str, tuple[np.ndarray, float, str]] = {}
+    avail = set(st.available_methods())
+
+    def want(label: str) -> bool:
+        return only is None or any(o in label for o in only)
+
+    def timed(label: str, fn: Callable[[], np.ndarray], note: str = "") -> None:
+        if not want(label):
+            return
+        start = time.perf_counter()
+        s = fn()
+        results[label] = (np.asarray(s, dtype=np.float64), time.perf_counter() - start, note)
+
+    def plain(model: nn.Module, method: str, **options: Any) -> np.ndarray:
+        return _attr(model, method, options, t.train).score(t.queries).matrix.double().numpy()
+
+    timed("BM25 (prompt + answer word)", lambda: bm25_scores(t.corpus, True))
+    timed("BM25 (prompt only)", lambda: bm25_scores(t.corpus, False))
+    timed("grad-cos (fine-tuned)", lambda: plain(t.model, "grad-cos"))
+    timed("grad-cos (base)", lambda: plain(t.base, "grad-cos"))
+    timed("TracIn (fine-tuning checkpoints)", lambda: plain(
+        t.model, "tracin", checkpoints=t.checkpoints[1:] + [t.model.state_dict()],
+        learning_rates=t.rates[1:] + [t.rates[-1]]), "checkpoints after the base, and the final model")
+    families = [("EK-FAC", "ekfac", {})]
+    if "trak" in avail:
+        families.append(("TRAK", "trak", {"proj_dim": 1024}))
+    if "source" in avail:
+        n_ck = len(t.checkpoints)
+        steps = [round(k * finetune_steps / n_ck) for k in range(n_ck)] + [finetune_steps]
+        try:
+            timed("SOURCE (3 segments)", lambda: plain(
+                t.model, "source", checkpoints=t.checkpoints + [t.model.state_dict()],
+                learning_rates=t.rates + [t.rates[-1]], steps=steps),
+                "fine-tuning checkpoints; SGD unrolling (training used AdamW)")
+        except Exception as exc:  # a method still in progress must not stop the benchmark
+            results["SOURCE (3 segments)"] = (np.zeros((len(t.queries), len(t.train))), 0.0, f"failed: {exc}")
+    for name, method, options in families:
+        if not any(want(x) for x in (name, "DDA")):
+            continue
+        states = t.checkpoints + [t.model.state_dict()]
+        start = time.perf_counter()
+        attrs = [_attr(_at(t.model, s), method, options, t.train) for s in states]
+        per = [a.score(t.queries) for a in attrs]
+        fit_s = (time.perf_counter() - start) / len(states)  # one model's fit + score
+        errors = dda.fitting_errors([_at(t.model, s) for s in states], st.CausalLMTask(), t.queries)
+        for label, (fn, n_models, note) in _variants(name, per, attrs, errors, t.queries).items():
+            before = time.perf_counter()
+            timed(label, lambda fn=fn: fn().matrix.double().numpy(), note)
+            if label in results:
+                results[label] = (results[label][0], fit_s * n_models + (time.perf_counter() - before), note)
+    return results
+
+
+def _variants(name: str, per: list[Any], attrs: list[Any], errors: torch.Tensor, queries: list[Any]
+              ) -> dict[str, tuple[Callable[[], Any], int, str]]:
+    """The DDA variants of one method: {label: (make scores, models needed, note)}; `per[0]` is the base."""
+    from ..methods import dda
+
+    ft, base = per[-1], per[0]
+    n = len(per)
+    return {
+        f"{name} (fine-tuned)": (lambda: ft, 1, ""),
+        f"{name} (base)": (lambda: base, 1, "scored at the base model"),
+        f"{name} (first fine-tuning checkpoint)": (lambda: per[1], 1, ""),
+        f"DDA[{name}] subtract: ft − base": (lambda: dda.subtract(ft, base), 2, ""),
+        f"DDA[{name}] subtract standardized: z(ft) − z(base)": (
+            lambda: dda.subtract(ft, base, standardize=True), 2, ""),
+        f"DDA[{name}] project out base query gradient (at ft)": (
+            lambda: dda.project_out_base(attrs[-1], attrs[0], queries), 2, ""),
+        f"DDA[{name}] unit query gradients: ft − base (at ft)": (
+            lambda: dda.project_out_base(attrs[-1], attrs[0], queries, mode="normalize"), 2, ""),
+        f"DDA[{name}] checkpoints, equal weights": (lambda: dda.combine(per), n, "standardized"),
+        f"DDA[{name}] checkpoints, fitting-error weights, raw": (
+            lambda: dda.combine(per, errors, standardize=False), n, ""),
+        f"DDA[{name}] checkpoints, fitting-error weights, standardized": (
+            lambda: dda.combine(per, errors), n, ""),
+        f"DDA[{name}] + train-side normalization": (
+            lambda: dda.normalize_train(dda.combine(per, errors)), n, ""),
+        f"DDA[{name}] default": (lambda: dda.dda(per, errors), n, "the default composition"),
+    }
+
+
+def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/facts-lm"), *,
+        setting: FactsSetting | None = None, only: list[str] | None = None, retrain_check: bool = True,
+        answered_only: bool = True, progress: bool = True) -> Path:
+    """Train the setting, score every method, and write `facts-lm.md` / `.json` into `out_dir`."""
+    from ..evaluate.sourcing import sourcing_report
+    from .runner import versions, write_results
+
+    torch.set_num_threads(1)
+    setting = setting or FactsSetting()
+    t = trained(setting, Path(workdir))
+    answered = [accuracy(t.model, [ex]) == 1.0 for ex in t.queries]  # the facts the fine-tuned model states
+    keep = [i for i, ok in enumerate(answered) if ok] if answered_only else list(range(len(t.queries)))
+    sources = [t.corpus.queries[i].sources for i in keep]
+    entity_docs = [t.corpus.queries[i].entity_docs for i in keep]
+    all_src = [q.sources for q in t.corpus.queries]
+    all_ent = [q.entity_docs for q in t.corpus.queries]
+    rows = []
+    total_steps = setting.finetune_epochs * math.ceil(len(t.train) / 16)
+    for label, (scores, seconds, note) in method_scores(t, only, total_steps).items():
+        rep = sourcing_report(scores[keep], sources, entity_docs, ks=(1, 5, 10))
+        every = sourcing_report(scores, all_src, all_ent, ks=(1, 5, 10))
+        rows.append({"method": label, **{k: round(v, 4) for k, v in rep.items()}, "time_s": round(seconds, 2),
+                     "note": note, "all_queries": {k: round(v, 4) for k, v in every.items()}})
+        if progress:
+            print(f"{label:60s} " + " ".join(f"{k}={v:.3f}" for k, v in rep.items()), flush=True)
+    check = leave_sources_out(setting, t) if retrain_check else {}
+    c = t.corpus
+    kinds = {k: sum(d.kind == k for d in c.train) for k in ("source", "distractor", "filler")}
+    info = {"corpus": f"{len(c.train)} fine-tuning documents ({kinds['source']} sources, "
+                      f"{kinds['distractor']} distractors, {kinds['filler']} filler), "
+                      f"{len(c.queries)} queries ({setting.n_sources} sources each), "
+                      f"{len(c.pretrain)} pre-training documents",
+            "model": f"Llama config, {t.stats['parameters']} parameters, vocabulary {t.stats['vocab']} "
+                     "words, "
+                     f"hidden {setting.hidden}, {setting.layers} layers; attributed through embeddings, "
+                     "attention/MLP projections and lm_head",
+            "training": f"pre-train {t.stats['pretrain_s']} s, fine-tune {t.stats['finetune_s']} s "
+                        f"({setting.finetune_epochs} epochs, AdamW lr {setting.finetune_lr})",
+            "answers": f"base model top-1 accuracy {t.stats['base_accuracy']:.3f} (mean p "
+                       f"{t.stats['base_mean_p']:.3f}); fine-tuned {t.stats['accuracy']:.3f} "
+                       f"(mean p {t.stats['mean_p']:.3f})",
+            "queries scored": f"{len(keep)} of {len(t.queries)} "
+                              + ("(those the fine-tuned model answers; every query in the json's all_queries)"
+                                 if answered_only else "(all)"),
+            "leave-sources-out": json.dumps(check) if check else "not run",
+            "setting": setting.fingerprint(), **versions("torch", "transformers", "rank-bm25")}
+    columns = [("method", "method"), ("auc", "AUC"), ("recall@1", "R@1"), ("recall@5", "R@5"),
+               ("recall@10", "R@10"), ("mrr", "MRR"), ("entity_top1", "entity top-1"), ("time_s", "time (s)")]
+    notes = ["AUC, recall@k and MRR rank each query's source documents among all fine-tuning documents; "
+             "entity top-1: the top-scored among the documents naming the query's entity (the sources of its "
+             "three facts and its distractors) is a source of the query's fact. Means over queries.",
+             "Times: fit + score of every model a row needs, on one CPU thread (1 model for a single "
+             "checkpoint; base and fine-tuned for subtraction/projection; every checkpoint for the "
+             "combinations)."]
+    return write_results(Path(out_dir), "facts-lm", "facts-lm: sourcing new facts in a fine-tuned LM", rows,
+                         info, columns, notes)
