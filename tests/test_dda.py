@@ -1,5 +1,7 @@
 """DDA corrections on hand-computable inputs, and against brute-force scores of a small linear model."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -91,3 +93,36 @@ def test_project_out_base_against_explicit_gradients():
     # score_features with the plain query features reproduces the Attributor's own scores
     feats = dda.query_features(a_ft, queries)
     assert torch.allclose(dda.score_features(a_ft, feats, [0, 1]).matrix, a_ft.score(queries).matrix)
+
+
+def test_dda_option_equals_the_standalone_default():
+    """`dda=True` on a method equals per-checkpoint scores combined by `dda.dda` with fitting errors."""
+    import sourcetrace as st
+    from sourcetrace.methods import dda as dda_mod
+
+    torch.manual_seed(3)
+    x, y = torch.randn(30, 5, dtype=torch.float64), torch.randint(0, 3, (30,))
+    base = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    tuned = copy.deepcopy(base)
+    opt = torch.optim.SGD(tuned.parameters(), lr=0.5)
+    for _ in range(20):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(tuned(x), y).backward()
+        opt.step()
+    states = [copy.deepcopy(base.state_dict()), copy.deepcopy(tuned.state_dict())]
+    task, queries = st.ClassificationTask(), (x[:4], y[:4])
+    got = st.Attributor(tuned, task, "grad-dot", checkpoints=states, dda=True, store_dtype="float64",
+                        progress=False).fit((x, y)).score(queries)
+    per = []
+    for state in states:
+        model = copy.deepcopy(tuned)
+        model.load_state_dict(state)
+        per.append(st.Attributor(model, task, "grad-dot", store_dtype="float64", progress=False)
+                   .fit((x, y)).score(queries))
+    models = []
+    for state in states:
+        model = copy.deepcopy(tuned)
+        model.load_state_dict(state)
+        models.append(model)
+    want = dda_mod.dda(per, dda_mod.fitting_errors(models, task, queries))
+    assert torch.allclose(got.matrix.double(), want.matrix.double(), rtol=1e-9, atol=1e-12)

@@ -39,6 +39,10 @@ class GradientOptions(Options):
     batch_size: examples per backward pass. fallback: use torch.func for parameters outside supported
     layers. store_dtype: precision of the stored gradients. checkpoints / learning_rates: TracIn's saved
     models (state_dicts or paths) and the learning rate in force at each.
+    dda: Debias and Denoise Attribution for fine-tuned models: give `checkpoints=[base, ..., fine-tuned]`;
+    each checkpoint's scores are standardized per query and weighted by how far that checkpoint is from
+    fitting the query (1 − p), so the base model, where a new fact is unfitted, carries the signal (see
+    `sourcetrace.methods.dda` and benchmarks/facts-lm.md).
     """
 
     modules: tuple[str, ...] | list[str] | None = None
@@ -47,6 +51,7 @@ class GradientOptions(Options):
     store_dtype: str = "float32"
     checkpoints: tuple[Any, ...] | list[Any] | None = None
     learning_rates: tuple[float, ...] | list[float] | None = None
+    dda: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -77,8 +82,8 @@ class GradientSimilarity(Method):
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def multi_checkpoint(self, name: str) -> bool:
-        """Whether the method called `name` combines several checkpoints (TracIn sums them)."""
-        return name == "tracin"
+        """Whether the method `name` combines several checkpoints (TracIn sums them; DDA weighs them)."""
+        return name == "tracin" or self.options.dda
 
     def _states(self) -> list[tuple[dict[str, torch.Tensor] | None, float]]:
         o = self.options
@@ -178,15 +183,23 @@ class GradientSimilarity(Method):
         """Rows [n, dim] times the inverse curvature at checkpoint `c` (the identity here)."""
         return rows
 
-    def _blocks(self, feats: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Scores against each shard of the training stores, in order: (lo, hi, [n_query, hi-lo])."""
+    def _blocks(self, feats: list[torch.Tensor], only: int | None = None
+                ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Scores against each shard of the training stores, in order: (lo, hi, [n_query, hi-lo]).
+
+        Summed over checkpoints with their weights, or of checkpoint `only` alone (unweighted).
+        """
+        chosen = range(len(self.stores)) if only is None else [only]
+        stores = [self.stores[c] for c in chosen]
+        weights = [self.weights[c] if only is None else 1.0 for c in chosen]
+        feats = [feats[c] for c in chosen]
         if self.normalize:
             feats = [q / q.norm(dim=1, keepdim=True).clamp_min(1e-12) for q in feats]
-            norms = [s.sqnorms().sqrt().clamp_min(1e-12) for s in self.stores]
-        for parts in zip(*(s.shards() for s in self.stores)):
+            norms = [s.sqnorms().sqrt().clamp_min(1e-12) for s in stores]
+        for parts in zip(*(s.shards() for s in stores)):
             lo, hi = parts[0][0], parts[0][1]
             total = None
-            for c, (q, w, (_, _, g)) in enumerate(zip(feats, self.weights, parts)):
+            for c, (q, w, (_, _, g)) in enumerate(zip(feats, weights, parts)):
                 block = q @ g.to(q.dtype).T
                 if self.normalize:
                     block /= norms[c][lo:hi].to(q.dtype)
@@ -197,11 +210,32 @@ class GradientSimilarity(Method):
 
     def score(self, ctx: Context, queries: Examples, top_k: int | None = None) -> Scores:
         feats = self.query_features(ctx, queries)
-        parts = reduce_blocks(self._blocks(feats), len(queries), len(self.train_ids), top_k)
+        blocks = self._dda_blocks(ctx, queries, feats) if self.options.dda else self._blocks(feats)
+        parts = reduce_blocks(blocks, len(queries), len(self.train_ids), top_k)
         meta = {"options": self.options.manifest()}
         attach = top_k is None and self.cheap_self_influence
         return Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name, metadata=meta,
                       self_influence=self.self_influence(ctx) if attach else None, **parts)
+
+    def _dda_blocks(self, ctx: Context, queries: Examples, feats: list[torch.Tensor]
+                    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """DDA's default: per-checkpoint scores, z-scored per query, weighted by the query's fitting error."""
+        from .dda import fitting_errors, zscore
+
+        if type(self)._blocks is not GradientSimilarity._blocks:
+            raise InvalidOptionError(f"dda=True is not available for method {self.name!r}; use it with "
+                                     "grad-dot, grad-cos, tracin or an influence method")
+        errors = []
+        for state in self.states:
+            with self._at(ctx, state) as model:
+                errors.append(fitting_errors([model], ctx.task, queries.items,
+                                             batch_size=self.options.batch_size)[:, 0])
+        weights = torch.stack(errors, 1)  # [n_query, C]
+        total = torch.zeros(len(queries), len(self.train_ids), dtype=torch.float64)
+        for c in range(len(self.stores)):
+            matrix = reduce_blocks(self._blocks(feats, only=c), len(queries), len(self.train_ids), None)
+            total += weights[:, c:c + 1] * zscore(matrix["matrix"].double())  # type: ignore[union-attr]
+        yield 0, len(self.train_ids), total
 
     def self_influence(self, ctx: Context) -> torch.Tensor | None:
         """Σ_c w_c ∇L_c(i)ᵀ P_c ∇L_c(i) (P = I for grad-dot and TracIn); undefined for grad-cos (always 1)."""
