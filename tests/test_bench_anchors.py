@@ -277,3 +277,188 @@ def test_traker_warns_on_singular_default(data):
     with pytest.warns(RuntimeWarning, match="singular"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         anchors.traker_scores(model, train, test, checkpoints=[model.state_dict()], proj_dim=64)
+
+
+# ------------------------------------------------------------------------------------------------- dattri
+
+
+def _mean_loss_hessian(model: nn.Module, train) -> torch.Tensor:
+    """Hessian of the *mean* cross-entropy over the training set, float64, flattened like _grads."""
+    net = copy.deepcopy(model).double()
+    names = [name for name, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    x, y = train
+
+    def mean_loss(flat: torch.Tensor) -> torch.Tensor:
+        params, start = {}, 0
+        for name, shape in zip(names, shapes, strict=True):
+            params[name] = flat[start : start + shape.numel()].view(shape)
+            start += shape.numel()
+        return F.cross_entropy(torch.func.functional_call(net, params, (x.double(),)), y)
+
+    return torch.func.hessian(mean_loss)(theta)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _double(data):
+    return data[0].double(), data[1]
+
+
+def test_dattri_defaults_are_the_library_defaults():
+    pytest.importorskip("dattri")
+    import inspect
+
+    import dattri.algorithm as algorithms
+    from dattri.algorithm import tracin, trak
+    from dattri.func.projection import random_project
+
+    def default(cls, name):
+        return inspect.signature(cls.__init__).parameters[name].default
+
+    for method, argument in anchors._DATTRI_REGULARIZATION_ARGUMENT.items():
+        assert default(getattr(algorithms, anchors.DATTRI_METHODS[method]), argument) == 0.0, method
+    assert default(algorithms.IFAttributorLiSSA, "scaling") == anchors.DATTRI_LISSA_DEFAULT_SCALING
+    projector = {k: v for k, v in anchors.DATTRI_PROJECTOR_DEFAULTS.items() if k != "proj_type"}
+    assert projector == tracin.DEFAULT_PROJECTOR_KWARGS
+    assert projector == trak.DEFAULT_PROJECTOR_KWARGS
+    assert inspect.signature(random_project).parameters["proj_type"].default == "normal"
+
+
+def test_dattri_explicit_large_regularization_equals_brute_force(data, one_thread):
+    """(H + λI)⁻¹ ≈ I/λ for λ far above the curvature: λ·scores → -∇m·∇L. dattri returns
+    ∇L(i)ᵀ(H + λI)⁻¹∇m(q) (positive = up-weighting lowers m); the adapter negates it."""
+    pytest.importorskip("dattri")
+    train, test = data
+    model = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    got = anchors.dattri_scores(model, train, test, method="explicit", regularization=1e4)
+    _assert_close(got * 1e4, _brute_force(model, train, test), rtol=1e-3)
+    assert got[0, 0] > 0
+    _assert_untouched(model, before)
+
+
+def test_dattri_hessian_is_of_the_mean_loss(data, one_thread):
+    """dattri's damping convention: λ is added to the Hessian of the *mean* training loss (the adapter's
+    loss_func averages, as dattri's examples do, and caches the whole training set as one batch)."""
+    pytest.importorskip("dattri")
+    train, test = data
+    model = _mlp().double()
+    query, loss, _, _ = _grads(model, train, test)
+    hessian = _mean_loss_hessian(model, train)
+    lam = 1.0  # the mean-loss Hessian of this model has eigenvalues in about [-0.6, 0.7]
+    solved = torch.linalg.solve(hessian + lam * torch.eye(len(hessian), dtype=torch.float64), loss.T)
+    want = -(query @ solved).numpy()
+    explicit = anchors.dattri_scores(
+        model, _double(train), _double(test), method="explicit", regularization=lam
+    )
+    _assert_close(explicit, want, rtol=1e-5)  # dattri accumulates the scores in float32
+    # CG (dattri's default max_iter=10) on the same positive definite H + λI gives the same scores.
+    cg = anchors.dattri_scores(model, _double(train), _double(test), method="cg", regularization=lam)
+    _assert_close(cg, explicit, rtol=1e-5)
+    # LiSSA solves (scaling·damping·I + H)⁻¹: the adapter passes damping = λ / scaling. A full batch per
+    # step makes it deterministic; with scaling above the largest eigenvalue of H + λI it converges.
+    lissa = anchors.dattri_scores(
+        model,
+        _double(train),
+        _double(test),
+        method="lissa",
+        regularization=lam,
+        lissa_batch_size=N_TRAIN,
+        scaling=10.0,
+        recursion_depth=200,
+    )
+    _assert_close(lissa, explicit, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["datainf", "ekfac", "lissa"])
+def test_dattri_curvature_methods_large_regularization(data, one_thread, method):
+    """DataInf's, EK-FAC's and LiSSA's damping all act as +λI: with λ large, λ·scores → -∇m·∇L."""
+    pytest.importorskip("dattri")
+    train, test = data
+    model = _mlp()
+    options = (
+        {"lissa_batch_size": N_TRAIN, "scaling": 2e4, "recursion_depth": 50} if method == "lissa" else {}
+    )
+    got = anchors.dattri_scores(model, train, test, method=method, regularization=1e4, **options)
+    _assert_close(got * 1e4, _brute_force(model, train, test), rtol=1e-3)
+
+
+def test_dattri_datainf_default_is_not_finite(data, one_thread):
+    """dattri 0.3.0's DataInf defaults to regularization=0 and divides by it: library defaults give
+    non-finite scores (the adapter passes dattri's default through unchanged)."""
+    pytest.importorskip("dattri")
+    train, test = data
+    with np.errstate(all="ignore"):
+        got = anchors.dattri_scores(_mlp(), train, test, method="datainf")
+    assert not np.isfinite(got).all()
+
+
+def test_dattri_arnoldi_runs_and_keeps_the_sign(data, one_thread):
+    """Arnoldi keeps only the top eigen-directions (no closed form to compare with); it must still rank
+    the duplicate of a query as its proponent."""
+    pytest.importorskip("dattri")
+    train, test = data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # dattri warns when it drops negative eigenvalues
+        got = anchors.dattri_scores(_mlp(), train, test, method="arnoldi", regularization=1.0, proj_dim=20)
+    assert got.shape == (N_TEST, N_TRAIN) and np.isfinite(got).all()
+    assert got[0, 0] > 0
+
+
+def test_dattri_grad_dot_equals_brute_force(data, one_thread):
+    """TracIn with one checkpoint and weight 1 returns ∇L·∇m (negated by the adapter); with the identity
+    projection it is exact. Projector options never leak into dattri's module-level defaults."""
+    pytest.importorskip("dattri")
+    from dattri.algorithm import tracin
+
+    train, test = data
+    model = _mlp()
+    defaults = dict(tracin.DEFAULT_PROJECTOR_KWARGS)
+    got = anchors.dattri_scores(
+        model, train, test, method="grad-dot", projector_kwargs={"proj_type": "identity", "proj_dim": 7}
+    )
+    _assert_close(got, _brute_force(model, train, test), rtol=1e-4)
+    assert defaults == tracin.DEFAULT_PROJECTOR_KWARGS
+    projected = anchors.dattri_scores(model, train, test, method="grad-dot")  # dattri's 512-dim projection
+    assert projected.shape == (N_TEST, N_TRAIN) and np.isfinite(projected).all()
+    assert projected[0, 0] > 0
+
+
+def test_dattri_trak_large_regularization_equals_brute_force(data, one_thread):
+    """dattri's TRAK: φ_q(ΦᵀΦ + λI)⁻¹φ_i·(1 - p_i) with φ = ∇m/√P (P parameters), positive for proponents
+    already. With the identity projection and λ large, λ·P·scores → ∇m(q)·∇m(i)(1 - p_i) = -∇m·∇L."""
+    pytest.importorskip("dattri")
+    train, test = data
+    model = _mlp()
+    n_params = sum(p.numel() for p in model.parameters())
+    got = anchors.dattri_scores(
+        model, train, test, method="trak", regularization=1e4, projector_kwargs={"proj_type": "identity"}
+    )
+    _assert_close(got * 1e4 * n_params, _brute_force(model, train, test), rtol=1e-3)
+
+
+def test_dattri_bad_options_raise(data):
+    pytest.importorskip("dattri")
+    train, test = data
+    model = _mlp()
+    for kwargs in (
+        {"method": "tracin"},
+        {"method": "cg", "regularization": -1.0},
+        {"method": "cg", "lissa_batch_size": 4},
+        {"method": "cg", "weights": [1.0]},
+        {"method": "lissa", "regularization": 1.0, "damping": 0.1},
+        {"method": "grad-dot", "regularization": 1.0},
+        {"method": "cg", "checkpoints": []},
+    ):
+        with pytest.raises(InvalidOptionError):
+            anchors.dattri_scores(model, train, test, **kwargs)
+    with pytest.raises(ShapeError):
+        anchors.dattri_scores(model, (train[0], train[1][:-1]), test)

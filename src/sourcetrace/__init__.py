@@ -4,8 +4,10 @@ from .attributor import Attributor, available_methods
 from .data import Examples
 from .scores import Attribution, Scores
 from .tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
+from .trajectory import Trajectory, TrajectoryRecorder, trajectory_callback
 
 __version__ = "0.1.0"
 
 __all__ = ["Attribution", "Attributor", "CausalLMTask", "ClassificationTask", "Examples", "RegressionTask",
-           "Scores", "Task", "__version__", "available_methods"]
+           "Scores", "Task", "Trajectory", "TrajectoryRecorder", "__version__", "available_methods",
+           "trajectory_callback"]

@@ -39,5 +39,12 @@ def _facts_lm(out_dir: Path, **kw: object) -> Path:
     return run(out_dir, **kw)  # type: ignore[arg-type]
 
 
-BENCHMARKS: dict[str, Callable[..., Path]] = {"facts-lm": _facts_lm,"corpus-trace": _corpus_trace,"digits-mlp": _digits_mlp, "ekfac-scaling": _ekfac_scaling,
+def _replay(out_dir: Path, **kw: object) -> Path:
+    from .replay_bench import run
+
+    kw.pop("only", None)
+    return run(out_dir, **kw)  # type: ignore[arg-type]
+
+
+BENCHMARKS: dict[str, Callable[..., Path]] = {"replay": _replay,"facts-lm": _facts_lm,"corpus-trace": _corpus_trace,"digits-mlp": _digits_mlp, "ekfac-scaling": _ekfac_scaling,
                                               "source": _source}

@@ -1,4 +1,4 @@
-"""Anchor adapters: run kronfluence, captum and traker on a classifier, in sourcetrace's sign convention.
+"""Anchor adapters: run kronfluence, captum, traker and dattri on a classifier, in our sign convention.
 
 Each adapter hands the model and data to the anchor library, lets the library do all of the computation,
 and returns a numpy array [n_test, n_train] with sourcetrace's sign: a positive score means the training
@@ -15,6 +15,10 @@ The libraries' own conventions, as verified by ``tests/test_bench_anchors.py``:
 - traker returns ``φ(q)ᵀ(ΦᵀΦ + λI)⁻¹φ(i) · (1 - p_i)`` with φ the projected margin gradients, averaged over
   checkpoints: positive means proponent already, as ``∇L(i) = -(1 - p_i) ∇m(i)``. Its scale is arbitrary
   (traker rescales the inverse by its mean absolute entry).
+- dattri's influence attributors return ``∇L(i)ᵀ(H + λI)⁻¹∇f(q)`` with H the Hessian of the training loss
+  *as the loss function returns it* (the mean here) on the cached training batch, and TracIn (grad-dot)
+  ``∇L(i)·∇f(q)``: positive means up-weighting decreases f. We pass f = margin and negate. dattri's TRAK,
+  fed the margin on both sides as in its examples, is positive for proponents already.
 
 Each call works on a deep copy of the model (the libraries wrap, freeze or reload it) and writes its files
 into a fresh folder (under ``workdir`` when given) that is removed afterwards unless ``keep_files=True``:
@@ -414,3 +418,227 @@ def traker_scores(
                 traker.score(batch=(x_test[start:stop], y_test[start:stop]), num_samples=stop - start)
         scores = np.array(traker.finalize_scores(exp_name="anchor"), dtype=np.float64)  # [n_train, n_test]
         return scores.T.copy()
+
+
+# ------------------------------------------------------------------------------------------------- dattri
+
+#: ``method`` values of :func:`dattri_scores` and the dattri 0.3.0 class behind each.
+DATTRI_METHODS: dict[str, str] = {
+    "explicit": "IFAttributorExplicit",
+    "cg": "IFAttributorCG",
+    "lissa": "IFAttributorLiSSA",
+    "arnoldi": "IFAttributorArnoldi",
+    "datainf": "IFAttributorDataInf",
+    "ekfac": "IFAttributorEKFAC",
+    "grad-dot": "TracInAttributor",
+    "trak": "TRAKAttributor",
+}
+
+#: dattri 0.3.0's ``DEFAULT_PROJECTOR_KWARGS`` of TracIn and TRAK, plus the ``proj_type`` that
+#: ``random_project`` defaults to (a test checks both). The adapter passes a copy of these to each
+#: attributor instead of letting dattri ``update()`` its module-level dict, which would leak one call's
+#: projector options into every later call.
+DATTRI_PROJECTOR_DEFAULTS: dict[str, Any] = {
+    "proj_dim": 512,
+    "proj_max_batch_size": 32,
+    "proj_seed": 0,
+    "proj_type": "normal",
+    "device": "cpu",
+}
+
+#: The ``regularization`` of :func:`dattri_scores` becomes this constructor argument of each class.
+#: LiSSA's ``damping`` d and ``scaling`` s solve ``(s·d·I + H)⁻¹``, so ``regularization`` λ becomes
+#: ``damping = λ / scaling`` there.
+_DATTRI_REGULARIZATION_ARGUMENT = {
+    "explicit": "regularization",
+    "cg": "regularization",
+    "arnoldi": "regularization",
+    "datainf": "regularization",
+    "trak": "regularization",
+    "lissa": "damping",
+    "ekfac": "damping",
+}
+
+#: ``scaling`` of dattri 0.3.0's ``IFAttributorLiSSA`` (a test checks it still is).
+DATTRI_LISSA_DEFAULT_SCALING = 50.0
+
+
+@contextlib.contextmanager
+def _dattri_progress(show: bool) -> Iterator[None]:
+    """dattri's attributors draw tqdm bars with no switch to turn them off; hide them unless ``show``."""
+    if show:
+        yield
+        return
+    import dattri.algorithm.base
+    import dattri.algorithm.tracin
+    import dattri.algorithm.trak
+
+    modules = (dattri.algorithm.base, dattri.algorithm.tracin, dattri.algorithm.trak)
+    originals = [module.tqdm for module in modules]
+    try:
+        for module, original in zip(modules, originals, strict=True):
+            module.tqdm = _silent(original)
+        yield
+    finally:
+        for module, original in zip(modules, originals, strict=True):
+            module.tqdm = original
+
+
+def _silent(tqdm_class: Any) -> Any:
+    def make(*args: Any, **kwargs: Any) -> Any:
+        kwargs["disable"] = True
+        return tqdm_class(*args, **kwargs)
+
+    return make
+
+
+def dattri_scores(
+    model: nn.Module,
+    train: Data,
+    test: Data,
+    *,
+    method: str = "cg",
+    regularization: float | None = None,
+    batch_size: int = 64,
+    checkpoints: Sequence[dict[str, Tensor]] | None = None,
+    weights: Sequence[float] | None = None,
+    show_progress: bool = False,
+    **method_options: Any,
+) -> np.ndarray:
+    """dattri's own attributors (``dattri.task.AttributionTask`` + ``dattri.algorithm``), in our sign.
+
+    Train side: per-example cross-entropy (``loss_func``, reduced by the mean as in dattri's examples);
+    test side: the margin (``target_func``). dattri's influence attributors return
+    ``∇L(i)ᵀ(H + λI)⁻¹∇f(q)``, positive when up-weighting the example *decreases* f, so the scores are
+    negated; ``grad-dot`` (TracIn, one checkpoint, weight 1) returns ``∇L(i)·∇f(q)`` and is negated too.
+    ``trak`` uses the margin on both sides and ``1 - p_i`` (TRAK's own recipe, as in dattri's examples),
+    which is positive for proponents already; its scale is arbitrary.
+
+    H is the Hessian of the *mean* training loss: the influence attributors are cached with one batch
+    holding the whole training set (dattri adds up ``(H_b + λI)⁻¹v`` over the batches of the cached loader,
+    which is the Hessian of the mean only for a single batch). EK-FAC and DataInf use the empirical Fisher of
+    the mean loss instead.
+
+    ``regularization`` is λ in ``H + λI`` for every method: dattri's ``regularization`` argument, LiSSA's
+    ``damping`` times its ``scaling`` (so ``damping = λ / scaling``) and EK-FAC's ``damping`` (added to
+    its eigenvalues). ``None`` leaves dattri's default, 0 for all of them in 0.3.0 (DataInf then divides
+    by zero and returns non-finite scores). ``method_options`` go to the attributor's constructor as they
+    are (e.g. ``max_iter``, ``proj_dim``, ``recursion_depth``, ``projector_kwargs``), except
+    ``lissa_batch_size``, which is LiSSA's own ``batch_size`` (``batch_size`` here is the loaders').
+
+    ``checkpoints`` (state dicts; default: the model's own) are averaged by the influence attributors and
+    TRAK and summed with ``weights`` (default ones) by ``grad-dot``; EK-FAC takes only one. dattri computes
+    on CPU in the model's dtype and returns float32 scores.
+    """
+    if method not in DATTRI_METHODS:
+        raise InvalidOptionError(f"method must be one of {tuple(DATTRI_METHODS)}; got {method!r}")
+    if regularization is not None and regularization < 0:
+        raise InvalidOptionError(f"regularization must be None or >= 0; got {regularization}")
+    if batch_size < 1:
+        raise InvalidOptionError(f"batch_size must be >= 1; got {batch_size}")
+    if checkpoints is not None and len(checkpoints) == 0:
+        raise InvalidOptionError("checkpoints must hold at least one state_dict (or be None)")
+    if weights is not None and method != "grad-dot":
+        raise InvalidOptionError(f"weights only apply to method='grad-dot'; got method={method!r}")
+    _require("dattri")
+    import dattri.algorithm as algorithms
+    from dattri.task import AttributionTask
+
+    x_train, y_train = _check_data("train", train)
+    x_test, y_test = _check_data("test", test)
+    net = _model_copy(model)
+    dtype = _param_dtype(net)
+    states = [copy.deepcopy(net.state_dict())] if checkpoints is None else [dict(s) for s in checkpoints]
+    if weights is not None and len(weights) != len(states):
+        raise InvalidOptionError(f"need one weight per checkpoint; got {len(weights)} for {len(states)}")
+
+    def logits_of(params: dict[str, Tensor], x: Tensor) -> Tensor:
+        if x.is_floating_point():
+            x = x.to(dtype)  # LiSSA's collate function casts every tensor to float32
+        return torch.func.functional_call(net, params, (x,))
+
+    def batched(data: Any) -> tuple[Tensor, Tensor]:
+        # dattri calls these on one example without a batch dimension (vmap over dim 0: TracIn, TRAK),
+        # on one example with it (vmap over dim 1: influence functions) and on whole batches (Hessians).
+        x, y = data
+        if y.dim() == 0:
+            x, y = x.unsqueeze(0), y.unsqueeze(0)
+        return x, y.long()
+
+    def loss_func(params: dict[str, Tensor], data: Any) -> Tensor:
+        x, y = batched(data)
+        return F.cross_entropy(logits_of(params, x), y)
+
+    def margin_func(params: dict[str, Tensor], data: Any) -> Tensor:
+        x, y = batched(data)
+        return _margin(logits_of(params, x), y).mean()
+
+    def correct_probability(params: dict[str, Tensor], data: Any) -> Tensor:
+        x, y = batched(data)
+        return torch.softmax(logits_of(params, x), dim=-1).gather(1, y[:, None]).mean()
+
+    options = dict(method_options)
+    if "lissa_batch_size" in options:
+        if method != "lissa":
+            raise InvalidOptionError("lissa_batch_size only applies to method='lissa'")
+        options["batch_size"] = options.pop("lissa_batch_size")
+    if regularization is not None:
+        argument = _DATTRI_REGULARIZATION_ARGUMENT.get(method)
+        if argument is None:
+            raise InvalidOptionError(f"method={method!r} has no regularization")
+        if argument in options:
+            raise InvalidOptionError(f"pass either regularization or {argument}, not both")
+        if method == "lissa":
+            options[argument] = regularization / options.get("scaling", DATTRI_LISSA_DEFAULT_SCALING)
+        else:
+            options[argument] = regularization
+
+    train_set = torch.utils.data.TensorDataset(x_train, y_train)
+    test_set = torch.utils.data.TensorDataset(x_test, y_test)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=batch_size)
+    full_loader = torch.utils.data.DataLoader(train_set, batch_size=len(train_set))
+
+    def task(loss: Any, target: Any) -> Any:
+        return AttributionTask(loss_func=loss, model=net, checkpoints=states, target_func=target)
+
+    with _dattri_progress(show_progress):
+        if method in ("grad-dot", "trak"):
+            projector = {**DATTRI_PROJECTOR_DEFAULTS, **(options.pop("projector_kwargs", None) or {})}
+            if method == "grad-dot":
+                attributor = algorithms.TracInAttributor(
+                    task=task(loss_func, margin_func),
+                    weight_list=torch.tensor([1.0] * len(states) if weights is None else list(weights)),
+                    normalized_grad=options.pop("normalized_grad", False),
+                    **options,
+                )
+            else:
+                attributor = algorithms.TRAKAttributor(
+                    task=task(margin_func, margin_func),
+                    correct_probability_func=correct_probability,
+                    **options,
+                )
+            attributor.projector_kwargs = projector  # instead of dattri's update() of its global dict
+            if method == "grad-dot":
+                raw = attributor.attribute(train_loader, test_loader)
+                sign = -1.0
+            else:
+                attributor.cache(train_loader)
+                raw = attributor.attribute(test_dataloader=test_loader)
+                sign = 1.0
+        elif method == "ekfac":
+            # dattri 0.3.0's EK-FAC fits its factors on the task's *target* function, so the factors are
+            # fitted with the loss as target and the scores computed with the margin as target.
+            attributor = algorithms.IFAttributorEKFAC(task=task(loss_func, loss_func), **options)
+            attributor.cache(full_loader)
+            attributor.task = task(loss_func, margin_func)
+            raw = attributor.attribute(train_loader, test_loader)
+            sign = -1.0
+        else:
+            cls = getattr(algorithms, DATTRI_METHODS[method])
+            attributor = cls(task=task(loss_func, margin_func), **options)
+            attributor.cache(full_loader)
+            raw = attributor.attribute(train_loader, test_loader)
+            sign = -1.0
+    # dattri: [n_train, n_test]; ours: [n_test, n_train].
+    return sign * raw.detach().cpu().double().numpy().T.copy()

@@ -1,0 +1,185 @@
+"""Replay against finite differences of real retraining with one example re-weighted (float64)."""
+
+import pytest
+import torch
+from torch import nn
+
+import sourcetrace as st
+from sourcetrace.data import Examples
+from sourcetrace.errors import InvalidOptionError, ShapeError
+from sourcetrace.methods import replay
+from sourcetrace.trajectory import Trajectory, TrajectoryRecorder, optimizer_spec
+
+N_TRAIN, N_QUERY, D, C, B = 24, 3, 4, 3, 6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread is much faster than several on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, C)).double()
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N_TRAIN + N_QUERY, D, dtype=torch.float64, generator=g)
+    y = torch.randint(0, C, (N_TRAIN + N_QUERY,), generator=g)
+    return (x[:N_TRAIN], y[:N_TRAIN]), (x[N_TRAIN:], y[N_TRAIN:])
+
+
+def order(steps=30):
+    """A fixed data order: step t trains on these positions."""
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    while len(rows) < steps:
+        perm = torch.randperm(N_TRAIN, generator=g)
+        rows += [perm[i:i + B] for i in range(0, N_TRAIN, B)]
+    return rows[:steps]
+
+
+OPTIMIZERS = {
+    "sgd-momentum-wd": lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, weight_decay=0.01),
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.8, nesterov=True, dampening=0.0),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.01),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+}
+
+
+def train(make_opt, train_data, weights=None, recorder_dir=None, steps=30, stages=None):
+    """The reference loop: step loss = Σ_i w_i ℓ_i / |B| with torch.optim; optionally recorded."""
+    x, y = train_data
+    model = mlp()
+    opt = make_opt(model.parameters())
+    w = torch.ones(N_TRAIN, dtype=torch.float64) if weights is None else weights
+    rec = None if recorder_dir is None else TrajectoryRecorder(recorder_dir, model, opt, checkpoint_every=7)
+    for t, idx in enumerate(order(steps)):
+        if stages and t in stages:
+            opt = stages[t](model.parameters())
+            if rec:
+                rec.stage(f"stage-{t}", model, opt)
+        lr = 0.3 * (0.97 ** t)  # a schedule, recorded per step
+        for group in opt.param_groups:
+            group["lr"] = lr if isinstance(opt, torch.optim.SGD) else lr / 6
+        opt.zero_grad()
+        losses = nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none")
+        (w[idx] * losses).sum().div(len(idx)).backward()
+        opt.step()
+        if rec:
+            rec.step(model, opt, idx.tolist())
+    if rec:
+        rec.finish(model, opt)
+    return model
+
+
+def margins(model, queries):
+    return st.ClassificationTask().measurement(model, queries).detach()
+
+
+def finite_difference(make_opt, train_data, queries, i, h=1e-4, stages=None, at=1.0):
+    w = torch.full((N_TRAIN,), at, dtype=torch.float64)
+    up, down = w.clone(), w.clone()
+    up[i] += h
+    down[i] -= h
+    return (margins(train(make_opt, train_data, up, stages=stages), queries)
+            - margins(train(make_opt, train_data, down, stages=stages), queries)) / (2 * h)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_replay_equals_finite_differences_of_retraining(name, data, tmp_path):
+    train_data, queries = data
+    model = train(OPTIMIZERS[name], train_data, recorder_dir=tmp_path / "traj")
+    attr = st.Attributor(model, st.ClassificationTask(), "replay", workdir=tmp_path / "attr",
+                         trajectory=tmp_path / "traj", progress=False, query_batch=2)
+    scores = attr.fit(train_data).score(queries).matrix
+    assert scores.shape == (N_QUERY, N_TRAIN) and scores.dtype == torch.float64
+    for i in (0, 5, 17):
+        fd = finite_difference(OPTIMIZERS[name], train_data, queries, i)
+        torch.testing.assert_close(scores[:, i], fd, rtol=1e-5, atol=1e-8)
+
+
+def test_two_stage_run_with_a_new_optimizer(data, tmp_path):
+    """SGD with momentum, then a fresh Adam from step 15: the boundary passes the parameters' adjoint only."""
+    train_data, queries = data
+    make = OPTIMIZERS["sgd-momentum-wd"]
+    stages = {15: OPTIMIZERS["adam"]}
+    model = train(make, train_data, recorder_dir=tmp_path / "traj", stages=stages)
+    traj = Trajectory.load(tmp_path / "traj")
+    assert [o.kind for o in traj.optimizers] == ["SGD", "Adam"] and 15 in traj.checkpoints
+    got = replay.Replayer(model, st.ClassificationTask(), traj, Examples(train_data)).derivatives(
+        Examples(queries))
+    for i in (3, 11):
+        fd = finite_difference(make, train_data, queries, i, stages=stages)
+        torch.testing.assert_close(got[:, i], fd, rtol=1e-5, atol=1e-8)
+
+
+def test_derivative_at_half_weights(data, tmp_path):
+    """at=0.5: the derivative in the run where every example has weight ½ (same order), across a stage."""
+    train_data, queries = data
+    make, stages = OPTIMIZERS["sgd-momentum-wd"], {15: OPTIMIZERS["adam"]}
+    model = train(make, train_data, recorder_dir=tmp_path / "traj", stages=stages)
+    traj = Trajectory.load(tmp_path / "traj")
+    got = replay.Replayer(model, st.ClassificationTask(), traj, Examples(train_data), at=0.5).derivatives(
+        Examples(queries))
+    for i in (2, 9):
+        fd = finite_difference(make, train_data, queries, i, stages=stages, at=0.5)
+        torch.testing.assert_close(got[:, i], fd, rtol=1e-5, atol=1e-8)
+
+
+def test_memory_schedule_does_not_change_the_result(data, tmp_path):
+    train_data, queries = data
+    model = train(OPTIMIZERS["adam"], train_data, recorder_dir=tmp_path / "traj")
+    traj = Trajectory.load(tmp_path / "traj")
+    task = st.ClassificationTask()
+    ex, qs = Examples(train_data), Examples(queries)
+    a = replay.Replayer(model, task, traj, ex, max_states=3).derivatives(qs)
+    b = replay.Replayer(model, task, traj, ex, max_states=100).derivatives(qs)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the replayed end point is the trained model
+    r = replay.Replayer(model, task, traj, Examples(train_data))
+    r.derivatives(Examples(queries), 0, 1)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(r.final_params[n], p.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_functional_update_matches_torch_optim(name):
+    """Two steps of replay's update rule against torch.optim, from the same gradients."""
+    model = mlp()
+    opt = OPTIMIZERS[name](model.parameters())
+    spec = optimizer_spec(model, opt, 0)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state, k, has_buf = replay._opt_state(spec, params, {})
+    z = {"params": params, "opt": state}
+    for _ in range(2):
+        grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+            p.grad = grads[n].clone()
+        opt.step()
+        k += 1
+        z = replay._optimizer_step(spec, spec.group_of(), [opt.param_groups[0]["lr"]], z, grads, k, has_buf)
+        has_buf = True
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(z["params"][n], p.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_replay_needs_a_trajectory_and_the_training_ids(data, tmp_path):
+    train_data, queries = data
+    with pytest.raises(InvalidOptionError, match="trajectory"):
+        st.Attributor(mlp(), st.ClassificationTask(), "replay")
+    model = train(OPTIMIZERS["adam"], train_data, recorder_dir=tmp_path / "traj", steps=3)
+    attr = st.Attributor(model, st.ClassificationTask(), "replay", trajectory=tmp_path / "traj",
+                         progress=False)
+    with pytest.raises(ShapeError, match="missing from the training data"):
+        attr.fit((train_data[0][:4], train_data[1][:4]))
+    drop = nn.Sequential(nn.Linear(D, 5), nn.Dropout(0.5), nn.Linear(5, C)).double()
+    with pytest.raises(InvalidOptionError, match="dropout"):
+        replay.Replayer(drop, st.ClassificationTask(), Trajectory.load(tmp_path / "traj"),
+                        Examples(train_data))

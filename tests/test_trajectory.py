@@ -1,0 +1,213 @@
+"""The trajectory recorder: what it records, replaying it forward, resuming, refusing another run."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import sourcetrace as st
+from sourcetrace.errors import InvalidOptionError, SourcetraceError, WorkdirMismatchError
+from sourcetrace.trajectory import Trajectory, TrajectoryRecorder, trajectory_callback
+
+N, D, C, B, STEPS = 20, 4, 3, 5, 24
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def data():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(N, D, dtype=torch.float64, generator=g), torch.randint(0, C, (N,), generator=g)
+
+
+def mlp(width=5):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, width), nn.Tanh(), nn.Linear(width, C)).double()
+
+
+def order():
+    g = torch.Generator().manual_seed(4)
+    return [torch.randperm(N, generator=g)[:B] for _ in range(STEPS)]
+
+
+def run(workdir, stop=STEPS, resume=False, finish=True, make=None, **kw):
+    """The user's loop: SGD with momentum and a decaying lr, then a fresh AdamW fine-tuning stage at 12."""
+    x, y = data()
+    task = st.ClassificationTask()
+    model = mlp()
+    make = make or (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3))
+    opt = make(model.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
+    kw.setdefault("checkpoint_every", 5)
+    rec = TrajectoryRecorder(workdir, model, opt, **kw)
+    done = 0
+    if resume:
+        if rec.last_checkpoint >= 12:  # the loop rebuilds the optimizer of the stage it resumes in
+            opt, sched = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1), None
+        done = rec.resume(model, opt)
+    else:
+        rec.stage("pre-train")
+    for t, idx in enumerate(order()[:stop]):
+        if t == 12 and t >= done:
+            opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+            sched = None
+            rec.stage("fine-tune", model, opt)
+        if t < done:
+            continue
+        opt.zero_grad()
+        task.train_loss(model, (x[idx], y[idx])).mean().backward()
+        opt.step()
+        rec.step(model, opt, [f"ex{i}" for i in idx.tolist()])
+        if sched is not None:
+            sched.step()
+    if finish:
+        rec.finish(model, opt)
+    else:
+        rec._wait()  # a killed run: only what was committed survives
+    return model
+
+
+def examples_by_id():
+    x, y = data()
+    return lambda ids: (x[[int(i[2:]) for i in ids]], y[[int(i[2:]) for i in ids]])
+
+
+def test_records_order_rates_checkpoints_stages_and_optimizers(tmp_path):
+    model = run(tmp_path)
+    traj = Trajectory.load(tmp_path)
+    assert traj.n_steps == STEPS and traj.reduction == "mean"
+    assert traj.batch_ids[0] == [f"ex{i}" for i in order()[0].tolist()]
+    assert traj.lr[:9] == pytest.approx([0.1] * 4 + [0.05] * 4 + [0.025])  # the rate each step used
+    assert traj.lr[12:] == pytest.approx([0.01] * 12)
+    assert traj.checkpoints == [0, 5, 10, 12, 15, 20, 24]
+    assert [(s.name, s.start) for s in traj.stages] == [("pre-train", 0), ("fine-tune", 12)]
+    sgd, adamw = traj.optimizers
+    assert (sgd.kind, sgd.groups[0]["momentum"], sgd.groups[0]["weight_decay"]) == ("SGD", 0.9, 1e-3)
+    assert (adamw.kind, adamw.start, adamw.groups[0]["weight_decay"]) == ("AdamW", 12, 0.1)
+    state, opt_state = traj.checkpoint(10)
+    assert set(opt_state) == {n for n, _ in model.named_parameters()}
+    assert set(opt_state["0.weight"]) == {"momentum_buffer"}
+    assert set(traj.checkpoint(24)[1]["0.weight"]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert len(traj.checkpoint_states()) == len(traj.checkpoints)
+
+
+def test_replaying_the_record_forward_reproduces_the_model_exactly(tmp_path):
+    model = run(tmp_path)
+    traj = Trajectory.load(tmp_path)
+    again = traj.replay_forward(mlp(width=5), st.ClassificationTask().train_loss, examples_by_id())
+    for (n, p), q in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), n
+    # and from a checkpoint in the middle of the second stage
+    again = traj.replay_forward(mlp(width=5), st.ClassificationTask().train_loss, examples_by_id(), start=15)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "killed", stop=17, finish=False)
+    assert Trajectory.load(tmp_path / "killed").n_steps == 15  # steps after the last checkpoint were lost
+    with pytest.raises(SourcetraceError, match="resume"):  # continuing without resume() would corrupt it
+        run(tmp_path / "killed")
+    resumed = run(tmp_path / "killed", resume=True)
+    a, b = Trajectory.load(tmp_path / "whole"), Trajectory.load(tmp_path / "killed")
+    assert (a.batch_ids, a.lrs, a.checkpoints) == (b.batch_ids, b.lrs, b.checkpoints)
+    assert [(s.name, s.start) for s in a.stages] == [(s.name, s.start) for s in b.stages]
+    assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), resumed.parameters()))
+
+
+def test_another_run_is_refused(tmp_path):
+    run(tmp_path, stop=6)
+    with pytest.raises(WorkdirMismatchError, match="checkpoint_every"):
+        run(tmp_path, checkpoint_every=3)
+    with pytest.raises(WorkdirMismatchError, match="config"):
+        run(tmp_path, config={"seed": 1})
+    with pytest.raises(WorkdirMismatchError, match="optimizer"):
+        run(tmp_path, make=lambda p: torch.optim.Adam(p, lr=0.1))
+    with pytest.raises(WorkdirMismatchError):  # another model shape
+        TrajectoryRecorder(tmp_path, mlp(6), torch.optim.SGD(mlp(6).parameters(), lr=0.1), checkpoint_every=5)
+    run(tmp_path, overwrite=True)
+    assert Trajectory.load(tmp_path).n_steps == STEPS
+    assert json.loads((tmp_path / "manifest.json").read_text())["kind"] == "trajectory"
+
+
+def test_misuse_is_explained(tmp_path):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(InvalidOptionError, match="exactly one"):
+        TrajectoryRecorder(tmp_path / "a", model, opt)
+    with pytest.raises(InvalidOptionError, match="RMSprop"):
+        TrajectoryRecorder(tmp_path / "b", model, torch.optim.RMSprop(model.parameters()), at_steps=[3])
+    rec = TrajectoryRecorder(tmp_path / "c", model, opt, at_steps=[2])
+    with pytest.raises(SourcetraceError, match="stage"):
+        rec.step(model, torch.optim.SGD(model.parameters(), lr=0.1), [0])
+    with pytest.raises(FileNotFoundError, match="TrajectoryRecorder"):
+        Trajectory.load(tmp_path / "nothing")
+
+
+def test_transformers_callback_records_a_trainer_run(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    x, y = data()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp()
+
+        def forward(self, x, labels=None):
+            logits = self.body(x)
+            if labels is None:
+                return {"logits": logits}
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    rows = [{"id": f"ex{i}", "x": x[i], "labels": int(y[i])} for i in range(N)]
+    callback = trajectory_callback(tmp_path / "traj", checkpoint_every=3)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        num_train_epochs=2, learning_rate=0.05, lr_scheduler_type="linear", max_grad_norm=0.0,
+        remove_unused_columns=False, dataloader_num_workers=0, report_to=[], save_strategy="no",
+        logging_strategy="no", use_cpu=True, seed=0)
+    model = Net().double()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
+                                   data_collator=callback.collator(), callbacks=[callback])
+    trainer.train()
+    traj = Trajectory.load(tmp_path / "traj")
+    steps = trainer.state.global_step
+    assert traj.n_steps == steps
+    seen = sum(traj.batch_ids, [])
+    assert sorted(seen) == sorted(2 * [r["id"] for r in rows])  # two epochs, every example twice
+    assert traj.lr[0] == pytest.approx(0.05) and traj.lr[-1] < traj.lr[0]
+    assert traj.optimizers[0].kind == "AdamW" and traj.checkpoints == [*range(0, steps, 3), steps]
+    final = traj.checkpoint(steps)[0]
+    assert all(torch.equal(final[f"body.{n}"], p) for n, p in model.body.named_parameters())
+    # the record is complete: replaying it with torch.optim lands on the Trainer's model
+    by_id = {r["id"]: r for r in rows}
+
+    def batch(ids):
+        return torch.stack([by_id[i]["x"] for i in ids]), torch.tensor([by_id[i]["labels"] for i in ids])
+
+    def loss(net, b):
+        return nn.functional.cross_entropy(net(b[0])["logits"], b[1], reduction="none")
+
+    again = traj.replay_forward(Net().double(), loss, batch)
+    for p, q in zip(model.parameters(), again.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_checkpoint_options_for_tracin_and_source(tmp_path):
+    run(tmp_path)
+    traj = Trajectory.load(tmp_path)
+    tracin = traj.checkpoint_options("tracin")
+    assert len(tracin["checkpoints"]) == len(traj.checkpoints) - 1
+    assert tracin["learning_rates"][0] == pytest.approx((4 * 0.1 + 0.05) / 5)
+    source = traj.checkpoint_options("source", train_ids=[f"ex{i}" for i in range(N)])
+    assert source["steps"] == [5, 10, 12, 15, 20, 24] and source["stages"] == [0, 0, 0, 1, 1, 1]
+    first = {i for batch in order()[:12] for i in batch.tolist()}
+    assert source["stage_examples"][0] == sorted(first)
+    assert (source["momentum"], source["weight_decay"]) == (0.0, 0.1)
