@@ -6,9 +6,9 @@ STAMP := $(VENV)/.installed
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 EXTRAS ?= dev,bench,llm,views,corpus
-PYTEST_ARGS ?= -m "not slow"
+PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all bench lint clean
+.PHONY: setup demo test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-all: setup
-	$(BIN)/python -m pytest
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: setup
 	$(BIN)/sourcetrace bench digits-mlp
