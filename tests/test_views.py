@@ -12,6 +12,7 @@ import torch
 from sourcetrace import Scores
 from sourcetrace.errors import ShapeError
 from sourcetrace.views import report_payload, write_report
+from sourcetrace.views.media import MAX_AUDIO_SECONDS, audio_json, row_json
 from sourcetrace.views.payload import image_json
 from sourcetrace.views.report import render_html, script_json
 from sourcetrace.views.text import Keywords, joiner, word_diff, words
@@ -79,6 +80,104 @@ def test_image_json_scales_digits_and_unit_images():
     assert image_json(np.ones(16))["w"] == 4
     with pytest.raises(ShapeError):
         image_json(np.ones(15))
+
+
+def decode_wav_uri(uri):
+    """The samples (in [-1, 1]) and sample rate of a `data:audio/wav;base64,` URI, read back by `wave`."""
+    import base64
+    import io
+    import wave
+
+    assert uri.startswith("data:audio/wav;base64,")
+    with wave.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as w:
+        assert (w.getnchannels(), w.getsampwidth()) == (1, 2)  # mono 16-bit PCM
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+        return pcm / 32767, w.getframerate()
+
+
+def wav_bytes(samples, rate):
+    import io
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(np.round(np.asarray(samples) * 32767).astype("<i2").tobytes())
+    return buf.getvalue()
+
+
+def test_rows_and_audio_in_payload(tmp_path):
+    s = small_scores(n_query=2, n_train=10)
+    rng = np.random.default_rng(0)
+    clip = rng.uniform(-1, 1, 1600)  # 0.2 s at 8 kHz
+    columns = ["site", "hour", "temp", "ok", "missing"]
+    train = [{"row": [f"s{i}", i, 0.5 * i, i % 2 == 0, None], "audio": clip * (i + 1) / 10,
+              "sample_rate": 8000, "label": str(i % 2)} for i in range(10)]
+    wav = wav_bytes(clip[:800], 16000)
+    (tmp_path / "q.wav").write_bytes(wav)
+    queries = [{"row": {"site": "s9", "hour": np.int64(7), "temp": float("nan")},
+                "audio": tmp_path / "q.wav"},
+               {"row": [1, 2, 3, 4, 5], "audio": torch.tensor(clip, dtype=torch.float32),
+                "sample_rate": 8000}]
+    p = report_payload(s, train_items=train, query_items=queries, columns=columns, k=2)
+    q0, q1 = p["queries"]
+    assert q0["row"] == {"columns": ["site", "hour", "temp"], "values": ["s9", 7, "nan"]}  # order kept
+    assert q1["row"]["columns"] == columns and q1["row"]["values"] == [1, 2, 3, 4, 5]
+    assert q0["audio"]["src"].startswith("data:audio/wav;base64,") and q0["audio"]["seconds"] == 0.05
+    got, rate = decode_wav_uri(q0["audio"]["src"])  # a WAV file is embedded as it is
+    assert rate == 16000 and np.abs(got - clip[:800]).max() <= 1 / 32767
+    got, rate = decode_wav_uri(q1["audio"]["src"])
+    assert rate == 8000 and got.shape == (1600,) and q1["audio"]["seconds"] == 0.2
+    assert np.abs(got - clip).max() <= 0.5 / 32767 + 1e-7  # float32 input, 16-bit quantization
+    assert p["train"]  # every shown training example has its row and its clip
+    for key, t in p["train"].items():
+        i = int(key)
+        assert t["row"]["values"] == [f"s{i}", i, 0.5 * i, i % 2 == 0, None]
+        got, _ = decode_wav_uri(t["audio"]["src"])
+        assert np.abs(got - clip * (i + 1) / 10).max() <= 0.5 / 32767 + 1e-12
+    html = render_html(p)
+    assert "media-src 'self' data:" in html  # the page's CSP lets the inlined clips play
+    assert json.loads(re.search(r'id="st-data">(.*?)</script>', html, re.S).group(1)) == p
+
+
+def test_audio_json_cuts_long_clips_and_explains_bad_input(tmp_path):
+    rate = 1000
+    long = np.sin(np.arange(int(rate * (MAX_AUDIO_SECONDS + 5))) / 7)
+    with pytest.warns(UserWarning, match="longer than the 30 s"):
+        a = audio_json(long, rate)
+    assert a["seconds"] == MAX_AUDIO_SECONDS and a["truncated"] == MAX_AUDIO_SECONDS + 5
+    assert len(decode_wav_uri(a["src"])[0]) == rate * MAX_AUDIO_SECONDS
+    with pytest.warns(UserWarning, match="longer than"):  # a WAV file is cut the same way
+        b = audio_json(wav_bytes(long, rate))
+    assert b["truncated"] == MAX_AUDIO_SECONDS + 5 and decode_wav_uri(b["src"])[0].shape == (rate * 30,)
+    assert audio_json(a["src"])["src"] == a["src"]  # a data URI (how save_view stores bytes) round-trips
+    assert audio_json({"array": long[:10], "sampling_rate": rate})["seconds"] == 0.01  # Hugging Face style
+    with pytest.raises(ShapeError, match="sample_rate"):
+        audio_json(long[:10])
+    with pytest.raises(ShapeError, match="1-D"):
+        audio_json(np.zeros((2, 10)), rate)
+    with pytest.raises(ShapeError, match="not a PCM WAV"):
+        audio_json(b"ID3 an mp3 file")
+    with pytest.raises(ShapeError, match="does not exist"):
+        audio_json(tmp_path / "missing.wav")
+    with pytest.raises(ShapeError, match="columns="):
+        row_json([1, 2], ["a"])
+
+
+def test_saved_view_keeps_rows_columns_and_audio_bytes(tmp_path):
+    from sourcetrace.views import load_view, save_view
+
+    s = small_scores(n_query=1, n_train=4)
+    clip = np.linspace(-1, 1, 400)
+    train = [{"row": [i, "x"], "audio": wav_bytes(clip, 8000)} for i in range(4)]
+    save_view(tmp_path / "v", s, train_items=train, query_items=[{"row": [9, "y"]}], columns=["n", "tag"])
+    p = load_view(tmp_path / "v").payload()
+    assert p["queries"][0]["row"] == {"columns": ["n", "tag"], "values": [9, "y"]}
+    t = next(iter(p["train"].values()))
+    assert np.abs(decode_wav_uri(t["audio"]["src"])[0] - clip).max() <= 1 / 32767
+    assert "data:audio/wav;base64," in (tmp_path / "v" / "report.html").read_text()
 
 
 def test_keywords_are_tf_idf_against_the_training_set():

@@ -114,6 +114,50 @@ def test_classifier_report_loads_without_console_errors(page, digits, tmp_path):
     assert page.errors == []
 
 
+def test_table_and_audio_report_plays_clips_offline(page, tmp_path):
+    """Table rows and audio clips: the query's row and player, a summary and a player for each example."""
+    from sourcetrace.views.examples import calls_example
+
+    scores, train, queries = calls_example()
+    path = write_report(scores, tmp_path / "calls.html", train_items=train, query_items=queries,
+                        title="bird calls: which recordings made the classifier say this?")
+    page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(("file:", "data:"))
+               else route.continue_())  # offline: any request to a network fails the test below
+    page.goto(path.as_uri())
+    page.wait_for_selector("#st-root[data-ready]")
+    q = queries[0]["row"]
+    cells = page.locator(".st-query .st-kv tr").evaluate_all(
+        "trs => trs.map(tr => [tr.cells[0].textContent, tr.cells[1].textContent])")
+    assert cells == [[k, str(v)] for k, v in q.items()]
+    top, bottom = rows(page, "st-top"), rows(page, "st-bottom")
+    assert top == [a.index for a in scores.top(0, 6)] and bottom == [a.index for a in scores.bottom(0, 6)]
+    first = page.locator("#st-top .st-row").first
+    summary = first.locator(".st-rowsum").inner_text()
+    want = train[top[0]]["row"]
+    assert all(k in summary and str(want[k]) in summary for k in list(want)[:3])
+    assert "recorder" not in summary and "+3" in summary  # the first columns only
+    # one player for the query and one for each listed example, each holding a WAV that loads
+    players = page.locator("audio.st-audio")
+    assert page.locator(".st-query audio").count() == 1 and page.locator(".st-row audio").count() == 12
+    durations = players.evaluate_all("""els => Promise.all(els.map(a => a.readyState >= 1 ? a.duration :
+        new Promise((ok, bad) => { a.addEventListener('loadedmetadata', () => ok(a.duration));
+                                   a.addEventListener('error', () => bad(new Error('audio error'))); })))""")
+    assert len(durations) == 13 and all(abs(d - 0.4) < 0.01 for d in durations)
+    assert all(src.startswith("data:audio/wav;base64,") for src in players.evaluate_all(
+        "els => els.map(a => a.getAttribute('src'))"))
+    page.evaluate("document.querySelector('.st-query audio').kept = true")
+    first.locator(".st-rowhead").click()  # expands to the full row
+    assert page.evaluate("document.querySelector('.st-query audio').kept")  # a playing clip survives redraws
+    full = first.locator(".st-full .st-kv tr")
+    assert full.count() == len(want) and "recorder" in first.locator(".st-full").inner_text()
+    page.wait_for_function("[...document.querySelectorAll('audio')].every(a => a.readyState >= 1)")
+    shot(page, "report-table-audio")
+    page.click("[data-q='1']")
+    assert rows(page, "st-top") == [a.index for a in scores.top(1, 6)]
+    assert page.locator(".st-query .st-kv td").first.inner_text() == str(queries[1]["row"]["site"])
+    assert page.errors == []
+
+
 def test_llm_report_shows_tokens_keywords_and_compare(page, lm, tmp_path):
     backend, train, queries = lm
     items = copy.deepcopy(queries)

@@ -174,3 +174,22 @@ def test_a_view_without_backend_refuses_new_selections(tmp_path):
     with TestClient(create_app(tmp_path)) as c:
         assert c.get("/api/view").json()["can_attribute"] is False
         assert c.post("/api/queries/q/attribute", json={"selection": [0]}).status_code == 409
+
+
+def test_served_table_and_audio_view(tmp_path):
+    """A saved view with table rows and clips: the page allows inline audio, the API sends the clips."""
+    from fastapi.testclient import TestClient
+
+    from sourcetrace.views.examples import calls_example
+
+    scores, train, queries = calls_example(n_train=12, n_query=2)
+    save_view(tmp_path / "calls", scores, train_items=train, query_items=queries, title="calls")
+    with TestClient(create_app(tmp_path / "calls")) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and "media-src 'self' data:" in page.text
+        view = c.get("/api/view").json()
+        assert view["queries"][0]["row"]["columns"][0] == "site"
+        assert all(t["audio"]["src"].startswith("data:audio/wav;base64,") for t in view["train"].values())
+        item = c.get("/api/train/11").json()  # any training item, shown or not, comes with its clip
+        assert item["row"]["values"][0] == train[11]["row"]["site"]
+        assert item["audio"]["seconds"] == 0.4

@@ -70,3 +70,41 @@ def shared_tiny_lm() -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
     from .llm import tiny_lm_example
 
     return tiny_lm_example()
+
+
+CALLS = (("wren", 3200.0), ("finch", 2400.0), ("dove", 600.0), ("owl", 420.0))
+
+
+def calls_example(n_train: int = 40, n_query: int = 3, seed: int = 0, sample_rate: int = 8000,
+                  seconds: float = 0.4) -> tuple[Scores, list[dict[str, Any]], list[dict[str, Any]]]:
+    """Bird-call recordings as table rows with short synthetic clips, and made-up scores (no model).
+
+    Each item has a `row` (site, hour, temperature, peak frequency, SNR, recorder), an `audio` clip (a
+    warbling tone at the call's pitch) with its `sample_rate`, and the species as `label`. A training call
+    scores higher the closer its pitch is to the query's, plus noise: enough to draw the classifier views.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(sample_rate * seconds)) / sample_rate
+    envelope = np.sin(np.pi * t / seconds) ** 2
+
+    def item(i: int) -> dict[str, Any]:
+        species, pitch = CALLS[int(rng.integers(len(CALLS)))]
+        peak = pitch * float(rng.uniform(0.9, 1.1))
+        warble = float(rng.uniform(4, 12))
+        phase = 2 * np.pi * np.cumsum(peak * (1 + 0.06 * np.sin(2 * np.pi * warble * t))) / sample_rate
+        row = {"site": f"marsh-{int(rng.integers(1, 5))}", "hour": int(rng.integers(4, 10)),
+               "temp_c": round(float(rng.normal(11, 4)), 1), "peak_hz": round(peak),
+               "snr_db": round(float(rng.uniform(6, 30)), 1), "recorder": f"AudioMoth {i % 3 + 1}"}
+        return {"row": row, "audio": (0.5 * envelope * np.sin(phase)).astype(np.float32),
+                "sample_rate": sample_rate, "label": species, "source": f"recorder {i % 3 + 1}"}
+
+    train = [item(i) for i in range(n_train)]
+    queries = [item(i) for i in range(n_query)]
+    pitch = np.log([float(x["row"]["peak_hz"]) for x in train])
+    m = np.stack([np.exp(-2 * np.abs(pitch - np.log(q["row"]["peak_hz"]))) - 0.45 +
+                  0.08 * rng.standard_normal(n_train) for q in queries])
+    scores = Scores(torch.tensor(m), [f"call-{i}" for i in range(n_train)],
+                    [f"query-{i}" for i in range(n_query)], "grad-dot")
+    return scores, train, queries

@@ -4,12 +4,16 @@ Every way of opening the views (HTML report, notebook widget, web app) hands the
 front end (`static/app.js`). Its shape:
 
     {"title", "method", "kind": "classifier" | "llm", "can_attribute": bool,
-     "queries": [{"id", "index", "text", "prompt", "tokens", "selection", "image", "label", "source", "spans",
+     "queries": [{"id", "index", "text", "prompt", "tokens", "selection", "image", "row", "audio", "label",
+                  "source", "spans",
                   "result": {"top": [{"index", "score", "token_scores"?}], "bottom": [...],
                              "hist": {"edges", "counts", "partial"}, "keywords": {"pos", "neg"}},
                   "compare": {"other", "ops", "removed", "added"}?}],
-     "train": {"<index>": {"id", "text", "tokens", "image", "label", "source"}},   # the shown ones only
+     "train": {"<index>": {"id", "text", "tokens", "image", "row", "audio", "label", "source"}},  # shown only
      "groups": [{"name", "names", "sizes", "query": [[mass per group] per query], "mean"}]}
+
+with "row": {"columns", "values"} and "audio": {"src": "data:audio/wav;base64,...", "seconds", "sample_rate",
+"truncated"?} (see media.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from ..errors import ShapeError
 from ..scores import Scores
+from .media import audio_json, row_json
 from .text import Keywords, joiner, word_diff
 
 ITEM_KEYS = ("text", "prompt", "tokens", "selection", "label", "source", "token_scores")
@@ -49,13 +54,18 @@ def image_json(image: Any) -> dict[str, Any]:
     return {"h": int(a.shape[0]), "w": int(a.shape[1]), "data": px.reshape(-1).tolist()}
 
 
-def item_json(item: Mapping[str, Any] | None, id_: Any) -> dict[str, Any]:
-    """One train or query item, with only the keys the front end knows, in JSON types."""
+def item_json(item: Mapping[str, Any] | None, id_: Any, columns: Sequence[Any] | None = None, *,
+              audio: bool = True) -> dict[str, Any]:
+    """One train or query item, with only the keys the front end knows, in JSON types.
+
+    `columns` names the values of a `row` given as a list. Without `audio`, a clip is left out (training
+    clips are encoded only when shown: see `with_audio`).
+    """
     out: dict[str, Any] = {"id": _jsonable_id(id_)}
     if not item:
         return out
     if not isinstance(item, Mapping):
-        raise ShapeError("items must be dicts with keys text/tokens/image/label/source; "
+        raise ShapeError("items must be dicts with keys text/tokens/image/row/audio/label/source; "
                          f"got {type(item).__name__}")
     for key in ITEM_KEYS:
         if item.get(key) is not None:
@@ -75,9 +85,20 @@ def item_json(item: Mapping[str, Any] | None, id_: Any) -> dict[str, Any]:
             out["text"] = out["joiner"].join(out["tokens"])
     if item.get("image") is not None:
         out["image"] = image_json(item["image"])
+    if item.get("row") is not None:
+        out["row"] = row_json(item["row"], columns)
+    if audio and item.get("audio") is not None:
+        out["audio"] = audio_json(item["audio"], item.get("sample_rate"))
     if item.get("spans"):
         out["spans"] = [_span_json(s) for s in item["spans"]]
     return out
+
+
+def with_audio(shown: dict[str, Any], item: Any) -> dict[str, Any]:
+    """A train item's JSON (made with `audio=False`) with the clip of its raw `item`, when it has one."""
+    if "audio" in shown or not isinstance(item, Mapping) or item.get("audio") is None:
+        return shown
+    return {**shown, "audio": audio_json(item["audio"], item.get("sample_rate"))}
 
 
 def _span_json(span: Any) -> dict[str, Any]:
@@ -159,16 +180,18 @@ def groups_json(scores: Scores, groups: Any, train: Sequence[dict[str, Any]]) ->
 def report_payload(scores: Scores, *, train_items: Sequence[Any] | None = None,
                    query_items: Sequence[Any] | None = None, title: str = "sourcetrace report",
                    groups: Any = None, k: int = 6, train: list[dict[str, Any]] | None = None,
-                   keywords: Keywords | None = None) -> dict[str, Any]:
+                   keywords: Keywords | None = None, columns: Sequence[Any] | None = None) -> dict[str, Any]:
     """The JSON the front end draws for `scores` (see the module docstring).
 
-    `train` (the items already through `item_json`) and `keywords` let a caller that redraws often reuse them.
+    `train` (the items already through `item_json`, without audio) and `keywords` let a caller that redraws
+    often reuse them; the shown training clips come from `train_items`. `columns` names the values of rows
+    given as lists.
     """
+    raw_train = _check_items(train_items, len(scores.train_ids), "train_items")
     if train is None:
-        train = [item_json(it, i) for it, i in
-                 zip(_check_items(train_items, len(scores.train_ids), "train_items"), scores.train_ids)]
+        train = [item_json(it, i, columns, audio=False) for it, i in zip(raw_train, scores.train_ids)]
     raw_queries = _check_items(query_items, len(scores.query_ids), "query_items")
-    queries = [item_json(it, i) for it, i in zip(raw_queries, scores.query_ids)]
+    queries = [item_json(it, i, columns) for it, i in zip(raw_queries, scores.query_ids)]
     texts = train_texts(train)
     if keywords is None and any(texts):
         keywords = Keywords(texts)
@@ -184,7 +207,7 @@ def report_payload(scores: Scores, *, train_items: Sequence[Any] | None = None,
             queries[r]["compare"] = compare_json(queries[r], queries[j], j)
     kind = "llm" if any("tokens" in q for q in queries) else "classifier"
     return {"title": title, "method": scores.method, "kind": kind, "can_attribute": False,
-            "queries": queries, "train": {str(i): train[i] for i in sorted(shown)},
+            "queries": queries, "train": {str(i): with_audio(train[i], raw_train[i]) for i in sorted(shown)},
             "groups": groups_json(scores, groups, train)}
 
 

@@ -40,24 +40,28 @@ def render_html(payload: dict[str, Any], *, api: str | None = None) -> str:
 
 def write_report(scores: Scores, path: str | os.PathLike, *, train_items: Sequence[Any] | None = None,
                  query_items: Sequence[Any] | None = None, title: str = "sourcetrace report",
-                 groups: Any = None, k: int = 6, backend: Any = None) -> Path:
+                 groups: Any = None, k: int = 6, backend: Any = None,
+                 columns: Sequence[Any] | None = None) -> Path:
     """Write one self-contained HTML file showing `scores`; open it in any browser, offline.
 
     `train_items` / `query_items` are aligned with `scores.train_ids` / `scores.query_ids`; each is a dict
     with optional keys `text`, `tokens` (an LLM generation), `prompt`, `selection` (the attributed tokens),
-    `image` (2-D grey values), `label`, `source`, `spans` (verbatim spans) and, for queries, `compare_to`
-    (another query: the compare view diffs the two). `groups` maps a grouping name to each training
-    example's group (default: the items' labels and sources); `k` examples are shown on each side.
+    `image` (2-D grey values), `row` (a table row: a dict column -> value, or a list aligned with
+    `columns`), `audio` (1-D samples in [-1, 1] with `sample_rate`, or a WAV file's path or bytes; inlined
+    as a WAV data URI, clips cut to 30 s), `label`, `source`, `spans` (verbatim spans) and, for queries,
+    `compare_to` (another query: the compare view diffs the two). `groups` maps a grouping name to each
+    training example's group (default: the items' labels and sources); `k` examples are shown on each side.
     With an LM `backend` (see `LMBackend`), expanded training texts shade each token's share of the score.
     """
     if backend is not None and hasattr(backend, "token_contributions"):
         from .session import Session
 
-        session = Session(scores, train_items, query_items, title=title, groups=groups, backend=backend, k=k)
+        session = Session(scores, train_items, query_items, title=title, groups=groups, backend=backend, k=k,
+                          columns=columns)
         payload = dict(session.payload(), can_attribute=False)
     else:
         payload = report_payload(scores, train_items=train_items, query_items=query_items, title=title,
-                                 groups=groups, k=k)
+                                 groups=groups, k=k, columns=columns)
     path = Path(path)
     if path.suffix.lower() not in (".html", ".htm"):
         path = path / "report.html" if path.is_dir() or not path.suffix else path

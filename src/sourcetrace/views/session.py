@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
@@ -12,10 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifacts import atomic_write_bytes, atomic_write_json
+from ..artifacts import atomic_write_bytes
 from ..errors import ScoresError, ShapeError, SourcetraceError
 from ..scores import Scores
-from .payload import _check_items, item_json, report_payload, train_texts
+from .media import WAV_URI
+from .payload import _check_items, item_json, report_payload, train_texts, with_audio
 from .text import Keywords, word_diff
 
 VIEW_FILE = "view.json"
@@ -35,8 +37,9 @@ class Session:
 
     def __init__(self, scores: Scores | None, train_items: Sequence[Any] | None,
                  query_items: Sequence[Any] | None, *, title: str = "sourcetrace", groups: Any = None,
-                 backend: Any = None, k: int = 6):
+                 backend: Any = None, k: int = 6, columns: Sequence[Any] | None = None):
         self.backend, self.title, self.groups, self.k = backend, title, groups, k
+        self.columns = list(columns) if columns is not None else None
         self._lock = threading.RLock()
         self.token_scores: dict[int, dict[int, list[float]]] = {}
         if scores is None:
@@ -53,7 +56,8 @@ class Session:
                 raise ScoresError("a live view with a backend needs dense scores; score without top_k")
         self.scores = scores
         self.train_items = _check_items(train_items, len(scores.train_ids), "train_items")
-        self.train = [item_json(it, i) for it, i in zip(self.train_items, scores.train_ids)]
+        self.train = [item_json(it, i, self.columns, audio=False)
+                      for it, i in zip(self.train_items, scores.train_ids)]
         texts = train_texts(self.train)
         self.keywords = Keywords(texts) if any(texts) else None
         self._payload: dict[str, Any] | None = None
@@ -65,8 +69,9 @@ class Session:
     def payload(self) -> dict[str, Any]:
         with self._lock:
             if self._payload is None:
-                p = report_payload(self.scores, query_items=self.query_items, title=self.title,
-                                   groups=self.groups, k=self.k, train=self.train, keywords=self.keywords)
+                p = report_payload(self.scores, train_items=self.train_items, query_items=self.query_items,
+                                   title=self.title, groups=self.groups, k=self.k, train=self.train,
+                                   keywords=self.keywords, columns=self.columns)
                 p["can_attribute"] = self.backend is not None
                 for q in p["queries"]:
                     shares = self.token_scores.get(q["index"], {})
@@ -94,7 +99,7 @@ class Session:
     def train_item(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self.train):
             raise KeyError(index)
-        return self.train[index]
+        return with_audio(self.train[index], self.train_items[index])
 
     # ---- changing -----------------------------------------------------------------------------------
     def attribute(self, row: int, selection: Sequence[int]) -> dict[str, Any]:
@@ -195,15 +200,17 @@ def rows_method(backend: Any) -> str:
 def save_view(workdir: str | os.PathLike, scores: Scores | None = None, *,
               train_items: Sequence[Any] | None = None, query_items: Sequence[Any] | None = None,
               title: str = "sourcetrace", groups: Any = None, backend: Any = None,
-              report: bool = True) -> Path:
+              report: bool = True, columns: Sequence[Any] | None = None) -> Path:
     """Write a view to `workdir` (items, scores, the backend's model) for `sourcetrace serve WORKDIR`.
 
-    With `report`, also writes `workdir/report.html`, the static version.
+    With `report`, also writes `workdir/report.html`, the static version. Audio given as bytes is stored as
+    a WAV data URI; audio given as a path is stored as that path (keep the file where it is).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spec: dict[str, Any] = {"format": FORMAT, "title": title, "train_items": _plain(train_items),
-                            "query_items": _plain(query_items), "groups": _plain(groups), "backend": None}
+                            "query_items": _plain(query_items), "groups": _plain(groups), "backend": None,
+                            "columns": _plain(columns)}
     if scores is not None:
         scores.matrix = scores.matrix.detach() if scores.matrix is not None else None
         scores.save(workdir / "scores")
@@ -213,11 +220,13 @@ def save_view(workdir: str | os.PathLike, scores: Scores | None = None, *,
         backend.save(workdir / "backend")
         spec["backend"] = {"kind": "word-gpt2", "path": "backend",
                            "threads": getattr(backend, "threads", None)}
-    atomic_write_json(workdir / VIEW_FILE, spec)
+    # keys in their given order: a table row's columns keep theirs
+    atomic_write_bytes(workdir / VIEW_FILE, (json.dumps(spec, indent=1, default=str) + "\n").encode("utf-8"))
     if report:
         from .report import render_html
 
-        session = Session(scores, train_items, query_items, title=title, groups=groups, backend=backend)
+        session = Session(scores, train_items, query_items, title=title, groups=groups, backend=backend,
+                          columns=columns)
         payload = dict(session.payload(), can_attribute=False)
         atomic_write_bytes(workdir / "report.html", render_html(payload).encode("utf-8"))
         (workdir / "report.html").chmod(0o644)
@@ -242,7 +251,7 @@ def load_view(workdir: str | os.PathLike) -> Session:
         b = spec["backend"]
         backend = LMBackend.load(workdir / b["path"], threads=b.get("threads"))
     return Session(scores, spec["train_items"], spec["query_items"], title=spec["title"],
-                   groups=spec.get("groups"), backend=backend)
+                   groups=spec.get("groups"), backend=backend, columns=spec.get("columns"))
 
 
 def _plain(obj: Any) -> Any:
@@ -253,6 +262,10 @@ def _plain(obj: Any) -> Any:
         return obj.tolist()
     if isinstance(obj, np.generic):
         return obj.item()
+    if isinstance(obj, (bytes, bytearray, memoryview)):  # audio: a WAV file's bytes
+        return WAV_URI + base64.b64encode(bytes(obj)).decode("ascii")
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

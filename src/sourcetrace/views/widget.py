@@ -42,10 +42,12 @@ if anywidget is not None:
 
         def __init__(self, scores: Scores | Session | None = None, *,
                      train_items: Sequence[Any] | None = None, query_items: Sequence[Any] | None = None,
-                     backend: Any = None, title: str = "sourcetrace", groups: Any = None, **kwargs: Any):
+                     backend: Any = None, title: str = "sourcetrace", groups: Any = None,
+                     columns: Sequence[Any] | None = None, **kwargs: Any):
             super().__init__(**kwargs)
             self.session = scores if isinstance(scores, Session) else Session(
-                scores, train_items, query_items, title=title, groups=groups, backend=backend)
+                scores, train_items, query_items, title=title, groups=groups, backend=backend,
+                columns=columns)
             self.data = self.session.payload()
             self.on_msg(self._on_message)
 

@@ -44,6 +44,28 @@ var SourcetraceView = (function () {
     return c;
   }
 
+  function cellText(v) {
+    return v === null || v === undefined ? "—" : String(v);
+  }
+
+  // a table row ({columns, values}) as a compact key/value table
+  function kvTable(r) {
+    return h("table", { class: "st-kv" }, h("tbody", null, r.columns.map(function (c, i) {
+      return h("tr", null, h("th", null, c), h("td", null, cellText(r.values[i])));
+    })));
+  }
+
+  // the first n cells of a row, inline: "col value · col value · +3"
+  function rowSummary(r, n) {
+    var cells = r.columns.slice(0, n).map(function (c, i) {
+      var v = cellText(r.values[i]);
+      return h("span", { class: "st-cell" }, h("span", { class: "st-col" }, c), " ", v.length > 24 ? v.slice(0, 23) + "…" : v);
+    });
+    var rest = r.columns.length - n;
+    var all = r.columns.map(function (c, i) { return c + ": " + cellText(r.values[i]); }).join("\n");
+    return h("span", { class: "st-rowsum", title: all }, cells, rest > 0 ? h("span", { class: "st-muted" }, "+" + rest) : null);
+  }
+
   function bar(score, scale) {
     var w = scale > 0 ? Math.min(100, 100 * Math.abs(score) / scale) : 0;
     return h("span", { class: "st-bar" },
@@ -62,6 +84,16 @@ var SourcetraceView = (function () {
   function mount(root, data, hooks) {
     hooks = hooks || {};
     var ui = { q: 0, tab: "attribution", sel: null, last: null, open: {}, busy: false, msg: "" };
+    var players = {};  // audio elements outlive redraws, so that a clip keeps playing while the page changes
+
+    function player(a, key) {
+      var el = players[key];
+      if (!el || el.getAttribute("src") !== a.src) {
+        el = players[key] = h("audio", { class: "st-audio", controls: true, preload: "metadata", src: a.src });
+      }
+      return h("div", { class: "st-audiobox" }, el,
+        a.truncated ? h("span", { class: "st-muted" }, "first " + a.seconds + " s of " + a.truncated + " s") : null);
+    }
 
     function query() { return data.queries[ui.q]; }
     function canSelect() { return !!(hooks.select && data.can_attribute); }
@@ -119,7 +151,9 @@ var SourcetraceView = (function () {
         h("div", { class: "st-qid" }, "query " + q.id),
         q.label !== undefined ? h("div", null, "label ", h("b", null, q.label)) : null,
         q.source !== undefined ? h("div", { class: "st-muted" }, q.source) : null));
+      if (q.row) head.appendChild(kvTable(q.row));
       card.appendChild(head);
+      if (q.audio) card.appendChild(player(q.audio, "q" + q.index));
       if (q.prompt !== undefined) card.appendChild(h("div", { class: "st-prompt" }, h("span", { class: "st-tag" }, "prompt"), q.prompt));
       if (q.tokens) {
         if (ui.sel === null) { ui.sel = {}; (q.selection || []).forEach(function (i) { ui.sel[i] = true; }); }
@@ -173,15 +207,18 @@ var SourcetraceView = (function () {
         h("div", { class: "st-rowhead", onclick: function () { ui.open[key] = !open; draw(); } },
           h("span", { class: "st-rank" }, rank),
           t.image ? thumb(t.image, 28) : null,
-          h("span", { class: "st-what" },
+          h("span", { class: "st-what" + (t.row ? " st-wrap" : "") },
             h("span", { class: "st-tid" }, "#" + t.id),
             t.label !== undefined ? h("span", { class: "st-label" }, t.label) : null,
             t.source !== undefined ? h("span", { class: "st-source" }, t.source) : null,
-            desc ? h("span", { class: "st-snippet" }, desc.length > 90 && !open ? desc.slice(0, 90) + "…" : (open ? "" : desc)) : null),
+            desc ? h("span", { class: "st-snippet" }, desc.length > 90 && !open ? desc.slice(0, 90) + "…" : (open ? "" : desc)) : null,
+            t.row && !open ? rowSummary(t.row, 3) : null),
           bar(r.score, scale), h("span", { class: "st-score" }, fmt(r.score))));
+      if (t.audio) el.appendChild(h("div", { class: "st-rowmedia" }, player(t.audio, key)));
       if (open) {
         var full = h("div", { class: "st-full" });
         if (t.image) full.appendChild(thumb(t.image, 96));
+        if (t.row) full.appendChild(kvTable(t.row));
         if (t.tokens && r.token_scores) {
           var m = 0; r.token_scores.forEach(function (v) { m = Math.max(m, Math.abs(v)); });
           full.appendChild(tokens(t, { scores: r.token_scores, scoreMax: m }));
@@ -291,7 +328,8 @@ var SourcetraceView = (function () {
         return h("button", { class: "st-tab" + (ui.tab === t[0] ? " st-on" : ""), "data-tab": t[0], onclick: function () { ui.tab = t[0]; draw(); } }, t[1]);
       }));
       var aside = h("aside", { class: "st-qlist" }, data.queries.map(function (x, i) {
-        var name = x.label !== undefined && x.tokens === undefined ? x.label : (x.prompt || x.text || "");
+        var name = x.label !== undefined && x.tokens === undefined ? x.label : (x.prompt || x.text ||
+          (x.row ? x.row.columns.slice(0, 2).map(function (c, j) { return cellText(x.row.values[j]); }).join(" · ") : ""));
         return h("button", { class: "st-qbtn" + (i === ui.q ? " st-on" : ""), "data-q": i, onclick: function () { ui.q = i; ui.sel = null; ui.open = {}; draw(); } },
           x.image ? thumb(x.image, 24) : null, h("span", null, String(x.id)), h("span", { class: "st-muted" }, String(name).slice(0, 28)));
       }));
