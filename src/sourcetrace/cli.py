@@ -15,7 +15,8 @@ app = typer.Typer(help="Trace what a model produces back to the training data th
                   no_args_is_help=True, add_completion=False)
 console = Console()
 app.command("serve")(serve)  # fastapi and uvicorn load when the command runs
-app.add_typer(corpus_app, name="corpus", help="Verbatim tracing: index a corpus, trace text into it, mine spans.")
+app.add_typer(corpus_app, name="corpus",
+              help="Verbatim tracing: index a corpus, trace text into it, mine spans.")
 
 SHADES = " ░▒▓█"
 

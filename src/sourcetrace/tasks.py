@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 import torch
 from torch import nn
@@ -30,6 +30,30 @@ class Task(Protocol):
     def measurement(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Per-example query measurement, higher is better, shape [B]."""
         ...
+
+
+@runtime_checkable
+class OutputTask(Task, Protocol):
+    """A task that also exposes the model outputs, which the Gauss-Newton (GGN) curvature linearises at.
+
+    `train_loss(model, batch)` must equal `loss_from_outputs(outputs(model, batch), batch)`.
+    """
+
+    def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The model outputs the loss is computed from, [B, ...]."""
+        ...
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Per-example training loss from the outputs, shape [B]."""
+        ...
+
+
+def has_outputs(task: Task) -> TypeGuard[OutputTask]:
+    """Whether the task has `outputs` and `loss_from_outputs` (an `OutputTask`).
+
+    Looked up with `hasattr`, so a wrapper that delegates through `__getattr__` qualifies too.
+    """
+    return all(hasattr(task, a) for a in ("outputs", "loss_from_outputs"))
 
 
 def collate(task: Task, examples: Sequence[Any]) -> Batch:

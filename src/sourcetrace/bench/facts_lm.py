@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -251,7 +251,10 @@ def make_model(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, bos_token_id=2,
-                      eos_token_id=3, attn_implementation="eager")
+                      eos_token_id=3,
+                      # transformers 5's generated LlamaConfig signature omits attn_implementation, which
+                      # PreTrainedConfig still accepts and honours at runtime
+                      attn_implementation="eager")  # type: ignore[call-arg]
     return LlamaForCausalLM(cfg)
 
 
@@ -281,7 +284,8 @@ def train(model: nn.Module, examples: Sequence[dict[str, list[int]]], *, epochs:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     at = {round(k * total / n_checkpoints) for k in range(n_checkpoints)} if n_checkpoints else set()
-    checkpoints, rates = [], []
+    checkpoints: list[dict[str, torch.Tensor]] = []
+    rates: list[float] = []
     model.train()
     step = 0
     for _ in range(epochs):
@@ -289,7 +293,7 @@ def train(model: nn.Module, examples: Sequence[dict[str, list[int]]], *, epochs:
         for lo in range(0, len(order), batch_size):
             if step in at:
                 checkpoints.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-                rates.append(sched.get_last_lr()[0])
+                rates.append(cast(float, sched.get_last_lr()[0]))  # a float: lr was given as one
             batch = collate([examples[i] for i in order[lo:lo + batch_size]])
             loss = _mean_loss(model, batch)
             opt.zero_grad()
@@ -503,7 +507,7 @@ def method_scores(t: Trained, only: Sequence[str] | None = None, finetune_steps:
     timed("TracIn (fine-tuning checkpoints)", lambda: plain(
         t.model, "tracin", checkpoints=t.checkpoints[1:] + [t.model.state_dict()],
         learning_rates=t.rates[1:] + [t.rates[-1]]), "checkpoints after the base, and the final model")
-    families = [("EK-FAC", "ekfac", {})]
+    families: list[tuple[str, str, dict[str, Any]]] = [("EK-FAC", "ekfac", {})]
     if "trak" in avail:
         families.append(("TRAK", "trak", {"proj_dim": 1024}))
     if "source" in avail:
@@ -526,8 +530,11 @@ def method_scores(t: Trained, only: Sequence[str] | None = None, finetune_steps:
         fit_s = (time.perf_counter() - start) / len(states)  # one model's fit + score
         errors = dda.fitting_errors([_at(t.model, s) for s in states], st.CausalLMTask(), t.queries)
         for label, (fn, n_models, note) in _variants(name, per, attrs, errors, t.queries).items():
+            def matrix(fn: Callable[[], Any] = fn) -> np.ndarray:
+                return fn().matrix.double().numpy()
+
             before = time.perf_counter()
-            timed(label, lambda fn=fn: fn().matrix.double().numpy(), note)
+            timed(label, matrix, note)
             if label in results:
                 results[label] = (results[label][0], fit_s * n_models + (time.perf_counter() - before), note)
     return results

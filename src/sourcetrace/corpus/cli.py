@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -20,7 +20,7 @@ app = typer.Typer(
 _console = Console()
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     Console(stderr=True).print(f"[red]error:[/] {exc}")
     raise typer.Exit(2)
 
@@ -164,7 +164,9 @@ def mine(
         from .tokenizers import as_tokenizer
 
         mtok = as_tokenizer(tok)
-        items = _read_lines(prompts or texts, "prompt" if prompts else "text")
+        source = prompts or texts
+        assert source is not None  # exactly one of them was checked above
+        items = _read_lines(source, "prompt" if prompts else "text")
         idx = CorpusIndex.open(index) if index is not None else None
         report = mine_low_perplexity(
             lm,

@@ -220,7 +220,7 @@ def run_demo(
         model, tok, prompts=prompts, index=index, max_new_tokens=20, seed=seed, samples_per_prompt=3
     )
     planted = planted_recall(report, corpus, index)
-    generic = [s for s in report.spans if s.sample >= 3 * len(corpus.prompts)]
+    generic_spans = [s for s in report.spans if s.sample >= 3 * len(corpus.prompts)]
     return {
         "corpus": corpus,
         "index": index,
@@ -229,5 +229,5 @@ def run_demo(
         "tokenizer": tok,
         "recall": planted["recall"],
         "found": planted["found"],
-        "generic_buckets": [s.bucket for s in generic],
+        "generic_buckets": [s.bucket for s in generic_spans],
     }

@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,8 +106,7 @@ class Engine:
                 out[idx] = np.maximum(out[idx], lcp)
         return out
 
-    @staticmethod
-    def key(values: np.ndarray) -> np.ndarray:
+    def key(self, values: np.ndarray) -> np.ndarray:
         """Token values mapped so that numeric order is the suffix array's order."""
         return np.asarray(values, dtype=np.int64)
 
@@ -117,7 +117,7 @@ class Engine:
 class _Keyed:
     """A token array seen through `key`, indexed like a numpy array."""
 
-    def __init__(self, tokens: np.ndarray, key: Any):
+    def __init__(self, tokens: np.ndarray, key: Callable[[np.ndarray], np.ndarray]):
         self.tokens, self.key = tokens, key
 
     def __len__(self) -> int:
@@ -184,7 +184,7 @@ class PortableEngine(Engine):
 
 
 def _compare(
-    tokens: np.ndarray, n: int, pos: np.ndarray, q: np.ndarray, qstart: np.ndarray, chunk: int = 16
+    tokens: np.ndarray | _Keyed, n: int, pos: np.ndarray, q: np.ndarray, qstart: np.ndarray, chunk: int = 16
 ) -> tuple[np.ndarray, np.ndarray]:
     """Compare corpus suffixes `tokens[pos[k]:]` with query suffixes `q[qstart[k]:]`.
 

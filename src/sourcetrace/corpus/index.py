@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -522,7 +522,7 @@ class CorpusIndex:
 
     def trace(
         self,
-        text: str | Sequence[int],
+        text: str | Sequence[int] | np.ndarray,
         *,
         prompt: str | None = None,
         min_len: int = 4,
@@ -630,7 +630,8 @@ class _ShardWriter:
         self.sep = np.array([separator(dtype)], dtype=DTYPES[dtype]).tobytes()
         self.shard_tokens: list[int] = []
         self.shard_docs: list[int] = []
-        self._ds = self._od = None
+        self._ds: BinaryIO | None = None
+        self._od: BinaryIO | None = None
         self._bytes = 0
 
     def _open(self) -> None:
@@ -645,6 +646,7 @@ class _ShardWriter:
         if self._ds is None or (self.shard_tokens[-1] and self.shard_tokens[-1] + len(arr) + 1 > self.limit):
             self.close()
             self._open()
+        assert self._ds is not None and self._od is not None  # _open sets both
         self._od.write(np.array([self._bytes], dtype=np.uint64).tobytes())
         data = self.sep + arr.tobytes()
         self._ds.write(data)
@@ -654,6 +656,7 @@ class _ShardWriter:
 
     def close(self) -> None:
         if self._ds is not None:
+            assert self._od is not None  # opened together with _ds
             self._ds.close()
             self._od.close()
             self._ds = self._od = None

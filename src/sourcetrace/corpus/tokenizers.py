@@ -176,7 +176,8 @@ class CallableTokenizer(Tokenizer):
     ):
         self._encode = encode
         self._decode = decode
-        self.name = name or getattr(encode, "__qualname__", "callable")
+        qualname: str = getattr(encode, "__qualname__", "callable")
+        self.name = name or qualname
         self.max_id = (vocab_size - 1) if vocab_size else 2**32 - 2
         try:
             probe: list[int] | None = [int(i) for i in encode(self._PROBE)]

@@ -15,6 +15,7 @@ rule of the DataInf code (`lambda_const_param=10`: λ = mean ‖g‖²/(10·d)) 
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ class DataInf(Curvature):
             self._fit_from_store(layout, n)
             return
         dtype = "float64" if next(iter(ctx.capture.params.values())).dtype == torch.float64 else "float32"
+        folder: str | Path
         if ctx.folder is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="sourcetrace-datainf-")
             folder = self._tmp.name

@@ -21,14 +21,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, cast
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from ..errors import InvalidOptionError, NonFiniteError
 from ..grads.capture import _call
+from ..tasks import OutputTask, has_outputs
 from .base import Curvature, CurvatureContext, register_curvature
 from .damping import hutchinson_trace, resolve_damping
 
@@ -47,21 +48,28 @@ class CurvatureOperator:
                  batch_size: int | None = None):
         if kind not in KINDS:
             raise InvalidOptionError(f"kind must be one of {KINDS} (got {kind!r})")
-        if kind == "ggn" and not all(hasattr(ctx.task, a) for a in ("outputs", "loss_from_outputs")):
-            raise InvalidOptionError(
-                f"kind='ggn' needs the task to have outputs(model, batch) and loss_from_outputs(outputs, "
-                f"batch); {type(ctx.task).__name__} has not: add them, or use kind='hessian'")
+        self.model, self.task = ctx.model, ctx.task
+        self.output_task: OutputTask | None = ctx.task if has_outputs(ctx.task) else None
+        if kind == "ggn":
+            self._ggn_task()  # refuse a task without outputs now rather than at the first product
         batch_size = max(ctx.batch_size, 512) if batch_size is None else int(batch_size)
         self.ctx = dataclasses.replace(ctx, batch_size=batch_size)
         self.kind, self.chunk = kind, int(chunk)
-        self.model, self.task = ctx.model, ctx.task
         self.params = {n: p.detach() for n, p in ctx.capture.params.items()}
         self.layout = ctx.layout()
         self.dim = int(ctx.capture.dim)
         self.n = len(ctx.train)
         first = next(iter(self.params.values()))
         self.dtype, self.device = first.dtype, first.device
-        self._cache: list[tuple[int, Any]] | None = None
+        self._cache: list[tuple[int, Any, Any]] | None = None
+
+    def _ggn_task(self) -> OutputTask:
+        """The task, which the Gauss-Newton products need to have outputs and loss_from_outputs."""
+        if self.output_task is None:
+            raise InvalidOptionError(
+                f"kind='ggn' needs the task to have outputs(model, batch) and loss_from_outputs(outputs, "
+                f"batch); {type(self.task).__name__} has not: add them, or use kind='hessian'")
+        return self.output_task
 
     # ---- data ----------------------------------------------------------------------------------------
     def batches(self) -> list[tuple[int, Any, Any]] | Iterator[tuple[int, Any, Any]]:
@@ -93,14 +101,15 @@ class CurvatureOperator:
         """
         if self.kind != "ggn":
             return None
+        task = self._ggn_task()
         with torch.no_grad():
-            out = _call(self.model, self.params, self.task.outputs, batch)
+            out = _call(self.model, self.params, task.outputs, batch)
         b, k = out.shape[0], out[0].numel()
         if k > 64:
             return None
 
         def out_loss(o: torch.Tensor) -> torch.Tensor:
-            return self.task.loss_from_outputs(o, batch).sum()
+            return task.loss_from_outputs(o, batch).sum()
 
         units = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, b, k).reshape(
             k, *out.shape)
@@ -126,15 +135,18 @@ class CurvatureOperator:
             def one(x: torch.Tensor) -> torch.Tensor:
                 return self._flat(jvp(grad(loss), (params,), (self._unflat(x),))[1])
         else:
-            def outputs(p: dict[str, torch.Tensor]) -> torch.Tensor:
-                return _call(model, p, task.outputs, batch)
+            out_task = self._ggn_task()
 
-            out, pullback = vjp(outputs, params)
+            def outputs(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                return _call(model, p, out_task.outputs, batch)
+
+            # torch annotates vjp's result as a union that covers has_aux=True; without aux it is a pair
+            out, pullback = cast("tuple[torch.Tensor, Callable[..., Any]]", vjp(outputs, params))
             out = out.detach()
             b = out.shape[0]
 
             def out_loss(o: torch.Tensor) -> torch.Tensor:
-                return task.loss_from_outputs(o, batch).mean()
+                return out_task.loss_from_outputs(o, batch).mean()
 
             def one(x: torch.Tensor) -> torch.Tensor:
                 jv = jvp(outputs, (params,), (self._unflat(x),))[1]  # J v

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -104,7 +104,10 @@ class _Block:
         m = self.module
         b = g.shape[0]
         if self.kind == "conv2d":
-            cols = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+            conv = cast(nn.Conv2d, m)
+            # never a string here: hookable() sends string padding to the fallback
+            padding = cast("tuple[int, ...]", conv.padding)
+            cols = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
             a3 = cols.transpose(1, 2)
             g3 = g.reshape(b, g.shape[1], -1).transpose(1, 2)
             positions = True
@@ -127,8 +130,9 @@ class _Block:
         keep = None
         if positions:  # positions with no output gradient (padding, masked tokens) carry no Fisher
             keep = g2.abs().amax(1) > 0
-        if self.kind == "embedding" and self.module.padding_idx is not None:
-            pad = a2 != self.module.padding_idx
+        pad_idx = cast(nn.Embedding, self.module).padding_idx if self.kind == "embedding" else None
+        if pad_idx is not None:
+            pad = a2 != pad_idx
             keep = pad if keep is None else keep & pad
         if keep is not None:
             a2, g2 = a2[keep], g2[keep]
@@ -161,7 +165,7 @@ class _Block:
         assert self.qs is not None
         out = torch.zeros(self.inp, self.out, dtype=torch.float64, device=self.qs.device)
         chunk = max(1, 2**24 // (self.inp * self.out))
-        pad = self.module.padding_idx
+        pad = cast(nn.Embedding, self.module).padding_idx
         for lo in range(0, n, chunk):
             grad = torch.zeros(min(chunk, n - lo), self.inp, self.out, dtype=torch.float64, device=out.device)
             for ids, g3 in rotated:
@@ -296,6 +300,8 @@ class KFAC(_Fisher):
 
     name = "kfac"
     corrected = False
+    diag_sum: dict[str, torch.Tensor]  # running Σ g² of the parameters outside hooked layers
+    diag_count: float
 
     def fit(self, ctx: CurvatureContext) -> None:
         start = time.perf_counter()
@@ -382,7 +388,7 @@ class KFAC(_Fisher):
             bname = hooked.get((lname, "bias"))
             bias = bname if bname is not None and uses[bname] == 1 else None
             kind = _kind(module)
-            w = module.weight
+            w = cast(torch.Tensor, module.weight)
             if kind in ("linear", "conv2d"):
                 out, inp = w.shape[0], int(w[0].numel())
             else:
@@ -391,7 +397,7 @@ class KFAC(_Fisher):
             covered.update(n for n in (pname, bias) if n is not None)
         self.diag_names = [n for n in cap.params if n not in covered]
         self.device = next(iter(cap.params.values())).device
-        self.diag_sum: dict[str, torch.Tensor] = {}
+        self.diag_sum = {}
         self.diag_count = 0.0
 
     # ---- pass 1: covariances -------------------------------------------------------------------------
@@ -504,6 +510,7 @@ class KFAC(_Fisher):
             w, bias = b.unmatrix(b.unrotate(b.rotate(m) * scale(b.eig, b.damp)))
             out[:, ws] = w
             if bs is not None:
+                assert bias is not None  # unmatrix returns a bias row whenever the block has a bias
                 out[:, bs] = bias
         for name in self.diag_names:
             sl = self.layout[name]

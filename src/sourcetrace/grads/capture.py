@@ -188,7 +188,8 @@ class GradientCapture:
                 h.remove()
         self._last_batch_grads = dict(zip([n for n in self.params if n not in self.fallback_names],
                                           batch_grads))
-        io = {name: [(a, outgrads[name][call]) for call, a in enumerate(inputs[name]) if call in outgrads[name]]
+        io = {name: [(a, outgrads[name][call]) for call, a in enumerate(inputs[name])
+                     if call in outgrads[name]]
               for name in self.layers}
         return io, values
 

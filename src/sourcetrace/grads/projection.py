@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -147,7 +147,8 @@ def _layer_axes(module: nn.Module) -> tuple[int, int, int] | None:
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features, 1
     if _is_conv1d(module):  # transformers' Conv1D keeps W as [in, out]: y = x W + b
-        return module.weight.shape[0], module.weight.shape[1], 0
+        w = cast(torch.Tensor, module.weight)
+        return w.shape[0], w.shape[1], 0
     if isinstance(module, nn.Conv2d):
         return module.weight.shape[0], int(module.weight[0].numel()), 1
     if isinstance(module, nn.Embedding):  # the input side is the one-hot token id
@@ -241,7 +242,9 @@ def _tokens(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.
     """Inputs [B, T, n_in] (token ids [B, T] for an embedding) and output gradients [B, T, n_out]."""
     b = a.shape[0]
     if isinstance(module, nn.Conv2d):
-        cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding,
+        # never a string here: hookable() sends string padding to the fallback
+        padding = cast("tuple[int, ...]", module.padding)
+        cols = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=padding,
                         stride=module.stride)  # [B, C_in·kh·kw, L]
         return cols.transpose(1, 2), g.reshape(b, g.shape[1], -1).transpose(1, 2)
     if isinstance(module, nn.Embedding):

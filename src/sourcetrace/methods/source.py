@@ -271,7 +271,14 @@ class Source(GradientSimilarity):
             v = seg.curvature.apply_fn(v, flow_jacobian(horizon, o.weight_decay))
         return feats
 
-    def _blocks(self, feats: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def _blocks(self, feats: list[torch.Tensor], only: int | None = None
+                ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        if only is not None:
+            raise InvalidOptionError(f"method {self.name!r}: per-checkpoint scores are not available for "
+                                     "this method")
+        return self._source_blocks(feats)
+
+    def _source_blocks(self, feats: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor]]:
         """−Σ_c w_c q_cᵀ g_c per shard, with examples outside a checkpoint's stage data masked out."""
         for parts in zip(*(s.shards() for s in self.stores)):
             lo, hi = parts[0][0], parts[0][1]

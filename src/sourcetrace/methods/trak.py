@@ -178,7 +178,14 @@ class TRAK(GradientSimilarity):
         return self.out_to_loss
 
     # ---- scoring: score = Σ_c w_c Q_i (q_c M_c) φ_{c,i} ------------------------------------------------
-    def _blocks(self, feats: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def _blocks(self, feats: list[torch.Tensor], only: int | None = None
+                ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        if only is not None:
+            raise InvalidOptionError(f"method {self.name!r}: per-checkpoint scores are not available for "
+                                     "this method")
+        return self._trak_blocks(feats)
+
+    def _trak_blocks(self, feats: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor]]:
         weights = self._weights()
         for parts in zip(*(s.shards() for s in self.stores)):
             lo, hi = parts[0][0], parts[0][1]
