@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import tiny_gpt2
 from sourcetrace.curvature.base import CURVATURES, CurvatureContext
 from sourcetrace.curvature.kfac import EKFAC, KFAC, DiagonalFisher
 from sourcetrace.data import Examples
@@ -184,11 +185,7 @@ def test_embedding_blocks_match_brute_force_and_a_is_token_frequencies():
 
 
 def _tiny_gpt2():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=30, n_positions=16,
-                                  attn_implementation="eager")
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg).double().eval()
+    return tiny_gpt2(dtype=torch.float64)
 
 
 def test_gpt2_conv1d_blocks_match_brute_force():

@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import sourcetrace as st
+from models import lm_examples, tiny_gpt2
 
 
 def _data(n, seed):
@@ -91,14 +92,8 @@ def test_datainf_on_peft_lora_layers():
 
 
 def test_datainf_runs_on_tiny_gpt2():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=30, n_positions=16,
-                                  attn_implementation="eager")
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    train = [{"prompt": torch.randint(1, 30, (3,), generator=gen).tolist(),
-              "completion": torch.randint(1, 30, (3,), generator=gen).tolist()} for _ in range(6)]
+    model = tiny_gpt2()
+    train = lm_examples(6)
     for method, options in (("datainf", {}),):
         scores = st.Attributor(model, st.CausalLMTask(), method, progress=False, **options).fit(train)
         matrix = scores.score(train[:2]).matrix

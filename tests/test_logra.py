@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import sourcetrace as st
+from models import tiny_gpt2
 
 
 def _data(n, seed):
@@ -80,11 +81,7 @@ def test_logra_default_damping_and_projected_rows_agree_with_the_kronecker_formu
 
 
 def test_logra_on_tiny_gpt2_with_conv1d_and_tied_embeddings():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=30, n_positions=16,
-                                  attn_implementation="eager")
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model = tiny_gpt2()
     gen = torch.Generator().manual_seed(0)
     train = [{"prompt": torch.randint(1, 30, (3,), generator=gen).tolist(),
               "completion": torch.randint(1, 30, (int(n),), generator=gen).tolist()}

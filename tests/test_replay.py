@@ -13,13 +13,6 @@ from sourcetrace.trajectory import Trajectory, TrajectoryRecorder, optimizer_spe
 N_TRAIN, N_QUERY, D, C, B = 24, 3, 4, 3, 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is much faster than several on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def mlp():

@@ -13,12 +13,6 @@ from sourcetrace.trajectory import Trajectory, TrajectoryRecorder, trajectory_ca
 N, D, C, B, STEPS = 20, 4, 3, 5, 24
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def data():
