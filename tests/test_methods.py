@@ -8,6 +8,7 @@ from torch import nn
 
 import sourcetrace as st
 from sourcetrace.errors import InvalidOptionError, SourcetraceError, UnknownMethodError
+from sourcetrace.grads import GradientCapture
 from sourcetrace.methods import gradient
 
 N_TRAIN, N_QUERY, D, C = 13, 4, 4, 3
@@ -174,3 +175,20 @@ def test_unknown_and_invalid_options():
         st.Attributor(mlp(), task, method="tracin")
     with pytest.raises(InvalidOptionError, match="one learning rate per checkpoint"):
         st.Attributor(mlp(), task, method="tracin", checkpoints=[mlp().state_dict()], learning_rates=[1, 2])
+
+
+def test_relatif_divides_by_the_root_of_self_influence():
+    """RelatIF: score(q, i) / √(∇L_iᵀ P ∇L_i), checked against the same method's own parts (EK-FAC)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(25, 4, dtype=torch.float64), torch.randint(0, 3, (25,))
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    task = st.ClassificationTask()
+    plain = st.Attributor(model, task, "ekfac", store_dtype="float64", progress=False).fit((x, y))
+    want = plain.score((x[:3], y[:3])).matrix / plain.self_influence().sqrt()
+    got = st.Attributor(model, task, "ekfac", store_dtype="float64", relatif=True, progress=False) \
+        .fit((x, y)).score((x[:3], y[:3])).matrix
+    assert torch.allclose(got, want, rtol=1e-10)
+    # self-influence itself against brute force: gᵀ P g with P applied to each training gradient
+    g = GradientCapture(model).flat(task.train_loss, (x, y))
+    brute = (plain.method.precondition(0, g) * g).sum(1)
+    assert torch.allclose(plain.self_influence(), brute, rtol=1e-8)

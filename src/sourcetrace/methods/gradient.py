@@ -43,6 +43,8 @@ class GradientOptions(Options):
     each checkpoint's scores are standardized per query and weighted by how far that checkpoint is from
     fitting the query (1 − p), so the base model, where a new fact is unfitted, carries the signal (see
     `sourcetrace.methods.dda` and benchmarks/facts-lm.md).
+    relatif: divide each training example's scores by the square root of its self-influence (RelatIF,
+    Barshan et al. 2020), so that examples with large, unusual gradients do not dominate every query.
     """
 
     modules: tuple[str, ...] | list[str] | None = None
@@ -52,6 +54,7 @@ class GradientOptions(Options):
     checkpoints: tuple[Any, ...] | list[Any] | None = None
     learning_rates: tuple[float, ...] | list[float] | None = None
     dda: bool = False
+    relatif: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -211,11 +214,23 @@ class GradientSimilarity(Method):
     def score(self, ctx: Context, queries: Examples, top_k: int | None = None) -> Scores:
         feats = self.query_features(ctx, queries)
         blocks = self._dda_blocks(ctx, queries, feats) if self.options.dda else self._blocks(feats)
+        if self.options.relatif:
+            blocks = self._relatif(ctx, blocks)
         parts = reduce_blocks(blocks, len(queries), len(self.train_ids), top_k)
         meta = {"options": self.options.manifest()}
         attach = top_k is None and self.cheap_self_influence
         return Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name, metadata=meta,
                       self_influence=self.self_influence(ctx) if attach else None, **parts)
+
+    def _relatif(self, ctx: Context, blocks: Iterator[tuple[int, int, torch.Tensor]]
+                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Blocks divided column-wise by √(self-influence) of their training examples."""
+        influence = self.self_influence(ctx)
+        if influence is None:
+            raise InvalidOptionError(f"relatif=True needs a self-influence, which {self.name!r} does not define")
+        scale = influence.double().clamp_min(1e-30).sqrt()
+        for lo, hi, block in blocks:
+            yield lo, hi, block / scale[lo:hi].to(block.dtype)
 
     def _dda_blocks(self, ctx: Context, queries: Examples, feats: list[torch.Tensor]
                     ) -> Iterator[tuple[int, int, torch.Tensor]]:
