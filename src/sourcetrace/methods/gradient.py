@@ -227,7 +227,8 @@ class GradientSimilarity(Method):
         """Blocks divided column-wise by √(self-influence) of their training examples."""
         influence = self.self_influence(ctx)
         if influence is None:
-            raise InvalidOptionError(f"relatif=True needs a self-influence, which {self.name!r} does not define")
+            raise InvalidOptionError(f"relatif=True needs a self-influence, which {self.name!r} does not "
+                                     "define")
         scale = influence.double().clamp_min(1e-30).sqrt()
         for lo, hi, block in blocks:
             yield lo, hi, block / scale[lo:hi].to(block.dtype)
