@@ -300,14 +300,6 @@ def _mean_loss_hessian(model: nn.Module, train) -> torch.Tensor:
     return torch.func.hessian(mean_loss)(theta)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _double(data):
     return data[0].double(), data[1]
 
@@ -332,7 +324,7 @@ def test_dattri_defaults_are_the_library_defaults():
     assert inspect.signature(random_project).parameters["proj_type"].default == "normal"
 
 
-def test_dattri_explicit_large_regularization_equals_brute_force(data, one_thread):
+def test_dattri_explicit_large_regularization_equals_brute_force(data):
     """(H + λI)⁻¹ ≈ I/λ for λ far above the curvature: λ·scores → -∇m·∇L. dattri returns
     ∇L(i)ᵀ(H + λI)⁻¹∇m(q) (positive = up-weighting lowers m); the adapter negates it."""
     pytest.importorskip("dattri")
@@ -345,7 +337,7 @@ def test_dattri_explicit_large_regularization_equals_brute_force(data, one_threa
     _assert_untouched(model, before)
 
 
-def test_dattri_hessian_is_of_the_mean_loss(data, one_thread):
+def test_dattri_hessian_is_of_the_mean_loss(data):
     """dattri's damping convention: λ is added to the Hessian of the *mean* training loss (the adapter's
     loss_func averages, as dattri's examples do, and caches the whole training set as one batch)."""
     pytest.importorskip("dattri")
@@ -379,7 +371,7 @@ def test_dattri_hessian_is_of_the_mean_loss(data, one_thread):
 
 
 @pytest.mark.parametrize("method", ["datainf", "ekfac", "lissa"])
-def test_dattri_curvature_methods_large_regularization(data, one_thread, method):
+def test_dattri_curvature_methods_large_regularization(data, method):
     """DataInf's, EK-FAC's and LiSSA's damping all act as +λI: with λ large, λ·scores → -∇m·∇L."""
     pytest.importorskip("dattri")
     train, test = data
@@ -391,7 +383,7 @@ def test_dattri_curvature_methods_large_regularization(data, one_thread, method)
     _assert_close(got * 1e4, _brute_force(model, train, test), rtol=1e-3)
 
 
-def test_dattri_datainf_default_is_not_finite(data, one_thread):
+def test_dattri_datainf_default_is_not_finite(data):
     """dattri 0.3.0's DataInf defaults to regularization=0 and divides by it: library defaults give
     non-finite scores (the adapter passes dattri's default through unchanged)."""
     pytest.importorskip("dattri")
@@ -401,7 +393,7 @@ def test_dattri_datainf_default_is_not_finite(data, one_thread):
     assert not np.isfinite(got).all()
 
 
-def test_dattri_arnoldi_runs_and_keeps_the_sign(data, one_thread):
+def test_dattri_arnoldi_runs_and_keeps_the_sign(data):
     """Arnoldi keeps only the top eigen-directions (no closed form to compare with); it must still rank
     the duplicate of a query as its proponent."""
     pytest.importorskip("dattri")
@@ -413,7 +405,7 @@ def test_dattri_arnoldi_runs_and_keeps_the_sign(data, one_thread):
     assert got[0, 0] > 0
 
 
-def test_dattri_grad_dot_equals_brute_force(data, one_thread):
+def test_dattri_grad_dot_equals_brute_force(data):
     """TracIn with one checkpoint and weight 1 returns ∇L·∇m (negated by the adapter); with the identity
     projection it is exact. Projector options never leak into dattri's module-level defaults."""
     pytest.importorskip("dattri")
@@ -432,7 +424,7 @@ def test_dattri_grad_dot_equals_brute_force(data, one_thread):
     assert projected[0, 0] > 0
 
 
-def test_dattri_trak_large_regularization_equals_brute_force(data, one_thread):
+def test_dattri_trak_large_regularization_equals_brute_force(data):
     """dattri's TRAK: φ_q(ΦᵀΦ + λI)⁻¹φ_i·(1 - p_i) with φ = ∇m/√P (P parameters), positive for proponents
     already. With the identity projection and λ large, λ·P·scores → ∇m(q)·∇m(i)(1 - p_i) = -∇m·∇L."""
     pytest.importorskip("dattri")

@@ -58,7 +58,6 @@ def test_tokenizer_round_trip(corpus):
 
 
 def test_small_pipeline_trains_and_scores(tmp_path):
-    torch.set_num_threads(1)
     setting = fl.FactsSetting.small()
     t = fl.trained(setting, tmp_path)
     assert t.stats["parameters"] < 1_000_000
@@ -75,7 +74,6 @@ def test_small_pipeline_trains_and_scores(tmp_path):
 
 @pytest.mark.slow
 def test_leave_sources_out_lowers_the_answer(tmp_path):
-    torch.set_num_threads(1)
     setting = fl.FactsSetting(n_entities=8, n_pretrain_entities=30, n_filler=10, n_pretrain_filler=60,
                               pretrain_epochs=8, finetune_epochs=30)
     t = fl.trained(setting, tmp_path)

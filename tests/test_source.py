@@ -28,11 +28,8 @@ N_TRAIN, N_QUERY, D, C = 16, 4, 3, 3
 
 @pytest.fixture(autouse=True, scope="module")
 def _float64():
-    threads = torch.get_num_threads()
     torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)  # tiny models: threads only contend on a busy machine
     yield
-    torch.set_num_threads(threads)
     torch.set_default_dtype(torch.float32)
 
 
