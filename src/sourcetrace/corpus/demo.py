@@ -4,7 +4,9 @@ The corpus mixes three kinds of document:
 
 - filler: random words, which a model cannot predict;
 - planted: filler around one of a few passages, each passage planted in several documents, so a model
-  memorises it and mining should find it and trace it to those documents ("memorisation");
+  memorises it and mining should find it and trace it to those documents ("memorisation"); each passage's
+  prompt is the real start of one of its documents up to the passage's first few words, so the rest of the
+  passage has to come from the model;
 - records: `key : y1 .. y6 . again : y1 .. y6 .` with fresh random words, so a model learns to copy; the
   copy it generates after a new random key is fluent and confident but never occurs in the corpus
   ("synthetic coherence").
@@ -39,7 +41,7 @@ class DemoCorpus:
     docs: list[dict[str, Any]]
     passages: list[str]
     passage_docs: list[list[str]]  # ids of the documents each passage was planted in
-    prompts: list[str]  # the start of a document holding each passage, up to its first words
+    prompts: list[str]  # the real start of a document holding each passage, up to the passage's first words
     key_words: list[str]
     record_prompt: str = "key :"
     settings: dict[str, Any] = field(default_factory=dict)
@@ -74,14 +76,17 @@ def make_demo_corpus(
         ids = []
         for c in range(int(rng.integers(copies[0], copies[1] + 1))):
             doc_id = f"planted-{p}-{c}"
-            body = f"{fill(int(rng.integers(2, 7)))} {text} {fill(int(rng.integers(2, 7)))} ."
+            before = fill(int(rng.integers(2, 7)))
+            body = f"{before} {text} {fill(int(rng.integers(2, 7)))} ."
             docs.append(
                 {"id": doc_id, "text": body, "title": f"passage {p}", "url": f"https://example.org/{p}/{c}"}
             )
             ids.append(doc_id)
+            if c == 0:
+                # the prompt is the real start of the passage's first document, up to the passage's first
+                # words (a training-data prefix, as in extraction attacks); the rest must be generated
+                prompts.append(before + " " + " ".join(text.split()[:prompt_words]))
         passage_docs.append(ids)
-        # a prompt reads like the start of a new document: a few fresh words, then the passage's first words
-        prompts.append(fill(4) + " " + " ".join(text.split()[:prompt_words]))
     for i in range(n_records):
         y = " ".join(rng.choice(keys, size=6))
         docs.append({"id": f"record-{i}", "text": f"key : {y} . again : {y} .", "title": "record"})
