@@ -62,6 +62,14 @@ class Attributor:
         examples = Examples(queries, ids, name="queries")
         return self.method.score(self.ctx, examples, top_k=top_k)
 
+    def score_by_module(self, queries: Any, ids: list[Any] | None = None) -> dict[str, Scores]:
+        """Scores split by module (e.g. per layer); they add up to `score(queries)`."""
+        self._require_fit()
+        by_module = getattr(self.method, "score_by_module", None)
+        if by_module is None:
+            raise SourcetraceError(f"method {self.method.name!r} has no per-module scores")
+        return by_module(self.ctx, Examples(queries, ids, name="queries"))
+
     def self_influence(self) -> torch.Tensor:
         """Each training example's influence on its own loss (high = unusual or mislabeled)."""
         self._require_fit()

@@ -115,9 +115,11 @@ class GradientSimilarity(Method):
         self.train_ids = train.ids
         self.train_shapes = _shapes(collate(ctx.task, [train[0]]))
         self.stores, self.weights, self.states = [], [], []
+        self.shapes: dict[str, tuple[int, ...]] = {}  # parameter layout of a stored row
         for c, (state, weight) in enumerate(self._states()):
             with self._at(ctx, state) as model:
                 capture = GradientCapture(model, o.modules, fallback=o.fallback)
+                self.shapes = dict(capture.shapes)
                 dim = self.feature_dim(c, capture)
                 itemsize = 8 if o.store_dtype == "float64" else 4
                 shard = max(1, min(8192, SHARD_BYTES // (dim * itemsize)))
@@ -221,6 +223,32 @@ class GradientSimilarity(Method):
         attach = top_k is None and self.cheap_self_influence
         return Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name, metadata=meta,
                       self_influence=self.self_influence(ctx) if attach else None, **parts)
+
+    def score_by_module(self, ctx: Context, queries: Examples) -> dict[str, Scores]:
+        """Scores split by module: Σ over modules of -(P q)_module · g_module equals the total score."""
+        if self.options.dda or self.options.relatif or type(self)._blocks is not GradientSimilarity._blocks \
+                or any(s.dim != sum(int(torch.Size(v).numel()) for v in self.shapes.values())
+                       for s in self.stores):
+            raise InvalidOptionError(f"per-module scores need unprojected gradients; {self.name!r} with "
+                                     "these options stores other features")
+        feats = self.query_features(ctx, queries)
+        spans: dict[str, list[slice]] = {}
+        start = 0
+        for name, shape in self.shapes.items():
+            size = int(torch.Size(shape).numel())
+            module = name.rsplit(".", 1)[0] if "." in name else ""
+            spans.setdefault(module, []).append(slice(start, start + size))
+            start += size
+        out = {}
+        for module, slices in spans.items():
+            cols = torch.cat([torch.arange(s.start, s.stop) for s in slices])
+            parts = {"matrix": torch.zeros(len(queries), len(self.train_ids), dtype=feats[0].dtype)}
+            for c, (q, w) in enumerate(zip(feats, self.weights)):
+                for lo, hi, g in self.stores[c].shards():
+                    parts["matrix"][:, lo:hi] -= w * (q[:, cols] @ g[:, cols].to(q.dtype).T)
+            out[module] = Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name,
+                                 metadata={"module": module, "options": self.options.manifest()}, **parts)
+        return out
 
     def _relatif(self, ctx: Context, blocks: Iterator[tuple[int, int, torch.Tensor]]
                  ) -> Iterator[tuple[int, int, torch.Tensor]]:
