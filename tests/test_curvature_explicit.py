@@ -195,3 +195,46 @@ def test_eigendecomposition_is_cached_per_model_and_data(tmp_path):
     other = ExplicitCurvature(damping=0.1)
     other.fit(ctx)
     assert not torch.allclose(other.matrix(), first.matrix())
+
+
+def test_ggn_of_a_causal_lm_equals_brute_force():
+    """GGN of tiny GPT-2's completion loss: mean over examples of Jᵀ (diag p − p pᵀ) J, built from the logits'
+    Jacobian by autograd, summed over the completion positions."""
+    from models import lm_examples, tiny_gpt2
+    from sourcetrace.curvature.base import CurvatureContext
+    from sourcetrace.curvature.explicit import ExplicitCurvature
+    from sourcetrace.data import Examples
+    from sourcetrace.grads import GradientCapture
+    from sourcetrace.tasks import CausalLMTask
+
+    model = tiny_gpt2(vocab_size=12, dtype=torch.float64)
+    task = CausalLMTask()
+    train = Examples(lm_examples(3, prompt=2, completion=2, vocab_size=12))
+    capture = GradientCapture(model, modules=["lm_head", "transformer.h.0.mlp.c_proj"])
+    params = dict(capture.params)
+    curv = ExplicitCurvature(kind="ggn", damping=0.0)
+    curv.fit(CurvatureContext(model, task, capture, train, batch_size=8))
+    got = curv.matrix()
+
+    names = list(params)
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+    sizes = [params[n].numel() for n in names]
+
+    def logits_of(theta, batch):
+        chunks = dict(zip(names, [c.reshape(params[n].shape) for c, n in zip(theta.split(sizes), names)]))
+        return torch.func.functional_call(model, chunks, args=(), kwargs={"input_ids": batch["input_ids"],
+                                          "attention_mask": batch["attention_mask"]}).logits
+
+    want = torch.zeros(flat.numel(), flat.numel(), dtype=torch.float64)
+    for i in range(len(train)):
+        batch = task.collate([train[i]])
+        jac = torch.autograd.functional.jacobian(lambda t, b=batch: logits_of(t, b), flat)  # [1, T, V, P]
+        logits = logits_of(flat, batch)[0]
+        keep = batch["labels"][0, 1:] != -100
+        for t in torch.nonzero(keep).flatten().tolist():  # position t predicts token t+1
+            p = torch.softmax(logits[t], -1)
+            h = torch.diag(p) - torch.outer(p, p)
+            j = jac[0, t]
+            want += j.T @ h @ j
+    want /= len(train)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-10)

@@ -263,7 +263,9 @@ class CausalLMTask:
 
     def token_logprobs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Log-probability of each label token given its prefix, 0 where the label is -100; [B, T-1]."""
-        logits = self._logits(model, batch)
+        return self._logprobs(self._logits(model, batch), batch)
+
+    def _logprobs(self, logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         labels = batch["labels"].to(logits.device)
         targets = labels[:, 1:]
         keep = targets != -100
@@ -287,11 +289,19 @@ class CausalLMTask:
         labels[:, 1:] = torch.where(keep, drawn, labels[:, 1:])
         return -self.token_logprobs(model, {**batch, "labels": labels}).sum(1)
 
-    def train_loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        total = -self.token_logprobs(model, batch).sum(1)
+    def outputs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The logits [B, T, V]: the outputs the Gauss-Newton curvature linearises the model at."""
+        return self._logits(model, batch)
+
+    def loss_from_outputs(self, outputs: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-example completion loss from the logits; `train_loss` = this of `outputs(...)`."""
+        total = -self._logprobs(outputs, batch).sum(1)
         if self.loss_per_token:
             total = total / (batch["labels"][:, 1:] != -100).sum(1).clamp_min(1)
         return total
+
+    def train_loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_from_outputs(self.outputs(model, batch), batch)
 
     def measurement(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.token_logprobs(model, batch).sum(1)

@@ -157,7 +157,8 @@ class CurvatureOperator:
                 return self._flat(pullback(hjv)[0])  # Jᵀ H_out J v
 
         with torch.enable_grad():
-            return vmap(one, chunk_size=self.chunk, randomness="same")(v)
+            # detached: parameters outside the selection still require grad, and nothing differentiates this
+            return vmap(one, chunk_size=self.chunk, randomness="same")(v).detach()
 
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
         """Rows of `vectors` [k, dim] times C (mean over all training batches), in float64."""
