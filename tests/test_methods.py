@@ -209,3 +209,23 @@ def test_scores_by_module_add_up_and_match_a_module_restricted_run(method):
     alone = st.Attributor(model, task, method, modules=["2"], store_dtype="float64", progress=False) \
         .fit((x, y)).score((x[:3], y[:3])).matrix
     assert torch.allclose(parts["2"].matrix, alone, rtol=1e-8)
+
+
+def test_query_low_rank_truncates_each_weight_block():
+    """query_rank=r: each weight block of the preconditioned query is its best rank-r approximation."""
+    torch.manual_seed(4)
+    x, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 4, (20,))
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    task = st.ClassificationTask()
+    exact = st.Attributor(model, task, "ekfac", store_dtype="float64", progress=False).fit((x, y))
+    cut = st.Attributor(model, task, "ekfac", store_dtype="float64", query_rank=1, progress=False).fit((x, y))
+    q = exact.method.query_features(exact.ctx, st.Examples((x[:2], y[:2])))[0]
+    got = cut.method.query_features(cut.ctx, st.Examples((x[:2], y[:2])))[0]
+    w = q[:, :30].reshape(2, 5, 6)  # first weight [5, 6]
+    u, s, vh = torch.linalg.svd(w)
+    want = s[:, :1, None] * u[..., :1] @ vh[:, :1]
+    assert torch.allclose(got[:, :30].reshape(2, 5, 6), want, rtol=1e-10, atol=1e-12)
+    assert torch.equal(got[:, 30:35], q[:, 30:35])  # biases untouched
+    full = st.Attributor(model, task, "ekfac", store_dtype="float64", query_rank=5, progress=False)
+    full.fit((x, y))
+    assert torch.allclose(full.score((x[:2], y[:2])).matrix, exact.score((x[:2], y[:2])).matrix, rtol=1e-10)

@@ -31,11 +31,15 @@ class InfluenceOptions(GradientOptions):
     """curvature: which approximation of the curvature (default ekfac, which works at every scale).
     damping: λ added to the curvature; None applies the curvature's documented default rule.
     curvature_options: options of that curvature (e.g. {"rank": 50} for arnoldi).
+    query_rank: keep only the top `query_rank` singular directions of each weight's preconditioned query
+    gradient (as a matrix [rows, rest]); an approximation that keeps query features small (as kronfluence's
+    query low-rank), None keeps them exact.
     """
 
     curvature: str = "ekfac"
     damping: float | None = None
     curvature_options: dict[str, Any] = field(default_factory=dict)
+    query_rank: int | None = None
 
 
 @register("influence", *CURVATURE_METHODS)
@@ -69,3 +73,24 @@ class Influence(GradientSimilarity):
 
     def precondition(self, c: int, rows: torch.Tensor) -> torch.Tensor:
         return self.curvatures[c].apply(rows).to(rows.dtype)
+
+    def query_features(self, ctx: Context, queries: Examples) -> list[torch.Tensor]:
+        feats = super().query_features(ctx, queries)
+        rank = self.options.query_rank
+        return feats if rank is None else [low_rank(q, self.shapes, rank) for q in feats]
+
+
+def low_rank(rows: torch.Tensor, shapes: dict[str, tuple[int, ...]], rank: int) -> torch.Tensor:
+    """Each row with every weight's block (as a [shape[0], rest] matrix) cut to its top `rank` SVD terms."""
+    if rank < 1:
+        raise InvalidOptionError("query_rank must be at least 1")
+    out, start = rows.clone(), 0
+    for shape in shapes.values():
+        size = int(torch.Size(shape).numel())
+        if len(shape) >= 2 and min(shape[0], size // shape[0]) > rank:
+            block = rows[:, start:start + size].reshape(rows.shape[0], shape[0], -1)
+            u, s, vh = torch.linalg.svd(block, full_matrices=False)
+            out[:, start:start + size] = ((u[..., :rank] * s[:, None, :rank]) @ vh[:, :rank]).reshape(
+                rows.shape[0], -1)
+        start += size
+    return out
