@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from models import lm_examples, tiny_gpt2
 
 import sourcetrace as st
+from models import lm_examples, tiny_gpt2
 
 CURVATURES = ["explicit", "cg", "lissa", "arnoldi", "kfac", "ekfac", "diagonal", "datainf"]
 
