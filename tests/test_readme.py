@@ -13,3 +13,9 @@ def test_quick_start_runs(tmp_path, monkeypatch):
     scores = namespace["scores"]
     assert scores.shape == (5, 200)
     assert (tmp_path / "runs/quickstart/scores/scores.json").exists()
+
+
+def test_ground_truth_api_named_in_the_readme_is_reachable():
+    import sourcetrace as st
+
+    assert callable(st.ensembles.retrain_subsets) and callable(st.evaluate.lds) and callable(st.evaluate.loo)

@@ -1,5 +1,6 @@
 """sourcetrace: trace what a model produces back to the training data that caused it."""
 
+from . import ensembles, evaluate
 from .attributor import Attributor, available_methods
 from .data import Examples
 from .scores import Attribution, Scores
@@ -9,5 +10,5 @@ from .trajectory import Trajectory, TrajectoryRecorder, trajectory_callback
 __version__ = "0.1.0"
 
 __all__ = ["Attribution", "Attributor", "CausalLMTask", "ClassificationTask", "Examples", "RegressionTask",
-           "Scores", "Task", "Trajectory", "TrajectoryRecorder", "__version__", "available_methods",
-           "trajectory_callback"]
+           "Scores", "Task", "Trajectory", "TrajectoryRecorder", "__version__", "available_methods", "ensembles",
+           "evaluate", "trajectory_callback"]
