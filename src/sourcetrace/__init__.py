@@ -10,5 +10,5 @@ from .trajectory import Trajectory, TrajectoryRecorder, trajectory_callback
 __version__ = "0.1.0"
 
 __all__ = ["Attribution", "Attributor", "CausalLMTask", "ClassificationTask", "Examples", "RegressionTask",
-           "Scores", "Task", "Trajectory", "TrajectoryRecorder", "__version__", "available_methods", "ensembles",
-           "evaluate", "trajectory_callback"]
+           "Scores", "Task", "Trajectory", "TrajectoryRecorder", "__version__", "available_methods",
+           "ensembles", "evaluate", "trajectory_callback"]
