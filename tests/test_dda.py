@@ -49,6 +49,15 @@ def test_normalize_train_divides_columns_by_rms():
     assert dda.normalize_train(s).matrix.flatten().tolist() == pytest.approx(expected)
 
 
+def test_default_is_weighted_standardized_combination_then_train_normalization():
+    a, b = _s([[1.0, 2.0, 4.0], [0.0, 3.0, 1.0]]), _s([[2.0, 0.0, 1.0], [5.0, 1.0, 1.0]])
+    w = torch.tensor([[0.9, 0.1], [0.5, 0.5]], dtype=torch.float64)
+    combined = dda.combine([a, b], w)
+    assert torch.allclose(dda.dda([a, b], w).matrix, dda.normalize_train(combined).matrix)
+    assert torch.allclose(dda.dda([a, b], w, normalize_train=False).matrix, combined.matrix)
+    assert dda.DEFAULT["normalize_train"] is True
+
+
 def test_fitting_errors_is_one_minus_probability():
     class Fixed(nn.Module):  # logits [B, T, V] that put probability p on token 1 at every position
         def __init__(self, p):

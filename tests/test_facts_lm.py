@@ -57,6 +57,17 @@ def test_tokenizer_round_trip(corpus):
         corpus.queries[0].answer
 
 
+def test_checkpoint_schedules():
+    assert fl.checkpoint_steps(1000, 6) == [0, 167, 333, 500, 667, 833]
+    # geometric: two per doubling from total // 200, dense early in fine-tuning
+    assert fl.checkpoint_steps(1000, 6, "geometric") == [0, 5, 10, 15, 20, 30, 40, 60, 80, 120, 160, 240,
+                                                         320, 480, 640, 960]
+    assert fl.checkpoint_steps(5, 2, "geometric") == [0, 1, 2, 3, 4]
+    assert fl.FactsSetting().checkpoint_schedule == "geometric"
+    with pytest.raises(ValueError):
+        fl.checkpoint_steps(10, 2, "log")
+
+
 def test_small_pipeline_trains_and_scores(tmp_path):
     setting = fl.FactsSetting.small()
     t = fl.trained(setting, tmp_path)

@@ -268,11 +268,30 @@ def _mean_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor
                                        ignore_index=-100)
 
 
+def checkpoint_steps(total: int, n_checkpoints: int, schedule: str = "even") -> list[int]:
+    """The steps at which `train` saves a checkpoint (step 0 is the starting model).
+
+    "even": `n_checkpoints` evenly spaced steps. "geometric": step 0, then u·m for m = 1, 2, 3, 4, 6, 8, 12,
+    16, … (two per doubling) below `total`, with u = max(1, total // 200) (`n_checkpoints` is ignored):
+    dense early in training, where new facts are being learned and the fitting-error weights of DDA vary,
+    sparse once they are fitted.
+    """
+    if schedule == "even":
+        return sorted({round(k * total / n_checkpoints) for k in range(n_checkpoints)}) if n_checkpoints \
+            else []
+    if schedule != "geometric":
+        raise ValueError("schedule must be 'even' or 'geometric'")
+    unit = max(1, total // 200)
+    return [0] + sorted(unit * f * 2 ** k for f in (1, 3) for k in range(total.bit_length() + 1)
+                        if unit * f * 2 ** k < total)
+
+
 def train(model: nn.Module, examples: Sequence[dict[str, list[int]]], *, epochs: int, lr: float,
-          batch_size: int = 16, seed: int = 0, n_checkpoints: int = 0
+          batch_size: int = 16, seed: int = 0, n_checkpoints: int = 0, schedule: str = "even"
           ) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
-    """AdamW with linear warm-up then linear decay; returns `n_checkpoints` evenly spaced checkpoints
-    (the first at step 0, i.e. the starting model) and the learning rate in force at each."""
+    """AdamW with linear warm-up then linear decay; returns the checkpoints at `checkpoint_steps(total
+    steps, n_checkpoints, schedule)` (the first at step 0, i.e. the starting model) and the learning rate
+    in force at each."""
     from ..tasks import CausalLMTask
 
     collate = CausalLMTask().collate
@@ -283,7 +302,7 @@ def train(model: nn.Module, examples: Sequence[dict[str, list[int]]], *, epochs:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
-    at = {round(k * total / n_checkpoints) for k in range(n_checkpoints)} if n_checkpoints else set()
+    at = set(checkpoint_steps(total, n_checkpoints, schedule)) if n_checkpoints else set()
     checkpoints: list[dict[str, torch.Tensor]] = []
     rates: list[float] = []
     model.train()
@@ -346,13 +365,15 @@ class FactsSetting:
     pretrain_lr: float = 3e-3
     finetune_epochs: int = 40
     finetune_lr: float = 2e-3
-    n_checkpoints: int = 6
+    n_checkpoints: int = 6  # for the "even" schedule
+    checkpoint_schedule: str = "geometric"  # see checkpoint_steps; DDA needs checkpoints early in fine-tuning
     seed: int = 0
 
     @classmethod
     def small(cls) -> FactsSetting:
         return cls(n_entities=4, n_pretrain_entities=8, n_filler=6, n_pretrain_filler=30, hidden=16,
-                   intermediate=32, pretrain_epochs=1, finetune_epochs=2, n_checkpoints=2)
+                   intermediate=32, pretrain_epochs=1, finetune_epochs=2, n_checkpoints=2,
+                   checkpoint_schedule="even")
 
     def corpus(self) -> FactsCorpus:
         return make_corpus(self.n_entities, self.n_pretrain_entities, self.n_sources, self.n_distractors,
@@ -382,7 +403,8 @@ def finetune(setting: FactsSetting, base: nn.Module, train_examples: Sequence[di
              n_checkpoints: int = 0) -> tuple[nn.Module, list[dict[str, torch.Tensor]], list[float]]:
     model = copy.deepcopy(base)
     ck, rates = train(model, train_examples, epochs=setting.finetune_epochs, lr=setting.finetune_lr,
-                      seed=setting.seed + 1, n_checkpoints=n_checkpoints)
+                      seed=setting.seed + 1, n_checkpoints=n_checkpoints,
+                      schedule=setting.checkpoint_schedule)
     return model, ck, rates
 
 
@@ -477,9 +499,11 @@ def _at(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return m
 
 
-def method_scores(t: Trained, only: Sequence[str] | None = None, finetune_steps: int = 0
+def method_scores(t: Trained, only: Sequence[str] | None = None, finetune_steps: int = 0,
+                  steps_of_checkpoints: Sequence[int] | None = None
                   ) -> dict[str, tuple[np.ndarray, float, str]]:
-    """Score every method: {label: (scores [n_query, n_train], seconds, note)}."""
+    """Score every method: {label: (scores [n_query, n_train], seconds, note)}; `steps_of_checkpoints`:
+    the fine-tuning step of each of `t.checkpoints` (evenly spaced over `finetune_steps` if not given)."""
     import sourcetrace as st
 
     from ..methods import dda
@@ -512,7 +536,8 @@ def method_scores(t: Trained, only: Sequence[str] | None = None, finetune_steps:
         families.append(("TRAK", "trak", {"proj_dim": 1024}))
     if "source" in avail:
         n_ck = len(t.checkpoints)
-        steps = [round(k * finetune_steps / n_ck) for k in range(n_ck)] + [finetune_steps]
+        steps = (list(steps_of_checkpoints) if steps_of_checkpoints is not None
+                 else [round(k * finetune_steps / n_ck) for k in range(n_ck)]) + [finetune_steps]
         try:
             timed("SOURCE (3 segments)", lambda: plain(
                 t.model, "source", checkpoints=t.checkpoints + [t.model.state_dict()],
@@ -587,7 +612,8 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/fac
     all_ent = [q.entity_docs for q in t.corpus.queries]
     rows = []
     total_steps = setting.finetune_epochs * math.ceil(len(t.train) / 16)
-    for label, (scores, seconds, note) in method_scores(t, only, total_steps).items():
+    ck_steps = checkpoint_steps(total_steps, setting.n_checkpoints, setting.checkpoint_schedule)
+    for label, (scores, seconds, note) in method_scores(t, only, total_steps, ck_steps).items():
         rep = sourcing_report(scores[keep], sources, entity_docs, ks=(1, 5, 10))
         every = sourcing_report(scores, all_src, all_ent, ks=(1, 5, 10))
         rows.append({"method": label, **{k: round(v, 4) for k, v in rep.items()}, "time_s": round(seconds, 2),

@@ -18,7 +18,10 @@ measured on `sourcetrace bench facts-lm` (figures in benchmarks/facts-lm.md):
 - `normalize_train`: divide each training example's column by its scale across queries (train-side
   denoise: an example fitted less than others has larger gradients and would outscore them everywhere).
 
-`dda(per_checkpoint, errors)` is the default composition (see `DEFAULT`).
+`dda(per_checkpoint, errors)` is the default composition (see `DEFAULT`): `combine` with fitting-error
+weights, then `normalize_train`. Measured on facts-lm (benchmarks/facts-lm.md), with checkpoints on a
+geometric schedule (dense early in fine-tuning): the train-side step lifts MRR from about 0.78 to 0.85;
+with six evenly spaced checkpoints the same composition gives about 0.81 MRR / 0.89 entity top-1.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ from ..errors import InvalidOptionError, ShapeError
 from ..scores import Scores
 from ..tasks import CausalLMTask, ClassificationTask, Task, collate
 
-#: the default: fitting-error-weighted mean of per-query standardized checkpoint scores
-DEFAULT = {"standardize": True, "weights": "fitting-error"}
+#: the default: fitting-error-weighted mean of per-query standardized checkpoint scores, each training
+#: example's column then divided by its root-mean-square over the queries (train-side normalisation)
+DEFAULT = {"standardize": True, "weights": "fitting-error", "normalize_train": True}
 
 
 def _dense(s: Scores) -> torch.Tensor:
@@ -100,10 +104,15 @@ def combine(per_checkpoint: Sequence[Scores], weights: torch.Tensor | Sequence[f
     return _like(per_checkpoint[-1], total, "combine")
 
 
+def column_rms_normalize(matrix: torch.Tensor) -> torch.Tensor:
+    """Each column divided by its root-mean-square over the rows (a zero column stays 0)."""
+    m = matrix.double()
+    return m / m.pow(2).mean(0, keepdim=True).sqrt().clamp_min(1e-300)
+
+
 def normalize_train(scores: Scores) -> Scores:
     """Train-side denoise: each column divided by its root-mean-square over the queries."""
-    m = _dense(scores)
-    return _like(scores, m / m.pow(2).mean(0, keepdim=True).sqrt().clamp_min(1e-300), "normalize_train")
+    return _like(scores, column_rms_normalize(_dense(scores)), "normalize_train")
 
 
 @torch.no_grad()
@@ -171,12 +180,18 @@ def project_out_base(ft: Any, base: Any, queries: Any, *, mode: str = "project")
     return score_features(ft, feats, ids, f"project_out_base:{mode}")
 
 
-def dda(per_checkpoint: Sequence[Scores], errors: torch.Tensor, *, standardize: bool = True) -> Scores:
+def dda(per_checkpoint: Sequence[Scores], errors: torch.Tensor, *, standardize: bool = True,
+        normalize_train: bool = True) -> Scores:
     """The default DDA: checkpoint scores (base model first) standardized per query and weighted by the
-    query's fitting error at each checkpoint (`fitting_errors`)."""
-    out = combine(per_checkpoint, errors, standardize=standardize)
-    return _like(per_checkpoint[-1], _dense(out), "default")
+    query's fitting error at each checkpoint (`fitting_errors`), then each training example's column
+    divided by its root-mean-square over the queries (`normalize_train`; it depends on the set of queries
+    scored together, so score a query set, not one query at a time).
+
+    The weights only carry signal when some checkpoints were taken while the queries' facts were being
+    learned: record checkpoints densely early in fine-tuning (facts-lm uses a geometric schedule)."""
+    out = _dense(combine(per_checkpoint, errors, standardize=standardize))
+    return _like(per_checkpoint[-1], column_rms_normalize(out) if normalize_train else out, "default")
 
 
-__all__ = ["DEFAULT", "combine", "dda", "fitting_errors", "normalize_train", "project_out_base",
-           "query_features", "score_features", "standardize", "subtract", "zscore"]
+__all__ = ["DEFAULT", "column_rms_normalize", "combine", "dda", "fitting_errors", "normalize_train",
+           "project_out_base", "query_features", "score_features", "standardize", "subtract", "zscore"]

@@ -41,8 +41,9 @@ class GradientOptions(Options):
     models (state_dicts or paths) and the learning rate in force at each.
     dda: Debias and Denoise Attribution for fine-tuned models: give `checkpoints=[base, ..., fine-tuned]`;
     each checkpoint's scores are standardized per query and weighted by how far that checkpoint is from
-    fitting the query (1 − p), so the base model, where a new fact is unfitted, carries the signal (see
-    `sourcetrace.methods.dda` and benchmarks/facts-lm.md).
+    fitting the query (1 − p), so the base model, where a new fact is unfitted, carries the signal; each
+    training example's column is then divided by its root-mean-square over the queries scored together
+    (see `sourcetrace.methods.dda` and benchmarks/facts-lm.md; give checkpoints dense early in training).
     relatif: divide each training example's scores by the square root of its self-influence (RelatIF,
     Barshan et al. 2020), so that examples with large, unusual gradients do not dominate every query.
     """
@@ -263,8 +264,9 @@ class GradientSimilarity(Method):
 
     def _dda_blocks(self, ctx: Context, queries: Examples, feats: list[torch.Tensor]
                     ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """DDA's default: per-checkpoint scores, z-scored per query, weighted by the query's fitting error."""
-        from .dda import fitting_errors, zscore
+        """DDA's default (`dda.dda`): per-checkpoint scores, z-scored per query, weighted by the query's
+        fitting error, then each training column divided by its root-mean-square over the queries."""
+        from .dda import column_rms_normalize, fitting_errors, zscore
 
         if type(self)._blocks is not GradientSimilarity._blocks:
             raise InvalidOptionError(f"dda=True is not available for method {self.name!r}; use it with "
@@ -279,7 +281,7 @@ class GradientSimilarity(Method):
         for c in range(len(self.stores)):
             matrix = reduce_blocks(self._blocks(feats, only=c), len(queries), len(self.train_ids), None)
             total += weights[:, c:c + 1] * zscore(matrix["matrix"].double())  # type: ignore[union-attr]
-        yield 0, len(self.train_ids), total
+        yield 0, len(self.train_ids), column_rms_normalize(total)  # train-side normalisation
 
     def self_influence(self, ctx: Context) -> torch.Tensor | None:
         """Σ_c w_c ∇L_c(i)ᵀ P_c ∇L_c(i) (P = I for grad-dot and TracIn); undefined for grad-cos (always 1)."""
