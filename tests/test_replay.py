@@ -66,7 +66,7 @@ def train(make_opt, train_data, weights=None, recorder_dir=None, steps=30, stage
         (w[idx] * losses).sum().div(len(idx)).backward()
         opt.step()
         if rec:
-            rec.step(model, opt, idx.tolist())
+            rec.step(model, opt, idx)
     if rec:
         rec.finish(model, opt)
     return model

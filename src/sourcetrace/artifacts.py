@@ -7,9 +7,11 @@ artifacts; reusing the folder for something else is refused, never silently acce
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 from .errors import WorkdirMismatchError
 
 MANIFEST = "manifest.json"
+_SERIAL = itertools.count()
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -40,8 +43,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     return path
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """`atomic_write` for data already in memory: one exclusive create, write, fsync and rename."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{next(_SERIAL)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from .artifacts import atomic_write, atomic_write_bytes, atomic_write_json, check_manifest, read_json
+from .artifacts import atomic_write_bytes, atomic_write_json, check_manifest, read_json
 from .data import state_fingerprint
 from .errors import InvalidOptionError, SourcetraceError, WorkdirMismatchError
 
@@ -201,10 +202,12 @@ class TrajectoryRecorder:
         self._dirty = False
 
     # ---- the training loop's calls ------------------------------------------------------------------
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch_ids: Sequence[Any],
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+             batch_ids: Sequence[Any] | torch.Tensor | np.ndarray,
              lr: float | Sequence[float] | None = None) -> None:
         """Record one optimizer step: the ids of the examples it used and its learning rate(s)."""
-        self._require_resumed()
+        if self._error is not None or not self._resumed:
+            self._require_resumed()
         if id(optimizer) != self._optimizer_id:
             raise SourcetraceError("the optimizer changed; call recorder.stage(name, model, optimizer) "
                                    "before the first step with a new optimizer")
@@ -217,9 +220,11 @@ class TrajectoryRecorder:
             rates = [float(r) for r in lr]
         if len(rates) != len(groups):
             raise InvalidOptionError(f"{len(rates)} learning rates for {len(groups)} parameter groups")
+        if self._lrs and rates == self._lrs[-1]:
+            rates = self._lrs[-1]  # a constant rate is kept once, not once per step
         # kept as given (ints, strings, numpy or tensor scalars); made JSON-plain by the writer thread
-        ids = batch_ids.tolist() if isinstance(batch_ids, torch.Tensor) else list(batch_ids)
-        if not ids:
+        ids = batch_ids.tolist() if isinstance(batch_ids, (torch.Tensor, np.ndarray)) else list(batch_ids)
+        if not len(ids):
             raise InvalidOptionError("batch_ids is empty; give the ids of the examples this step trained on")
         self._ids.append(ids)
         self._lrs.append(rates)
@@ -311,7 +316,7 @@ class TrajectoryRecorder:
 
     def _checkpoint(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Copy the state now (cheap) and write it in the background, with the steps since the last commit."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {f"model/{k}": v.detach().to("cpu", copy=True).contiguous()
                    for k, v in model.state_dict().items()}
@@ -325,7 +330,7 @@ class TrajectoryRecorder:
 
         def write() -> None:
             meta = {"step": str(step), "record": _dumps(record)}
-            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+            atomic_write_bytes(path, save(tensors, metadata=meta))
 
         self._submit(write)
 
@@ -413,9 +418,9 @@ def _dumps(obj: Any) -> str:
 
 def _plain_id(i: Any) -> Any:
     if isinstance(i, torch.Tensor):
-        return i.item()
-    if hasattr(i, "item") and not isinstance(i, (str, bytes)):
-        return i.item()
+        return i.tolist()
+    if hasattr(i, "tolist") and not isinstance(i, (str, bytes)):
+        return i.tolist()
     return i
 
 

@@ -287,11 +287,11 @@ def checkpoint_steps(total: int, n_checkpoints: int, schedule: str = "even") -> 
 
 
 def train(model: nn.Module, examples: Sequence[dict[str, list[int]]], *, epochs: int, lr: float,
-          batch_size: int = 16, seed: int = 0, n_checkpoints: int = 0, schedule: str = "even"
-          ) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
+          batch_size: int = 16, seed: int = 0, n_checkpoints: int = 0, schedule: str = "even",
+          recorder: Any = None) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
     """AdamW with linear warm-up then linear decay; returns the checkpoints at `checkpoint_steps(total
     steps, n_checkpoints, schedule)` (the first at step 0, i.e. the starting model) and the learning rate
-    in force at each."""
+    in force at each. `recorder`: a function `(model, optimizer) -> TrajectoryRecorder` to record the run."""
     from ..tasks import CausalLMTask
 
     collate = CausalLMTask().collate
@@ -305,6 +305,7 @@ def train(model: nn.Module, examples: Sequence[dict[str, list[int]]], *, epochs:
     at = set(checkpoint_steps(total, n_checkpoints, schedule)) if n_checkpoints else set()
     checkpoints: list[dict[str, torch.Tensor]] = []
     rates: list[float] = []
+    rec = recorder(model, opt) if recorder is not None else None
     model.train()
     step = 0
     for _ in range(epochs):
@@ -319,8 +320,12 @@ def train(model: nn.Module, examples: Sequence[dict[str, list[int]]], *, epochs:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if rec is not None:
+                rec.step(model, opt, order[lo:lo + batch_size])
             sched.step()
             step += 1
+    if rec is not None:
+        rec.finish(model, opt)
     model.eval()
     return checkpoints, rates
 

@@ -15,9 +15,11 @@ replay, grad-dot, TracIn, EK-FAC and SOURCE (those registered), against two grou
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -104,7 +106,7 @@ class ReplaySetting(DigitsSetting):
                 ((weights[b] * losses).sum() / len(b)).backward()
             opt.step()
             if rec is not None:
-                rec.step(model, opt, b.tolist())
+                rec.step(model, opt, b)
         if rec is not None:
             rec.finish(model, opt)
         return model.eval()
@@ -175,20 +177,17 @@ def _scores(config: dict[str, Any], trajectory_dir: str, method: str, n_queries:
     return matrix.double().numpy()
 
 
-def recorder_overhead(repeats: int = 15, hidden: int = 128) -> dict[str, float]:
-    """Wall and CPU time of the converged digits run without and with recording (6 checkpoints + start).
-
-    Interleaved repeats; the fastest of each (the least disturbed by other load on the machine) and the
-    median are reported. Recording includes waiting, at the end, for every write to be on disk.
-    """
-    s = ReplaySetting(**{**config("digits-mlp"), "hidden": hidden})
+def _overhead(train: Callable[[Path | None], Any], repeats: int) -> dict[str, float]:
+    """Wall and CPU time of `train(None)` (plain) and `train(folder)` (recorded), interleaved repeats; the
+    fastest of each (the least disturbed by other load on the machine) and the median. Recording includes
+    waiting, at the end, for every write to be on disk."""
     times: dict[str, list[float]] = {"train_s": [], "recorded_s": [], "train_cpu_s": [], "recorded_cpu_s": []}
     with _one_thread(), tempfile.TemporaryDirectory() as tmp:
-        s.run()  # warm-up
+        train(None)  # warm-up
         for r in range(repeats):
             for key, folder in (("train", None), ("recorded", Path(tmp) / f"r{r}")):
                 t, c = time.perf_counter(), time.process_time()
-                s.run(recorder_dir=folder)
+                train(folder)
                 times[f"{key}_s"].append(time.perf_counter() - t)
                 times[f"{key}_cpu_s"].append(time.process_time() - c)
     out = {f"min_{k}": min(v) for k, v in times.items()} | {f"median_{k}": statistics.median(v)
@@ -198,6 +197,40 @@ def recorder_overhead(repeats: int = 15, hidden: int = 128) -> dict[str, float]:
             plain, rec = out[f"{stat}_train{unit}_s"], out[f"{stat}_recorded{unit}_s"]
             out[f"{stat}{unit}_overhead_pct"] = 100 * (rec - plain) / plain
     return out
+
+
+def recorder_overhead(repeats: int = 15, hidden: int = 128) -> dict[str, float]:
+    """The recorder's overhead on the converged digits run (480 steps, 6 checkpoints + the start)."""
+    s = ReplaySetting(**{**config("digits-mlp"), "hidden": hidden})
+    out = _overhead(lambda folder: s.run(recorder_dir=folder), repeats)
+    return out | {"steps": 480, "parameters": sum(p.numel() for p in s.model(0).parameters())}
+
+
+def lm_recorder_overhead(repeats: int = 7, epochs: int = 4) -> dict[str, float]:
+    """The recorder's overhead on fine-tuning facts-lm's tiny Llama (AdamW, 6 checkpoints + the start)."""
+    import copy
+
+    from ..trajectory import TrajectoryRecorder
+    from . import facts_lm
+
+    setting = facts_lm.FactsSetting()
+    corpus = setting.corpus()
+    tok = facts_lm.WordTokenizer.fit(corpus.texts())
+    examples = [facts_lm.train_example(tok, d.text) for d in corpus.train]
+    init = facts_lm.make_model(len(tok), setting.hidden, setting.layers, intermediate=setting.intermediate)
+    steps = epochs * math.ceil(len(examples) / 16)
+
+    def train(folder: Path | None) -> None:
+        def recorder(model: nn.Module, opt: torch.optim.Optimizer) -> TrajectoryRecorder:
+            assert folder is not None
+            return TrajectoryRecorder(folder, model, opt, checkpoint_every=steps // N_CHECKPOINTS,
+                                      overwrite=True)
+
+        facts_lm.train(copy.deepcopy(init), examples, epochs=epochs, lr=setting.finetune_lr,
+                       recorder=recorder if folder is not None else None)
+
+    out = _overhead(train, repeats)
+    return out | {"steps": steps, "parameters": sum(p.numel() for p in init.parameters())}
 
 
 METHODS = ("replay", "replay-half", "grad-dot", "tracin", "ekfac", "source")
@@ -217,8 +250,10 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
     rows: list[dict[str, Any]] = []
     overhead = recorder_overhead()
     overhead_wide = recorder_overhead(hidden=1024)
+    overhead_lm = lm_recorder_overhead()
     if progress:
-        print(f"recorder overhead: {_overhead_text(overhead)}; hidden 1024: {_overhead_text(overhead_wide)}")
+        for o in (overhead, overhead_wide, overhead_lm):
+            print(f"recorder overhead: {_overhead_text(o)}")
     for variant in variants or tuple(VARIANTS):
         s = setting(variant)
         with _one_thread():
@@ -285,8 +320,9 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
             "ground truth": f"{n_subsets} random subsets each; random = halves, {len(seeds)} seeds each "
                             "(order and init vary); recorded order = the recorded run with the other half "
                             "weighted 0; 5 % out = the recorded run with a random 5 % weighted 0",
-            "recorder overhead": _overhead_text(overhead),
-            "recorder overhead, hidden 1024 (77,834 parameters)": _overhead_text(overhead_wide),
+            "recorder overhead, digits MLP (SGD)": _overhead_text(overhead),
+            "recorder overhead, digits MLP hidden 1024 (SGD)": _overhead_text(overhead_wide),
+            "recorder overhead, facts-lm tiny Llama (AdamW, 4 epochs)": _overhead_text(overhead_lm),
             "versions": versions("sourcetrace", "torch")}
     columns = [("setting", "setting"), ("method", "method"), ("steps", "steps"), ("params", "parameters"),
                ("lds_random", "LDS random [95 % CI]"), ("lds_recorded", "LDS recorded order [95 % CI]"),
@@ -307,11 +343,14 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
         "Wall time and memory: each method in a fresh process, from model loaded to scores returned; memory "
         "is the process's peak resident set above its level before the call. 1 thread. The cost rows time "
         "replay alone on the recorded run of an MLP of that width (10 queries in one reverse pass).",
-        "Recorder overhead: each checkpoint is one durable write (safetensors, fsync, the step ids as JSON), "
-        f"about {_per_checkpoint_ms(overhead):.1f} ms here, a fixed cost per checkpoint: "
-        f"{overhead['min_overhead_pct']:+.0f} % of the {overhead['min_train_s']:.2f} s converged digits run, "
-        f"{overhead_wide['min_overhead_pct']:+.0f} % of the {overhead_wide['min_train_s']:.2f} s run of the "
-        "wider MLP; it falls below 10 % once training between checkpoints takes ten times that.",
+        "Recorder overhead: each checkpoint is one durable write (safetensors, fsync, the step ids as JSON) "
+        f"and each step a few microseconds of bookkeeping, about {_per_checkpoint_ms(overhead):.1f} ms per "
+        "checkpoint in all on this machine, a fixed cost: "
+        f"{overhead_lm['min_overhead_pct']:+.1f} % of the {overhead_lm['min_train_s']:.2f} s LM fine-tuning "
+        f"run, {overhead_wide['min_overhead_pct']:+.0f} % of the {overhead_wide['min_train_s']:.2f} s run of "
+        f"the wider MLP, {overhead['min_overhead_pct']:+.0f} % of the {overhead['min_train_s']:.2f} s digits "
+        "run, whose checkpoints are only ~17 ms of training apart. Below 10 % once training between "
+        "checkpoints takes ten times the fixed cost.",
     ]
     return write_results(out_dir, "replay", "replay", rows, info, columns, notes)
 
@@ -321,10 +360,11 @@ def _per_checkpoint_ms(o: dict[str, float]) -> float:
 
 
 def _overhead_text(o: dict[str, float]) -> str:
-    return (f"fastest of 15: wall {o['min_recorded_s']:.3f} s recorded vs {o['min_train_s']:.3f} s plain "
+    return (f"{int(o['parameters']):,} parameters, {int(o['steps'])} steps, 6 checkpoints + the start: "
+            f"fastest: wall {o['min_recorded_s']:.3f} s recorded vs {o['min_train_s']:.3f} s plain "
             f"({o['min_overhead_pct']:+.1f} %), CPU {o['min_cpu_overhead_pct']:+.1f} %; median: wall "
-            f"{o['median_overhead_pct']:+.1f} %, CPU {o['median_cpu_overhead_pct']:+.1f} % (converged run: "
-            "480 steps, 6 checkpoints + the start, 1 thread, interleaved runs)")
+            f"{o['median_overhead_pct']:+.1f} %, CPU {o['median_cpu_overhead_pct']:+.1f} % (1 thread, "
+            "interleaved runs)")
 
 
 def _module(method: str) -> str:
