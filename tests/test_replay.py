@@ -46,14 +46,14 @@ OPTIMIZERS = {
 }
 
 
-def train(make_opt, train_data, weights=None, recorder_dir=None, steps=30, stages=None):
+def train(make_opt, train_data, weights=None, recorder_dir=None, steps=30, stages=None, rows=None):
     """The reference loop: step loss = Σ_i w_i ℓ_i / |B| with torch.optim; optionally recorded."""
     x, y = train_data
     model = mlp()
     opt = make_opt(model.parameters())
     w = torch.ones(N_TRAIN, dtype=torch.float64) if weights is None else weights
     rec = None if recorder_dir is None else TrajectoryRecorder(recorder_dir, model, opt, checkpoint_every=7)
-    for t, idx in enumerate(order(steps)):
+    for t, idx in enumerate(order(steps) if rows is None else rows):
         if stages and t in stages:
             opt = stages[t](model.parameters())
             if rec:
@@ -76,13 +76,13 @@ def margins(model, queries):
     return st.ClassificationTask().measurement(model, queries).detach()
 
 
-def finite_difference(make_opt, train_data, queries, i, h=1e-4, stages=None, at=1.0):
+def finite_difference(make_opt, train_data, queries, i, h=1e-4, stages=None, at=1.0, rows=None):
     w = torch.full((N_TRAIN,), at, dtype=torch.float64)
     up, down = w.clone(), w.clone()
     up[i] += h
     down[i] -= h
-    return (margins(train(make_opt, train_data, up, stages=stages), queries)
-            - margins(train(make_opt, train_data, down, stages=stages), queries)) / (2 * h)
+    return (margins(train(make_opt, train_data, up, stages=stages, rows=rows), queries)
+            - margins(train(make_opt, train_data, down, stages=stages, rows=rows), queries)) / (2 * h)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -124,6 +124,33 @@ def test_derivative_at_half_weights(data, tmp_path):
     for i in (2, 9):
         fd = finite_difference(make, train_data, queries, i, stages=stages, at=0.5)
         torch.testing.assert_close(got[:, i], fd, rtol=1e-5, atol=1e-8)
+
+
+def test_reshuffled_orders(data, tmp_path):
+    """orders=k: the mean of the recorded order's derivative and those of k-1 re-shuffled runs, each equal to
+    finite differences of retraining in that order from the same start."""
+    train_data, queries = data
+    make, stages = OPTIMIZERS["sgd-momentum-wd"], {15: OPTIMIZERS["adam"]}
+    model = train(make, train_data, recorder_dir=tmp_path / "traj", stages=stages)
+    traj = Trajectory.load(tmp_path / "traj")
+    task, ex, qs = st.ClassificationTask(), Examples(train_data), Examples(queries)
+    other = replay.Replayer(model, task, traj, ex, at=0.5, reshuffle=7)
+    rows = other.positions
+    recorded = order(30)
+    assert [len(r) for r in rows] == [len(r) for r in recorded]
+    for a, b in ((0, 15), (15, 30)):  # within each stage, every example is used as often as recorded
+        assert sorted(torch.cat(rows[a:b]).tolist()) == sorted(torch.cat(recorded[a:b]).tolist())
+    assert all(len(set(r.tolist())) == len(r) for r in rows)  # an epoch's structure stays: no repeats
+    assert any(not torch.equal(r, o) for r, o in zip(rows, recorded))
+    got = other.derivatives(qs)
+    for i in (4, 13):
+        fd = finite_difference(make, train_data, queries, i, stages=stages, at=0.5, rows=rows)
+        torch.testing.assert_close(got[:, i], fd, rtol=1e-5, atol=1e-8)
+    attr = st.Attributor(model, task, "replay", workdir=None, trajectory=traj, progress=False, at=0.5,
+                         orders=3, order_seed=2)
+    runs = [replay.Replayer(model, task, traj, ex, at=0.5, reshuffle=k) for k in (None, 2001, 2002)]
+    mean = sum(r.derivatives(qs) for r in runs) / 3
+    torch.testing.assert_close(attr.fit(train_data).score(queries).matrix, mean, rtol=1e-10, atol=1e-12)
 
 
 def test_memory_schedule_does_not_change_the_result(data, tmp_path):

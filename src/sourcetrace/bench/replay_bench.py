@@ -154,7 +154,7 @@ SCALING = ((128, 3), (128, 30), (512, 30), (2048, 3), (8192, 3))
 def _scores(config: dict[str, Any], trajectory_dir: str, method: str, n_queries: int | None = None
             ) -> np.ndarray:
     """One method's scores on one recorded setting (run in a fresh process by `measure`)."""
-    import sourcetrace as st
+    import sourcetrace
     from sourcetrace.trajectory import Trajectory
 
     torch.set_num_threads(1)
@@ -165,13 +165,18 @@ def _scores(config: dict[str, Any], trajectory_dir: str, method: str, n_queries:
     model.eval()
     queries = s.queries if n_queries is None else (s.x_query[:n_queries], s.y_query[:n_queries])
     options: dict[str, Any] = {}
-    if method in ("replay", "replay-half"):
-        at = 0.5 if method == "replay-half" else 1.0
-        options = {"trajectory": traj, "query_batch": len(queries[0]), "at": at}
+    if method in REPLAY:
+        options = {"trajectory": traj, "query_batch": len(queries[0]), **REPLAY[method]}
         method = "replay"
     elif method in ("tracin", "source"):
         options = traj.checkpoint_options(method, train_ids=list(range(s.n_train)))
-    attr = st.Attributor(model, st.ClassificationTask(), method, workdir=None, progress=False, **options)
+    elif method.endswith("-dda"):  # the checkpoints of the last stage, from its start (the "base") on
+        first = max([0, *(stage.start for stage in traj.stages)])
+        states = [traj.checkpoint(c)[0] for c in traj.checkpoints if c >= first]
+        options = {"checkpoints": states, "dda": True}
+        method = method[: -len("-dda")]
+    attr = sourcetrace.Attributor(model, sourcetrace.ClassificationTask(), method, workdir=None,
+                                  progress=False, **options)
     matrix = attr.fit(s.train).score(queries).matrix
     assert matrix is not None
     return matrix.double().numpy()
@@ -233,7 +238,11 @@ def lm_recorder_overhead(repeats: int = 7, epochs: int = 4) -> dict[str, float]:
     return out | {"steps": steps, "parameters": sum(p.numel() for p in init.parameters())}
 
 
-METHODS = ("replay", "replay-half", "grad-dot", "tracin", "ekfac", "source")
+# replay's variants: the exact derivative of the run; at the centre of the random halves; and that, averaged
+# over 8 data orders (the recorded one and 7 re-shuffles)
+REPLAY: dict[str, dict[str, Any]] = {"replay": {}, "replay-half": {"at": 0.5},
+                                     "replay-half-8-orders": {"at": 0.5, "orders": 8}}
+METHODS = (*REPLAY, "grad-dot", "tracin", "tracin-dda", "ekfac", "ekfac-dda", "source")
 
 
 def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/replay"), *,
@@ -275,7 +284,7 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
         for method in methods:
             row: dict[str, Any] = {"setting": variant, "method": method, "steps": traj.n_steps,
                                    "params": n_params}
-            if method.split("-half")[0] not in have:
+            if _registered(method) not in have:
                 rows.append({**row, "note": "not registered"})
                 continue
             try:
@@ -333,7 +342,11 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
         "optimizer step, states recomputed from the checkpoints, ~2√K states of a K-step segment in memory; "
         "the queries share one vmapped reverse pass). replay-half (`at=0.5`): the same derivative in the run "
         "with every example at weight ½ (same order and initialisation), the centre of the random halves; "
-        "a midpoint-rule average of the derivative along the path w = 1 → 0.",
+        "a midpoint-rule average of the derivative along the path w = 1 → 0. replay-half-8-orders (`at=0.5, "
+        "orders=8`): that derivative averaged over the recorded order and 7 re-shuffles of it (each replayed "
+        "from the start), which sees the data-order part of the seed noise of retraining. "
+        "tracin-dda / ekfac-dda: `dda=True` over the checkpoints of the last stage from its start (for "
+        "two-stage, the pre-trained model is the base).",
         "Ground truths. random: other seeds change the data order and the initialisation; that noise is part "
         "of what is predicted and no single-run attribution sees it. recorded order: exactly the "
         "perturbations w_i: 1 → 0 that replay differentiates. With 5 % out the perturbation is small and the "
@@ -367,7 +380,10 @@ def _overhead_text(o: dict[str, float]) -> str:
             "interleaved runs)")
 
 
+def _registered(method: str) -> str:
+    return "replay" if method in REPLAY else method.removesuffix("-dda")
+
+
 def _module(method: str) -> str:
-    modules = {"replay": "replay", "replay-half": "replay", "grad-dot": "gradient", "tracin": "gradient",
-               "source": "source"}
-    return modules.get(method, "influence")
+    modules = {"replay": "replay", "grad-dot": "gradient", "tracin": "gradient", "source": "source"}
+    return modules.get(_registered(method), "influence")

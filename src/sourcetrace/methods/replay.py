@@ -13,6 +13,7 @@ Several queries share one reverse pass (their adjoints are vmapped).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -50,6 +51,12 @@ class ReplayOptions(Options):
     at: the example weight w where the derivative is taken. 1 (default): the recorded run itself. 0.5: the
     run with every example at half weight (same order, same initialisation), the centre of the random
     halves that LDS removes: a midpoint-rule average of the derivative along the path from w = 1 to w = 0.
+    orders: average the derivative over this many data orders, the recorded one and `orders - 1`
+    re-shuffles (within each stage, examples trade batch slots with examples used as often; seeded by
+    `order_seed`; same batch sizes, rates, optimizer and starting state), each replayed from the first
+    checkpoint: what retraining with a fresh seed would do, which one recorded order cannot show. To
+    predict retraining on random halves with new seeds (LDS), use at=0.5 and orders=8; the default is the
+    exact derivative of the recorded run.
     """
 
     trajectory: Any = None
@@ -58,6 +65,8 @@ class ReplayOptions(Options):
     dtype: str | None = None
     check_tol: float = 1e-3
     at: float = 1.0
+    orders: int = 1
+    order_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.trajectory is None:
@@ -67,6 +76,8 @@ class ReplayOptions(Options):
             raise InvalidOptionError("query_batch must be at least 1")
         if self.max_states is not None and self.max_states < 2:
             raise InvalidOptionError("max_states must be at least 2")
+        if self.orders < 1:
+            raise InvalidOptionError("orders must be at least 1 (1 = the recorded order only)")
         if not 0.0 <= self.at <= 1.0:
             raise InvalidOptionError("at must lie in [0, 1] (1 = the recorded run)")
         if self.dtype not in (None, "float32", "float64"):
@@ -103,7 +114,7 @@ class Replayer:
 
     def __init__(self, model: nn.Module, task: Task, trajectory: Trajectory, train: Examples, *,
                  max_states: int | None = None, dtype: torch.dtype | None = None, progress: bool = False,
-                 at: float = 1.0):
+                 at: float = 1.0, reshuffle: int | None = None):
         self.traj, self.task, self.train = trajectory, task, train
         self.model = model
         _check_deterministic(model)
@@ -119,6 +130,9 @@ class Replayer:
             raise ShapeError(f"the trajectory trained on ids missing from the training data, e.g. "
                              f"{sorted(set(map(str, missing)))[:5]}; pass the training set that was used")
         self.positions = [torch.tensor([position[i] for i in ids]) for ids in trajectory.batch_ids]
+        self.reshuffled = reshuffle is not None
+        if reshuffle is not None:
+            self.positions = reshuffled(self.positions, [s.start for s in trajectory.stages], reshuffle)
         self.loss_fn = _Bound(model, task.train_loss)
         self.measure_fn = _Bound(model, task.measurement)
         self.final_params: dict[str, torch.Tensor] | None = None
@@ -142,8 +156,8 @@ class Replayer:
         return torch.full((len(self.positions[t - 1]),), self.at, device=self.device, dtype=self.dtype)
 
     def _start(self, step: int) -> tuple[State, dict[str, torch.Tensor], int, bool]:
-        """The state at checkpoint `step`: recorded (at = 1), or replayed at weights `at` from the start."""
-        if self.at == 1.0:
+        """The state at checkpoint `step`: recorded (at = 1, recorded order), or replayed from the start."""
+        if self.at == 1.0 and not self.reshuffled:
             return self._load(step)
         if not self._starts:  # one forward pass at the scaled weights, keeping each segment's start
             z, consts, k, has_buf = self._load(0)
@@ -275,6 +289,24 @@ class Replayer:
         return _detach(dz)
 
 
+def reshuffled(positions: list[torch.Tensor], stage_starts: list[int], seed: int) -> list[torch.Tensor]:
+    """Another data order: within each stage, examples trade the batch slots they filled with examples the
+    stage used as often (so each keeps its count, and an epoch's structure stays)."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = sorted({0, *stage_starts})
+    out = []
+    for a, b in zip(starts, [*starts[1:], len(positions)]):
+        if a >= b:
+            continue
+        used, counts = torch.unique(torch.cat(positions[a:b]), return_counts=True)
+        mapping = torch.full((int(used.max()) + 1,), -1, dtype=torch.long)
+        for c in torch.unique(counts):
+            same = used[counts == c]
+            mapping[same] = same[torch.randperm(len(same), generator=gen)]
+        out += [mapping[p] for p in positions[a:b]]
+    return out
+
+
 def _prefix(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"model.{k}": v for k, v in d.items()}
 
@@ -392,8 +424,15 @@ class Replay(Method):
             raise ShapeError(f"the trajectory {self.trajectory.workdir} was recorded for a model with other "
                              "parameters (names, shapes or dtypes); attribute the model that was recorded")
         dtype = getattr(torch, o.dtype) if o.dtype else None
-        self.replayer = Replayer(ctx.model, ctx.task, self.trajectory, train, max_states=o.max_states,
-                                 dtype=dtype, progress=ctx.progress, at=o.at)
+
+        def replayer(reshuffle: int | None) -> Replayer:
+            return Replayer(ctx.model, ctx.task, self.trajectory, train, max_states=o.max_states, dtype=dtype,
+                            progress=ctx.progress, at=o.at, reshuffle=reshuffle)
+
+        self.replayer = replayer(None)
+        # the other orders are built when scored (each keeps its own segment starts in memory)
+        seeds = [1000 * o.order_seed + r for r in range(1, o.orders)]
+        self.reshuffles = [functools.partial(replayer, seed) for seed in seeds]
         self.train_ids = train.ids
         self._checked = False
 
@@ -412,6 +451,10 @@ class Replay(Method):
             else:
                 block = self.replayer.derivatives(queries, lo, hi).cpu()
                 self._check_final(ctx)
+                for make in tqdm(self.reshuffles, desc="replay (other orders)", leave=False,
+                                 disable=not ctx.progress or not self.reshuffles):
+                    block += make().derivatives(queries, lo, hi).cpu()
+                block /= 1 + len(self.reshuffles)
                 data = {"scores": block.contiguous()}
 
                 def write(tmp: str, data: dict[str, torch.Tensor] = data) -> None:
