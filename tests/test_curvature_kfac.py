@@ -112,11 +112,15 @@ def test_ekfac_is_exact_when_the_fisher_is_diagonal_in_the_kronecker_basis():
     assert (kfac.apply(v) - expected).norm() > 0.1 * expected.norm()  # K-FAC's eigenvalues are off here
 
 
-def _check_blocks_against_brute_force(ctx: CurvatureContext, curv: KFAC) -> None:
-    """EK-FAC eigenvalues = diag(Qᵀ F Q) per block; diagonal blocks = diag F; apply is SPD and finite."""
+def _check_blocks_against_brute_force(ctx: CurvatureContext, curv: KFAC, scale: torch.Tensor | None = None
+                                      ) -> None:
+    """EK-FAC eigenvalues = diag(Qᵀ F Q) per block; diagonal blocks = diag F; apply is SPD and finite.
+    With `scale` s (flat), F is the preconditioned diag(s) F diag(s)."""
     fn = curv._loss(ctx, 0) if len(ctx.train) <= ctx.batch_size else None
     assert fn is not None, "use one batch so that the sampled labels are the brute force's too"
     fisher = _fisher(ctx, fn)
+    if scale is not None:
+        fisher = scale[:, None] * fisher * scale[None, :]
     layout = {n: sl for n, _, sl in ctx.layout()}
     for b in curv.blocks:
         idx = torch.cat([torch.arange(ctx.capture.dim)[layout[b.weight]]]
@@ -182,6 +186,42 @@ def test_embedding_blocks_match_brute_force_and_a_is_token_frequencies():
     torch.testing.assert_close(emb.ea, counts / counts.sum())
     assert curv.diag_names == ["norm.weight", "norm.bias"]
     _check_blocks_against_brute_force(ctx, curv)
+
+
+def test_preconditioned_fit_matches_brute_force_with_the_kronecker_scale():
+    """fit_average(scale=s): blocks fitted to diag(ŝ) F diag(ŝ), ŝ the rank-one fit of s per block (exactly
+    s when s is rank one), on an embedding, a linear layer and LayerNorm's diagonal blocks."""
+    ids = torch.randint(0, 7, (30, 6))
+    ctx = _ctx(_EmbeddingNet(), ClassificationTask(), (ids, torch.randint(0, 3, (30,))), batch_size=30)
+    gen = torch.Generator().manual_seed(3)
+    params = dict(ctx.capture.params)
+    scale = {n: torch.exp(0.5 * torch.randn(p.shape, generator=gen)) for n, p in params.items()}
+    u, v = torch.exp(torch.randn(3, generator=gen)), torch.exp(torch.randn(6, generator=gen))
+    scale["fc.weight"], scale["fc.bias"] = torch.outer(u, v[:5]), u * v[5]  # rank one with the bias column
+    curv = EKFAC(fisher="empirical")
+    curv.fit_average([ctx], scale=scale)
+    assert curv.scales is not None
+    torch.testing.assert_close(curv.scales["fc.weight"], scale["fc.weight"].reshape(-1))
+    torch.testing.assert_close(curv.scales["fc.bias"], scale["fc.bias"])
+    torch.testing.assert_close(curv.scales["norm.weight"], scale["norm.weight"])
+    assert not torch.allclose(curv.scales["emb.weight"], scale["emb.weight"].reshape(-1))  # not rank one
+    flat = torch.cat([curv.scales[n] for n, _, _ in ctx.layout()])
+    _check_blocks_against_brute_force(ctx, curv, flat)
+
+
+def test_preconditioned_kfac_is_exact_for_one_linear_layer_with_scalar_output():
+    x, y = torch.randn(50, 4) + 0.3, torch.randn(50)
+    ctx = _ctx(nn.Linear(4, 1), _RademacherRegression(), (x, y), batch_size=8)
+    ggn = _fisher(ctx, lambda m, b: m(b[0]).squeeze(1))
+    scale = {"weight": torch.tensor([[0.5, 2.0, 1.0, 3.0]]), "bias": torch.tensor([0.7])}
+    s = torch.tensor([0.5, 2.0, 1.0, 3.0, 0.7])
+    curv = KFAC()
+    curv.fit_average([ctx], scale=scale)
+    v = torch.randn(3, 5)
+    torch.testing.assert_close(curv.apply_fn(v, lambda e: e), v @ (s[:, None] * ggn * s[None, :]),
+                               rtol=1e-9, atol=1e-10)
+    with pytest.raises(InvalidOptionError, match="positive"):
+        KFAC().fit_average([ctx], scale={"weight": -scale["weight"], "bias": scale["bias"]})
 
 
 def _tiny_gpt2():

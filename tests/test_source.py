@@ -166,6 +166,48 @@ def test_source_equals_explicit_ggn_formula_multistage(data):
     assert (got[:, 10:] != 0).all()  # stage-1 examples are scored by the last segment only
 
 
+def test_adam_variant_equals_the_nonsymmetric_formula(data):
+    """Preconditioned steps θ −= η(P∇L + λθ) (AdamW): per segment B = P̄H̄ + λI, residual B⁻¹(I − e^{−aB})P̄ ḡ
+    and Jacobian e^{−aB}, computed here with matrix_exp of the non-symmetric B; SOURCE works with the
+    symmetric P^½ H P^½ instead."""
+    train, queries = data
+    stage_data = [torch.arange(10), torch.arange(N_TRAIN)]
+    final, states, steps = train_run(train, stage_data)
+    gen = torch.Generator().manual_seed(5)
+    pres = [{n: torch.exp(torch.randn(p.shape, generator=gen)) for n, p in final.named_parameters()}
+            for _ in states]
+    wd, lrs = 0.05, [0.5, 0.4, 0.3, 0.2]
+    got = source(final, train, checkpoints=states, learning_rates=lrs, steps=steps, stages=[0, 0, 1, 1],
+                 stage_examples=[list(range(10)), None], weight_decay=wd, decoupled_weight_decay=True,
+                 preconditioners=pres, curvature="explicit").score(queries).matrix
+    x, y = train
+    v = per_example_grads(final, margin, *queries)
+    want = torch.zeros(N_QUERY, N_TRAIN)
+    eye = torch.eye(v.shape[1])
+    for members, stage, k, lr in reversed([([0], 0, 3, 0.5), ([1], 0, 3, 0.4), ([2, 3], 1, 6, 0.25)]):
+        models = []
+        for c in members:
+            m = mlp()
+            m.load_state_dict(states[c])
+            models.append(m)
+        idx = stage_data[stage]
+        h = sum(ggn(m, x[idx]) for m in models) / len(models)
+        pbar = sum(torch.cat([pres[c][n].reshape(-1) for n, _ in final.named_parameters()])
+                   for c in members) / len(members)
+        b = pbar[:, None] * h + wd * eye
+        e = torch.linalg.matrix_exp(-lr * k * b)
+        r = torch.linalg.solve(b, eye - e) * pbar[None, :]
+        mask = torch.zeros(N_TRAIN)
+        mask[idx] = 1
+        for m in models:
+            want -= (N_TRAIN / len(idx)) / len(models) * (v @ r) @ per_example_grads(m, ce, x, y).T * mask
+        v = v @ e
+    assert close(got, want, 1e-8)
+    plain = source(final, train, checkpoints=states, learning_rates=lrs, steps=steps, stages=[0, 0, 1, 1],
+                   stage_examples=[list(range(10)), None], weight_decay=wd, curvature="explicit")
+    assert not close(plain.score(queries).matrix, want, 0.1)  # the preconditioner matters
+
+
 def test_one_segment_is_ekfac_influence_with_damping_one_over_horizon(data):
     """L = 1, one checkpoint (the final model): SOURCE(q) = EK-FAC influence (δ = 1/a) of φ(aH) q."""
     train, queries = data
@@ -290,3 +332,30 @@ def test_options_from_a_recorded_trajectory(data, tmp_path):
     assert options["momentum"] == 0.2 and options["weight_decay"] == 0.01
     last = options["checkpoints"][-1]
     assert all(torch.equal(last[k], v) for k, v in model.state_dict().items())
+
+
+def test_adam_options_from_a_recorded_trajectory(data, tmp_path):
+    """An AdamW run: preconditioners 1/(√v̂ + ε) from each checkpoint's second moments, decoupled decay."""
+    from sourcetrace.methods.source import trajectory_options
+    from sourcetrace.trajectory import Trajectory, TrajectoryRecorder
+
+    train, queries = data
+    x, y = train
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1, eps=1e-6)
+    rec = TrajectoryRecorder(tmp_path / "traj", model, opt, at_steps=[3, 6])
+    for step in range(6):
+        ids = list(range(step % 2, N_TRAIN, 2))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[ids]), y[ids]).backward()
+        opt.step()
+        rec.step(model, opt, ids)
+    rec.finish(model, opt)
+    options = trajectory_options(Trajectory.load(tmp_path / "traj"))
+    assert options["decoupled_weight_decay"] and options["momentum"] == 0.0 and options["weight_decay"] == 0.1
+    last = options["preconditioners"][-1]
+    for name, p in model.named_parameters():
+        v_hat = opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** 6)
+        torch.testing.assert_close(last[name], 1 / (v_hat.sqrt() + 1e-6))
+    scores = source(model, train, **options).score(queries).matrix
+    assert scores.shape == (N_QUERY, N_TRAIN) and torch.isfinite(scores).all()

@@ -200,8 +200,5 @@ def test_checkpoint_options_for_tracin_and_source(tmp_path):
     tracin = traj.checkpoint_options("tracin")
     assert len(tracin["checkpoints"]) == len(traj.checkpoints) - 1
     assert tracin["learning_rates"][0] == pytest.approx((4 * 0.1 + 0.05) / 5)
-    source = traj.checkpoint_options("source", train_ids=[f"ex{i}" for i in range(N)])
-    assert source["steps"] == [5, 10, 12, 15, 20, 24] and source["stages"] == [0, 0, 0, 1, 1, 1]
-    first = {i for batch in order()[:12] for i in batch.tolist()}
-    assert source["stage_examples"][0] == sorted(first)
-    assert (source["momentum"], source["weight_decay"]) == (0.0, 0.1)
+    with pytest.raises(InvalidOptionError, match="SGD from step 1, AdamW from step 13"):
+        traj.checkpoint_options("source", train_ids=[f"ex{i}" for i in range(N)])

@@ -525,30 +525,18 @@ class Trajectory:
                            ) -> dict[str, Any]:
         """Options that hand this run's checkpoints to `method="tracin"` or `method="source"`.
 
-        The checkpoints after the start, each with the mean learning rate of the steps since the one before;
-        for SOURCE also the step counts, the stage of each checkpoint, the examples each stage trained on
-        (positions in `train_ids`, default: the ids themselves), SGD momentum and weight decay.
+        TracIn: the checkpoints after the start, each with the mean learning rate of the steps since the one
+        before. SOURCE: `sourcetrace.methods.source.trajectory_options` (also step counts, stages and their
+        examples as positions in `train_ids`, momentum, weight decay, Adam's preconditioners).
         """
+        if method == "source":
+            from .methods.source import trajectory_options
+
+            return trajectory_options(self, train_ids)
         later = [c for c in self.checkpoints if c > 0]
         starts = [0, *later[:-1]]
-        out: dict[str, Any] = {
-            "checkpoints": [self.checkpoint(c)[0] for c in later],
-            "learning_rates": [sum(self.lr[a:c]) / (c - a) for a, c in zip(starts, later)]}
-        if method != "source":
-            return out
-        stages = self.stages or [Stage("train", 0)]
-        ends = [s.start for s in stages[1:]] + [self.n_steps]
-        where = None if train_ids is None else {i: k for k, i in enumerate(train_ids)}
-        used = []
-        for stage, end in zip(stages, ends):
-            ids = sorted({i for batch in self.batch_ids[stage.start:end] for i in batch}, key=str)
-            used.append(ids if where is None else sorted(where[i] for i in ids))
-        hyper = self.optimizers[-1].groups[0]  # SOURCE takes one momentum and weight decay: the last stage's
-        out.update(steps=later, stages=[max(k for k, s in enumerate(stages) if s.start < c) for c in later],
-                   stage_examples=used if len(stages) > 1 else None,
-                   momentum=float(hyper.get("momentum") or 0.0),
-                   weight_decay=float(hyper.get("weight_decay") or 0.0))
-        return out
+        return {"checkpoints": [self.checkpoint(c)[0] for c in later],
+                "learning_rates": [sum(self.lr[a:c]) / (c - a) for a, c in zip(starts, later)]}
 
     def fingerprint(self) -> str:
         """A hash of the record (ids, rates, schedule, optimizers): changes whenever the run does."""

@@ -77,6 +77,8 @@ class _Block:
     es: torch.Tensor | None = None
     eig: torch.Tensor | None = None  # eigenvalues of the block in the Kronecker eigenbasis [out, in']
     damp: float = 0.0
+    scale_in: torch.Tensor | None = None  # a diagonal preconditioner's square root ≈ scale_out scale_inᵀ
+    scale_out: torch.Tensor | None = None
 
     def matrix(self, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """Rows of flat weight (and bias) entries [n, ...] as gradient matrices [n, out, in']."""
@@ -121,7 +123,20 @@ class _Block:
             a3 = a3.double()
             if self.bias is not None:
                 a3 = torch.cat([a3, a3.new_ones(*a3.shape[:2], 1)], dim=2)
-        return a3, g3.double(), positions
+            if self.scale_in is not None:
+                a3 = a3 * self.scale_in
+        g3 = g3.double()
+        if self.scale_out is not None:
+            g3 = g3 * self.scale_out
+        return a3, g3, positions
+
+    def set_scale(self, m: torch.Tensor) -> None:
+        """Precondition the block's gradients by m ([out, in'], positive) elementwise, approximated by the
+        rank-one u vᵀ with log u_i + log v_j the least-squares fit of log m (so gradients stay Kronecker)."""
+        logm = m.double().log()
+        mean = logm.mean()
+        self.scale_out = (logm.mean(1) - mean / 2).exp()
+        self.scale_in = (logm.mean(0) - mean / 2).exp()
 
     def rows(self, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One row per (example, position): inputs [M, in'] (an embedding: token ids [M]), grads [M, out]."""
@@ -173,6 +188,8 @@ class _Block:
                 grad.scatter_add_(1, ids[..., None].expand(-1, -1, self.out), g3)
             if pad is not None:
                 grad[:, pad] = 0
+            if self.scale_in is not None:
+                grad *= self.scale_in[:, None]
             out += grad.pow(2).sum(0)
         return out.T
 
@@ -302,6 +319,7 @@ class KFAC(_Fisher):
     corrected = False
     diag_sum: dict[str, torch.Tensor]  # running Σ g² of the parameters outside hooked layers
     diag_count: float
+    scales: dict[str, torch.Tensor] | None = None  # a preconditioner's square root (fit_average's scale)
 
     def fit(self, ctx: CurvatureContext) -> None:
         start = time.perf_counter()
@@ -322,10 +340,16 @@ class KFAC(_Fisher):
         self._finish()
         self.fit_seconds = time.perf_counter() - start
 
-    def fit_average(self, contexts: Sequence[CurvatureContext]) -> None:
+    def fit_average(self, contexts: Sequence[CurvatureContext], scale: dict[str, torch.Tensor] | None = None
+                    ) -> None:
         """Fit to the Fisher averaged over several models of one architecture (e.g. checkpoints): A and S
         averaged over them, one eigenbasis, eigenvalues (EK-FAC) averaged in it (SOURCE's segment
-        curvature, Bae et al. 2024 §3.3). Not cached: each model's data pass is redone on a rerun."""
+        curvature, Bae et al. 2024 §3.3). Not cached: each model's data pass is redone on a rerun.
+
+        scale: {parameter name: positive tensor of its shape} s: fit the preconditioned Fisher
+        diag(s) F diag(s) instead (SOURCE under Adam, s² the preconditioner), each block's s taken as its
+        nearest rank-one (Kronecker) form; `scales` then holds the s actually used, flat per parameter.
+        """
         start = time.perf_counter()
         if not contexts:
             raise InvalidOptionError("fit_average needs at least one model")
@@ -334,6 +358,9 @@ class KFAC(_Fisher):
         for c in ctxs:
             c.capture.per_example(c.task.train_loss, next(c.batches()))
         self._plan(ctxs[0])
+        self.scales = None
+        if scale is not None:
+            self._set_scales(scale)
         a_tot: dict[str, torch.Tensor] = {}
         s_tot: dict[str, torch.Tensor] = {}
         counts = {b.layer: [0.0, 0.0] for b in self.blocks}
@@ -400,6 +427,25 @@ class KFAC(_Fisher):
         self.diag_sum = {}
         self.diag_count = 0.0
 
+    def _set_scales(self, scale: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.layout if n not in scale]
+        if missing:
+            raise InvalidOptionError(f"the preconditioner has no entry for parameters {missing[:3]}")
+        flat = {n: scale[n].detach().to(self.device, torch.float64).reshape(1, -1) for n in self.layout}
+        if any(not bool((f > 0).all()) or not bool(torch.isfinite(f).all()) for f in flat.values()):
+            raise InvalidOptionError("a preconditioner must be positive and finite")
+        self.scales = {}
+        for b in self.blocks:
+            b.set_scale(b.matrix(flat[b.weight], flat[b.bias] if b.bias is not None else None)[0])
+            assert b.scale_out is not None and b.scale_in is not None
+            w, bias = b.unmatrix(torch.outer(b.scale_out, b.scale_in)[None])
+            self.scales[b.weight] = w[0]
+            if b.bias is not None:
+                assert bias is not None
+                self.scales[b.bias] = bias[0]
+        for name in self.diag_names:
+            self.scales[name] = flat[name][0]
+
     # ---- pass 1: covariances -------------------------------------------------------------------------
     def _covariances(self, ctx: CurvatureContext) -> None:
         for b in self.blocks:
@@ -417,7 +463,8 @@ class KFAC(_Fisher):
                         continue
                     a2, g2 = b.rows(a, g)
                     if b.kind == "embedding":
-                        b.a_sum += torch.bincount(a2, minlength=b.inp).to(b.a_sum)
+                        weights = None if b.scale_in is None else b.scale_in[a2].pow(2)
+                        b.a_sum += torch.bincount(a2, weights, minlength=b.inp).to(b.a_sum)
                     else:
                         b.a_sum += a2.T @ a2
                     b.a_count += a2.shape[0]
@@ -462,7 +509,10 @@ class KFAC(_Fisher):
             if self.diag_names:  # the same labels: the loss of a batch is seeded by its index
                 grads = ctx.capture.per_example(self._loss(ctx, index), batch)
                 for name in self.diag_names:
-                    self.diag_sum[name] += grads[name].detach().double().pow(2).sum(0)
+                    g = grads[name].detach().double()
+                    if self.scales is not None:
+                        g = g * self.scales[name].reshape(g.shape[1:])
+                    self.diag_sum[name] += g.pow(2).sum(0)
                 self.diag_count += next(iter(grads.values())).shape[0]
 
     # ---- damping and application --------------------------------------------------------------------

@@ -14,7 +14,14 @@ Scale: the paper's r_l carries 1/N (the response to example i's weight in the su
 influence functions and TracIn in sourcetrace, the score is the response to adding ε·L_i to the mean loss of
 every step, i.e. N × the paper's score; under multi-stage training a segment of a stage that trained on N_s
 examples is scaled by N/N_s, and examples outside that stage's data contribute nothing to it. SGD momentum β
-enters as the effective learning rate η/(1−β) (paper §3.4). Not implemented: the Adam variant (App. D).
+enters as the effective learning rate η/(1−β) (paper §3.4).
+
+Adam (paper App. D): a step is θ ← θ − η P (∇L + …) with the diagonal preconditioner P = 1/(√v̂ + ε), held
+at its mean over the segment's checkpoints. With H̃ = P^½ H P^½ the segment's Jacobian is
+exp(−η̄KPH) = P^½ exp(−η̄KH̃) P^-½ and its residual (PH)⁻¹(I − exp(−η̄KPH)) P ḡ = P^½ f(H̃) P^½ ḡ, so the
+query is scaled by P^½ on each side of the same functions of an EK-FAC fitted to P^½-scaled gradients (P
+taken in its nearest Kronecker form per layer). AdamW's decoupled weight decay λ shifts H̃ by λ exactly;
+Adam's L2 term λP is approximated by λ·mean(P).
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ class SourceOptions(GradientOptions):
     segments never cross a stage boundary. stage_examples: per stage, the indices of the training examples
     it trained on (None: all). momentum: SGD momentum β. weight_decay: L2 coefficient of the optimizer,
     added to the curvature. curvature: "ekfac" (default), "kfac" or "explicit" (exact GGN, small models).
+    preconditioners: for Adam-like optimizers, per checkpoint {parameter name: the diagonal preconditioner
+    P = 1/(√v̂ + ε), a tensor of the parameter's shape}; decoupled_weight_decay: the decay is AdamW's.
+    `trajectory_options` fills both from a recorded Adam/AdamW run.
     """
 
     steps: tuple[int, ...] | list[int] | None = None
@@ -63,6 +73,8 @@ class SourceOptions(GradientOptions):
     weight_decay: float = 0.0
     curvature: str = "ekfac"
     curvature_options: dict[str, Any] = field(default_factory=dict)
+    preconditioners: tuple[Any, ...] | list[Any] | None = None
+    decoupled_weight_decay: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,6 +101,8 @@ class SourceOptions(GradientOptions):
             raise InvalidOptionError(f"momentum must be in [0, 1); got {self.momentum}")
         if not self.weight_decay >= 0:
             raise InvalidOptionError(f"weight_decay must be >= 0; got {self.weight_decay}")
+        if self.preconditioners is not None and len(self.preconditioners) != len(self.checkpoints):
+            raise InvalidOptionError("give one preconditioner {parameter name: tensor} per checkpoint")
         if self.curvature not in SEGMENT_CURVATURES:
             raise InvalidOptionError(f"source's curvature must be one of {', '.join(SEGMENT_CURVATURES)}; "
                                      f"got {self.curvature!r}")
@@ -104,6 +118,8 @@ class Segment:
     steps: int
     lr: float
     curvature: Any = None  # fitted: has apply_fn(v, f)
+    scale: torch.Tensor | None = None  # P^½ of the segment's mean preconditioner, flat (Adam)
+    shift: float = 0.0  # added to the curvature's eigenvalues (weight decay)
 
     @property
     def horizon(self) -> float:
@@ -170,14 +186,23 @@ class AveragedExplicit:
     def __init__(self, **options: Any):
         self.options = options
 
-    def fit_average(self, contexts: Sequence[CurvatureContext]) -> None:
+    def fit_average(self, contexts: Sequence[CurvatureContext], scale: dict[str, torch.Tensor] | None = None
+                    ) -> None:
+        """The mean of the models' matrices H, or with `scale` s ({parameter: tensor}) diag(s) H diag(s)."""
         total = None
         for ctx in contexts:
             curv = ExplicitCurvature(**self.options)
             curv.fit(ctx)
             total = curv.matrix() if total is None else total + curv.matrix()
         assert total is not None
-        values, self.eigenvectors = torch.linalg.eigh(total / len(contexts))
+        total = total / len(contexts)
+        self.scales = None
+        if scale is not None:
+            names = [n for n, _, _ in contexts[0].layout()]
+            self.scales = {n: scale[n].detach().double().reshape(-1).cpu() for n in names}
+            flat = torch.cat(list(self.scales.values()))
+            total = flat[:, None] * total * flat[None, :]
+        values, self.eigenvectors = torch.linalg.eigh(total)
         self.eigenvalues = values.clamp_min(0)
 
     def apply_fn(self, vectors: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -223,7 +248,23 @@ class Source(GradientSimilarity):
                                                                                   fallback=o.fallback),
                                                  data, batch_size=o.batch_size, progress=ctx.progress))
                 seg.curvature = self._segment_curvature()
-                seg.curvature.fit_average(ctxs)
+                scale = self._segment_scale(seg)
+                seg.curvature.fit_average(ctxs, scale=scale)
+            seg.shift = o.weight_decay
+            if scale is not None:
+                seg.scale = torch.cat([seg.curvature.scales[n] for n, _, _ in ctxs[0].layout()])
+                if not o.decoupled_weight_decay:  # Adam's L2 term λP, approximated by λ·mean(P)
+                    seg.shift = o.weight_decay * float(torch.cat([t.reshape(-1) for t in scale.values()]
+                                                                 ).double().pow(2).mean())
+
+    def _segment_scale(self, seg: Segment) -> dict[str, torch.Tensor] | None:
+        """P^½ of the mean of the segment's checkpoints' preconditioners (None without preconditioners)."""
+        pre = self.options.preconditioners
+        if pre is None:
+            return None
+        names = set.intersection(*(set(pre[c]) for c in seg.checkpoints))
+        return {n: torch.stack([torch.as_tensor(pre[c][n]).double() for c in seg.checkpoints]).mean(0).sqrt()
+                for n in names}
 
     def _segment_curvature(self) -> Any:
         o = self.options
@@ -265,10 +306,14 @@ class Source(GradientSimilarity):
         dtype = torch.float64 if self.stores[0].dtype == "float64" else torch.float32
         for seg in reversed(self.segments):
             horizon = seg.horizon / (1 - o.momentum)
-            p = seg.curvature.apply_fn(v, flow_residual(horizon, o.weight_decay)).to(dtype)
+            s = None if seg.scale is None else seg.scale.to(v.device, v.dtype)
+            u = v if s is None else s * v  # Adam: P^½ f(H̃) P^½ for the residual, P^-½ e^{−TH̃} P^½ back
+            p = seg.curvature.apply_fn(u, flow_residual(horizon, seg.shift))
+            p = (p if s is None else s * p).to(dtype)
             for c in seg.checkpoints:
                 feats[c] = p
-            v = seg.curvature.apply_fn(v, flow_jacobian(horizon, o.weight_decay))
+            v = seg.curvature.apply_fn(u, flow_jacobian(horizon, seg.shift))
+            v = v if s is None else v / s
         return feats
 
     def _blocks(self, feats: list[torch.Tensor], only: int | None = None
@@ -307,18 +352,21 @@ def trajectory_options(trajectory: Any, train_ids: Sequence[Any] | None = None) 
     if not steps:
         raise InvalidOptionError("the trajectory has no checkpoint after step 0; record with "
                                  "checkpoint_every=N or at_steps=[...]")
-    kinds = {(o.kind, tuple(sorted((k, str(v)) for k, v in o.groups[0].items() if k != "params")))
+    varying = ("params", "lr", "initial_lr")  # learning rates are recorded per step
+    kinds = {(o.kind, tuple(sorted((k, str(v)) for k, v in o.groups[0].items() if k not in varying)))
              for o in trajectory.optimizers}
     if len(kinds) > 1:
-        raise InvalidOptionError("SOURCE takes one optimizer setting for the whole run; this trajectory "
-                                 "changes it between stages")
+        used = ", ".join(f"{o.kind} from step {o.start + 1}" for o in trajectory.optimizers)
+        raise InvalidOptionError(f"SOURCE takes one optimizer setting (besides the learning rate) for the "
+                                 f"whole run; this trajectory changes it between stages ({used})")
     spec = trajectory.optimizers[0]
     group = spec.groups[0]
-    if spec.kind != "SGD":
-        raise InvalidOptionError(f"SOURCE's {spec.kind} variant (Bae et al. 2024, App. D) is not "
-                                 "implemented; only SGD (with momentum) is")
+    if spec.kind not in ("SGD", "Adam", "AdamW"):
+        raise InvalidOptionError(f"SOURCE takes runs of SGD, Adam or AdamW; this one used {spec.kind}")
     if group.get("dampening", 0) or group.get("nesterov", False):
         raise InvalidOptionError("SOURCE supports SGD momentum without dampening or Nesterov")
+    if group.get("amsgrad", False):
+        raise InvalidOptionError("SOURCE's Adam variant does not cover amsgrad")
     rates = []
     prev = 0
     for s in steps:
@@ -329,6 +377,10 @@ def trajectory_options(trajectory: Any, train_ids: Sequence[Any] | None = None) 
     options: dict[str, Any] = {
         "checkpoints": [trajectory.checkpoint(s)[0] for s in steps], "learning_rates": rates, "steps": steps,
         "momentum": float(group.get("momentum", 0.0)), "weight_decay": float(group.get("weight_decay", 0.0))}
+    if spec.kind != "SGD":
+        decoupled = spec.kind == "AdamW" or bool(group.get("decoupled_weight_decay"))
+        options.update(momentum=0.0, preconditioners=[adam_preconditioner(trajectory.checkpoint(s)[1], group)
+                                                      for s in steps], decoupled_weight_decay=decoupled)
     bounds = sorted(st.start for st in trajectory.stages if st.start > 0)
     raw = [sum(b < s for b in bounds) for s in steps]
     if len(set(raw)) > 1:
@@ -348,10 +400,27 @@ def trajectory_options(trajectory: Any, train_ids: Sequence[Any] | None = None) 
     return options
 
 
+def adam_preconditioner(state: dict[str, dict[str, torch.Tensor]], group: dict[str, Any]
+                        ) -> dict[str, torch.Tensor]:
+    """Adam's diagonal preconditioner 1/(√v̂ + ε) per parameter, v̂ the bias-corrected second moment."""
+    beta2, eps = float(group["betas"][1]), float(group["eps"])
+    out = {}
+    for name, entry in state.items():
+        if "exp_avg_sq" not in entry:
+            continue
+        k = int(entry["step"].item()) if "step" in entry else 0
+        if k < 1:
+            raise InvalidOptionError(f"checkpoint before Adam's first step has no second moments ({name}); "
+                                     "give SOURCE checkpoints after training started")
+        v_hat = entry["exp_avg_sq"].double() / (1 - beta2 ** k)
+        out[name] = 1.0 / (v_hat.sqrt() + eps)
+    return out
+
+
 def _subset(train: Examples, mask: torch.Tensor) -> Examples:
     idx = mask.nonzero().flatten().tolist()
     return Examples([train[i] for i in idx], ids=[train.ids[i] for i in idx], name="stage data")
 
 
-__all__ = ["Segment", "Source", "SourceOptions", "flow_jacobian", "flow_residual", "plan_segments",
-           "trajectory_options"]
+__all__ = ["Segment", "Source", "SourceOptions", "adam_preconditioner", "flow_jacobian", "flow_residual",
+           "plan_segments", "trajectory_options"]
