@@ -356,6 +356,7 @@ def test_adam_options_from_a_recorded_trajectory(data, tmp_path):
     last = options["preconditioners"][-1]
     for name, p in model.named_parameters():
         v_hat = opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** 6)
-        torch.testing.assert_close(last[name], 1 / (v_hat.sqrt() + 1e-6))
+        want = 1 / (v_hat.sqrt() + 1e-6)
+        torch.testing.assert_close(last[name], want.clamp_max(100 * want.median()))
     scores = source(model, train, **options).score(queries).matrix
     assert scores.shape == (N_QUERY, N_TRAIN) and torch.isfinite(scores).all()
