@@ -42,14 +42,14 @@ def _methods(source: dict[str, Any], tracin: dict[str, Any]) -> list[tuple[str, 
     last = {k: source[k][-1:] for k in ("checkpoints", "learning_rates", "steps", "preconditioners")
             if source.get(k) is not None}
     last.update({k: source[k] for k in ("momentum", "weight_decay", "decoupled_weight_decay") if k in source})
-    out = [("source (L=3, 6 checkpoints)", "source", {**source, "segments": 3}),
+    out = [("source (L=3, every checkpoint)", "source", {**source, "segments": 3}),
            ("source (L=2)", "source", {**source, "segments": 2}),
            ("source (L=1, final checkpoint only)", "source", {**last, "segments": 1})]
     if "preconditioners" in source:
         sgd = {k: v for k, v in source.items() if k not in ("preconditioners", "decoupled_weight_decay")}
         out.append(("source, SGD formula (L=3)", "source", {**sgd, "segments": 3}))
     out.append(("ekfac (defaults, final model)", "ekfac", {}))
-    return [*out, ("tracin (6 checkpoints)", "tracin", tracin)]
+    return [*out, ("tracin (every checkpoint)", "tracin", tracin)]
 
 
 def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/source"), *,
