@@ -360,3 +360,28 @@ def test_adam_options_from_a_recorded_trajectory(data, tmp_path):
         torch.testing.assert_close(last[name], want.clamp_max(100 * want.median()))
     scores = source(model, train, **options).score(queries).matrix
     assert scores.shape == (N_QUERY, N_TRAIN) and torch.isfinite(scores).all()
+
+
+def test_trajectory_option(data, tmp_path):
+    """source with trajectory= equals source with the options read from it (stages need the data's ids)."""
+    from sourcetrace.methods.source import trajectory_options
+    from sourcetrace.trajectory import Trajectory, TrajectoryRecorder
+
+    train, queries = data
+    x, y = train
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+    rec = TrajectoryRecorder(tmp_path / "traj", model, opt, checkpoint_every=2)
+    for step in range(8):
+        if step == 4:
+            rec.stage("all")
+        ids = list(range(0, 10, 2)) if step < 4 else list(range(step % 2, N_TRAIN, 2))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[ids]), y[ids]).backward()
+        opt.step()
+        rec.step(model, opt, ids)
+    rec.finish(model, opt)
+    traj = Trajectory.load(tmp_path / "traj")
+    got = source(model, train, trajectory=traj).score(queries).matrix
+    want = source(model, train, **trajectory_options(traj, list(range(N_TRAIN)))).score(queries).matrix
+    torch.testing.assert_close(got, want)

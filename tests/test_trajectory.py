@@ -202,3 +202,25 @@ def test_checkpoint_options_for_tracin_and_source(tmp_path):
     assert tracin["learning_rates"][0] == pytest.approx((4 * 0.1 + 0.05) / 5)
     with pytest.raises(InvalidOptionError, match="SGD from step 1, AdamW from step 13"):
         traj.checkpoint_options("source", train_ids=[f"ex{i}" for i in range(N)])
+
+
+def test_trajectory_option_on_tracin_and_dda(tmp_path):
+    """trajectory= stands for the checkpoints after the start with their mean rates (dda: from the start)."""
+    model = run(tmp_path / "traj")
+    traj = Trajectory.load(tmp_path / "traj")
+    x, y = data()
+    queries = (x[:3], y[:3])
+    task = st.ClassificationTask()
+
+    def scores(**options):
+        return st.Attributor(model, task, "tracin" if "dda" not in options else "grad-dot", progress=False,
+                             **options).fit((x, y)).score(queries).matrix
+
+    torch.testing.assert_close(scores(trajectory=tmp_path / "traj"),
+                               scores(**traj.checkpoint_options("tracin")))
+    torch.testing.assert_close(scores(trajectory=traj, dda=True),
+                               scores(checkpoints=traj.checkpoint_states(), dda=True))
+    with pytest.raises(InvalidOptionError, match="not both"):
+        st.Attributor(model, task, "tracin", trajectory=traj, **traj.checkpoint_options("tracin"))
+    with pytest.raises(InvalidOptionError, match="uses one model"):
+        st.Attributor(model, task, "grad-dot", trajectory=traj)

@@ -576,6 +576,16 @@ class Trajectory:
         return model
 
 
+def as_trajectory(value: Any) -> Trajectory:
+    """A `Trajectory`, or the workdir of a recorded one, as a `Trajectory`."""
+    if isinstance(value, Trajectory):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return Trajectory.load(value)
+    raise InvalidOptionError("trajectory must be a Trajectory or the workdir of one recorded with "
+                             "sourcetrace.TrajectoryRecorder")
+
+
 def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.Optimizer:
     """A torch optimizer with the recorded hyper-parameters (lr set per step by the caller)."""
     params = dict(model.named_parameters())
@@ -652,5 +662,5 @@ def trajectory_callback(workdir: str | os.PathLike, *, checkpoint_every: int | N
     return TrajectoryCallback()
 
 
-__all__ = ["OptimizerSpec", "Stage", "Trajectory", "TrajectoryRecorder", "build_optimizer",
+__all__ = ["OptimizerSpec", "Stage", "Trajectory", "TrajectoryRecorder", "as_trajectory", "build_optimizer",
            "load_optimizer_state", "model_signature", "optimizer_spec", "trajectory_callback"]

@@ -57,6 +57,10 @@ class Method:
 
 def _jsonable(value: Any) -> Any:
     from ..data import state_fingerprint
+    from ..trajectory import Trajectory
+
+    if isinstance(value, Trajectory):
+        return {"trajectory": str(value.workdir), "fingerprint": value.fingerprint()}
 
     if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
         return {"state_dict": state_fingerprint(value)}

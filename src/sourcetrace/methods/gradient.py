@@ -12,7 +12,7 @@ import contextlib
 import copy
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from ..grads import GradientCapture
 from ..grads.store import GradientStore
 from ..scores import Scores
 from ..tasks import collate
+from ..trajectory import Trajectory, as_trajectory
 from . import register
 from .base import Context, Method, Options
 
@@ -38,7 +39,9 @@ class GradientOptions(Options):
     modules: fnmatch patterns of module names to attribute through (default: every trainable parameter).
     batch_size: examples per backward pass. fallback: use torch.func for parameters outside supported
     layers. store_dtype: precision of the stored gradients. checkpoints / learning_rates: TracIn's saved
-    models (state_dicts or paths) and the learning rate in force at each.
+    models (state_dicts or paths) and the learning rate in force at each. trajectory: instead of those, a
+    run recorded with `TrajectoryRecorder` (a `Trajectory` or its workdir): its checkpoints after the start
+    with their mean learning rates (with dda=True, every checkpoint from the start on).
     dda: Debias and Denoise Attribution for fine-tuned models: give `checkpoints=[base, ..., fine-tuned]`;
     each checkpoint's scores are standardized per query and weighted by how far that checkpoint is from
     fitting the query (1 − p), so the base model, where a new fact is unfitted, carries the signal; each
@@ -56,8 +59,13 @@ class GradientOptions(Options):
     learning_rates: tuple[float, ...] | list[float] | None = None
     dda: bool = False
     relatif: bool = False
+    trajectory: Any = None
 
     def __post_init__(self) -> None:
+        if self.trajectory is not None:
+            if self.checkpoints is not None:
+                raise InvalidOptionError("give trajectory=... or checkpoints=[...], not both")
+            object.__setattr__(self, "trajectory", as_trajectory(self.trajectory))
         if self.batch_size < 1:
             raise InvalidOptionError("batch_size must be at least 1")
         if self.store_dtype not in ("float32", "float64", "float16"):
@@ -76,9 +84,13 @@ class GradientSimilarity(Method):
 
     def __init__(self, name: str, options: GradientOptions):
         super().__init__(name, options)
-        if name == "tracin" and not options.checkpoints:
+        if name == "tracin" and not options.checkpoints and options.trajectory is None:
             raise InvalidOptionError("tracin needs checkpoints=[state_dict or path, ...] saved during "
-                                     "training, and learning_rates=[...] in force at each")
+                                     "training and learning_rates=[...] in force at each, or trajectory=... "
+                                     "recorded with sourcetrace.TrajectoryRecorder")
+        if options.trajectory is not None and not self.multi_checkpoint(name):
+            raise InvalidOptionError(f"{name} uses one model; trajectory= is for tracin, source, replay "
+                                     "and dda=True")
         if not self.multi_checkpoint(name) and options.checkpoints and len(options.checkpoints) > 1:
             raise InvalidOptionError(f"{name} uses one model; for several checkpoints use method='tracin'")
         self.normalize = name == "grad-cos"
@@ -111,7 +123,20 @@ class GradientSimilarity(Method):
 
 
     # ---- fit and score -------------------------------------------------------------------------------
+    def trajectory_options(self, trajectory: Trajectory, train: Examples) -> dict[str, Any]:
+        """The options that `trajectory=` stands for."""
+        if self.options.dda:  # from the base model (the start of the run) on
+            return {"checkpoints": trajectory.checkpoint_states()}
+        return trajectory.checkpoint_options("tracin")
+
+    def resolve_trajectory(self, train: Examples) -> None:
+        """Replace `trajectory=` by the options it stands for (done when fitting: SOURCE needs the data)."""
+        if self.options.trajectory is not None:
+            self.options = replace(self.options, trajectory=None,
+                                   **self.trajectory_options(self.options.trajectory, train))
+
     def fit(self, ctx: Context, train: Examples) -> None:
+        self.resolve_trajectory(train)
         o = self.options
         self.train_ids = train.ids
         self.train_shapes = _shapes(collate(ctx.task, [train[0]]))

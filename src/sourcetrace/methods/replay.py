@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from ..data import Examples
 from ..errors import InvalidOptionError, ShapeError, SourcetraceError
 from ..scores import Scores
 from ..tasks import Task, collate
-from ..trajectory import OptimizerSpec, Trajectory, model_signature
+from ..trajectory import OptimizerSpec, Trajectory, as_trajectory, model_signature
 from . import register
 from .base import Context, Method, Options
 from .gradient import reduce_blocks
@@ -72,6 +71,7 @@ class ReplayOptions(Options):
         if self.trajectory is None:
             raise InvalidOptionError("replay needs trajectory=<workdir or Trajectory> recorded while "
                                      "training with sourcetrace.TrajectoryRecorder")
+        object.__setattr__(self, "trajectory", as_trajectory(self.trajectory))
         if self.query_batch < 1:
             raise InvalidOptionError("query_batch must be at least 1")
         if self.max_states is not None and self.max_states < 2:
@@ -82,20 +82,6 @@ class ReplayOptions(Options):
             raise InvalidOptionError("at must lie in [0, 1] (1 = the recorded run)")
         if self.dtype not in (None, "float32", "float64"):
             raise InvalidOptionError("dtype must be None, 'float32' or 'float64'")
-
-    def manifest(self) -> dict[str, Any]:
-        out = super().manifest()
-        traj = _as_trajectory(self.trajectory)
-        out["trajectory"] = {"workdir": str(traj.workdir), "fingerprint": traj.fingerprint()}
-        return out
-
-
-def _as_trajectory(value: Any) -> Trajectory:
-    if isinstance(value, Trajectory):
-        return value
-    if isinstance(value, (str, os.PathLike)):
-        return Trajectory.load(value)
-    raise InvalidOptionError("trajectory must be a Trajectory or the workdir of a recorded one")
 
 
 class _Bound(nn.Module):
@@ -419,7 +405,7 @@ class Replay(Method):
 
     def fit(self, ctx: Context, train: Examples) -> None:
         o = self.options
-        self.trajectory = _as_trajectory(o.trajectory)
+        self.trajectory = o.trajectory
         if model_signature(ctx.model) != self.trajectory.model_signature:
             raise ShapeError(f"the trajectory {self.trajectory.workdir} was recorded for a model with other "
                              "parameters (names, shapes or dtypes); attribute the model that was recorded")

@@ -78,8 +78,11 @@ class SourceOptions(GradientOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.trajectory is not None:  # the rest is read from it when fitting
+            return
         if not self.checkpoints or self.learning_rates is None or self.steps is None:
-            raise InvalidOptionError("source needs checkpoints=[state_dict or path, ...] saved during "
+            raise InvalidOptionError("source needs trajectory=... recorded with TrajectoryRecorder, or "
+                                     "checkpoints=[state_dict or path, ...] saved during "
                                      "training, learning_rates=[...] in force at each and steps=[...] "
                                      "(optimizer steps done when each was saved)")
         if len(self.steps) != len(self.checkpoints):
@@ -223,10 +226,20 @@ class Source(GradientSimilarity):
         Method.__init__(self, name, options)  # GradientSimilarity's check forbids several checkpoints
         self.normalize = False
         self.stores = []
-        self.segments = plan_segments(list(options.steps or []), list(options.learning_rates or []),
-                                      options.stages, options.segments)
+        self.segments: list[Segment] = []
+        if options.trajectory is None:
+            self._plan()
+
+    def _plan(self) -> None:
+        o = self.options
+        self.segments = plan_segments(list(o.steps or []), list(o.learning_rates or []), o.stages, o.segments)
+
+    def trajectory_options(self, trajectory: Any, train: Examples) -> dict[str, Any]:
+        return trajectory_options(trajectory, train.ids)
 
     def fit(self, ctx: Context, train: Examples) -> None:
+        self.resolve_trajectory(train)
+        self._plan()
         o = self.options
         members = self._stage_members(len(train))
         super().fit(ctx, train)  # per-checkpoint training-gradient stores
