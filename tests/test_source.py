@@ -101,6 +101,12 @@ def ggn(model, x):
     return torch.einsum("bcp,bcd,bdq->pq", j, h, j) / len(x)
 
 
+def at(state):
+    m = mlp()
+    m.load_state_dict(state)
+    return m
+
+
 def reference(final, states, segments, train, queries, stage_data, momentum, wd):
     """score = −Σ_l (N/N_s)/|C_l| Σ_{c∈l} (f_l(H̄_l) S_{l+1}⋯S_L q)ᵀ g_c(i) over the stage's examples."""
     x, y = train
@@ -108,11 +114,7 @@ def reference(final, states, segments, train, queries, stage_data, momentum, wd)
     total = torch.zeros(len(queries[0]), N_TRAIN)
     v = q
     for members, stage, k, lr in reversed(segments):
-        models = []
-        for c in members:
-            m = mlp()
-            m.load_state_dict(states[c])
-            models.append(m)
+        models = [at(states[c]) for c in members]
         idx = stage_data[stage]
         h = sum(ggn(m, x[idx]) for m in models) / len(models) + wd * torch.eye(q.shape[1])
         lam, u = torch.linalg.eigh(h)
@@ -185,11 +187,7 @@ def test_adam_variant_equals_the_nonsymmetric_formula(data):
     want = torch.zeros(N_QUERY, N_TRAIN)
     eye = torch.eye(v.shape[1])
     for members, stage, k, lr in reversed([([0], 0, 3, 0.5), ([1], 0, 3, 0.4), ([2, 3], 1, 6, 0.25)]):
-        models = []
-        for c in members:
-            m = mlp()
-            m.load_state_dict(states[c])
-            models.append(m)
+        models = [at(states[c]) for c in members]
         idx = stage_data[stage]
         h = sum(ggn(m, x[idx]) for m in models) / len(models)
         pbar = sum(torch.cat([pres[c][n].reshape(-1) for n, _ in final.named_parameters()])
