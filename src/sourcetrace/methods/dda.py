@@ -22,6 +22,11 @@ measured on `sourcetrace bench facts-lm` (figures in benchmarks/facts-lm.md):
 weights, then `normalize_train`. Measured on facts-lm (benchmarks/facts-lm.md), with checkpoints on a
 geometric schedule (dense early in fine-tuning): the train-side step lifts MRR from about 0.78 to 0.85;
 with six evenly spaced checkpoints the same composition gives about 0.81 MRR / 0.89 entity top-1.
+Beyond fine-tuned LMs (benchmarks/replay.md, digits MLP, LDS on random halves, every checkpoint of the
+last stage): `dda=True` raises EK-FAC in all four settings (converged 0.716 → 0.786, non-converged
+0.749 → 0.764, two-stage 0.760 → 0.807, AdamW 0.726 → 0.830) and TracIn in three (0.577 → 0.621,
+0.780 → 0.875, 0.835 → 0.872); it costs TracIn 0.005 on the non-converged run (0.986 → 0.981), where the
+plain checkpoint sum is already near the ceiling.
 """
 
 from __future__ import annotations
