@@ -293,6 +293,18 @@ def reshuffled(positions: list[torch.Tensor], stage_starts: list[int], seed: int
     return out
 
 
+class _Lazy:
+    """A value made by `make()` on first use, then kept."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self.make, self.value = make, None
+
+    def get(self) -> Any:
+        if self.value is None:
+            self.value = self.make()
+        return self.value
+
+
 def _prefix(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"model.{k}": v for k, v in d.items()}
 
@@ -416,9 +428,9 @@ class Replay(Method):
                             progress=ctx.progress, at=o.at, reshuffle=reshuffle)
 
         self.replayer = replayer(None)
-        # the other orders are built when scored (each keeps its own segment starts in memory)
+        # the other orders, built when first scored; each keeps its segments' starting states in memory
         seeds = [1000 * o.order_seed + r for r in range(1, o.orders)]
-        self.reshuffles = [functools.partial(replayer, seed) for seed in seeds]
+        self.reshuffles = [_Lazy(functools.partial(replayer, seed)) for seed in seeds]
         self.train_ids = train.ids
         self._checked = False
 
@@ -437,9 +449,9 @@ class Replay(Method):
             else:
                 block = self.replayer.derivatives(queries, lo, hi).cpu()
                 self._check_final(ctx)
-                for make in tqdm(self.reshuffles, desc="replay (other orders)", leave=False,
-                                 disable=not ctx.progress or not self.reshuffles):
-                    block += make().derivatives(queries, lo, hi).cpu()
+                for other in tqdm(self.reshuffles, desc="replay (other orders)", leave=False,
+                                  disable=not ctx.progress or not self.reshuffles):
+                    block += other.get().derivatives(queries, lo, hi).cpu()
                 block /= 1 + len(self.reshuffles)
                 data = {"scores": block.contiguous()}
 
