@@ -180,3 +180,32 @@ def test_influence_of_retrained_ridge_tracks_ground_truth():
     subsets = retrain_subsets(train, measure, 40, n_subsets=40, seeds=(0,), progress=False)
     assert lds(influence, subsets).mean > 0.8
     assert lds(-influence, subsets).mean < -0.5
+
+
+def test_calibrate_recovers_the_scale_and_removal_effect_uses_it():
+    from sourcetrace import Scores
+    from sourcetrace.errors import ScoresError
+    from sourcetrace.evaluate import calibrate
+
+    rng = np.random.default_rng(0)
+    n_train, n_query, m = 40, 3, 60
+    matrix = rng.normal(size=(n_query, n_train))
+    masks = rng.random((m, n_train)) < 0.5
+    actual = np.array([5.0, -1.0, 2.0]) + 3.0 * masks @ matrix.T + 0.01 * rng.normal(size=(m, n_query))
+    truth = SubsetRetraining(masks=masks, measurements=actual, per_seed=actual[:, None, :])
+    cal = calibrate(matrix, truth)
+    assert cal.scale == pytest.approx(3.0, rel=1e-3) and cal.r2 > 0.999
+    np.testing.assert_allclose(cal.per_query, 3.0, rtol=1e-2)
+    # the same numbers by ordinary least squares with an intercept per query
+    for q in range(n_query):
+        slope = np.polyfit(masks @ matrix[q], actual[:, q], 1)[0]
+        assert cal.per_query[q] == pytest.approx(slope)
+    scores = Scores(torch.tensor(matrix), [f"t{i}" for i in range(n_train)], ["a", "b", "c"], "grad-dot")
+    with pytest.raises(ScoresError, match="calibrate"):
+        scores.removal_effect(["t1"])
+    effect = scores.removal_effect(["t1", "t4"], scale=cal.scale)
+    torch.testing.assert_close(effect, -cal.scale * torch.tensor(matrix[:, [1, 4]].sum(1)))
+    with pytest.raises(ScoresError, match="no training examples"):
+        scores.removal_effect(["nope"], scale=1.0)
+    with pytest.raises(ShapeError):
+        calibrate(matrix[:, :5], truth)

@@ -43,6 +43,7 @@ OPTIMIZERS = {
     "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.8, nesterov=True, dampening=0.0),
     "adam": lambda p: torch.optim.Adam(p, lr=0.05, weight_decay=0.01),
     "adamw": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+    "sgd-wd": lambda p: torch.optim.SGD(p, lr=0.3, weight_decay=0.01),
 }
 
 
@@ -203,3 +204,23 @@ def test_replay_needs_a_trajectory_and_the_training_ids(data, tmp_path):
     with pytest.raises(InvalidOptionError, match="dropout"):
         replay.Replayer(drop, st.ClassificationTask(), Trajectory.load(tmp_path / "traj"),
                         Examples(train_data))
+
+
+def test_removal_effect_predicts_retraining(data, tmp_path):
+    """replay scores are derivatives in the examples' weights: −Σ of them predicts removing a few examples
+    (the recorded run redone with their weight 0) to first order; on digits (benchmarks/replay.md) the
+    fitted scale of that prediction is 0.99-1.08 with R² ≥ 0.98."""
+    train_data, queries = data
+    make = OPTIMIZERS["sgd-wd"]
+    model = train(make, train_data, recorder_dir=tmp_path / "traj")
+    scores = st.Attributor(model, st.ClassificationTask(), "replay", trajectory=tmp_path / "traj",
+                           progress=False).fit(train_data).score(queries)
+    full = margins(model, queries)
+    for removed in ([3], [3, 11], [0, 5, 17]):
+        w = torch.ones(N_TRAIN, dtype=torch.float64)
+        w[removed] = 0
+        actual = margins(train(make, train_data, w), queries) - full
+        predicted = scores.removal_effect(removed)
+        # second-order terms remain (here 9-18 %: 1-3 of 24 examples removed); every query's sign is right
+        assert float((predicted - actual).norm() / actual.norm()) < 0.25, (removed, predicted, actual)
+        assert (predicted * actual > 0).all()

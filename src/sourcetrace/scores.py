@@ -125,6 +125,29 @@ class Scores:
         return Scores(matrix @ onehot, groups, list(self.query_ids), self.method,
                       {**self.metadata, "grouped": True, "group_sizes": onehot.sum(0).tolist()})
 
+    def removal_effect(self, train_ids: Sequence[Any], scale: float | None = None) -> torch.Tensor:
+        """Predicted change of each query's measurement if the training examples `train_ids` were removed
+        and the model retrained: −scale · Σ of their scores, one value per query.
+
+        scale: what one unit of summed score is worth in the measurement. `replay` scores are derivatives
+        of the measurement with respect to each example's weight, so their scale is 1 (exact to first
+        order for a few examples); other methods' scores rank examples but are not effect sizes (damping,
+        projections, normalisation): fit their scale on retraining with `evaluate.calibrate(scores, truth)`.
+        """
+        matrix = self._dense("removal_effect")
+        if scale is None:
+            scale = self.metadata.get("removal_scale")
+        if scale is None:
+            raise ScoresError(f"{self.method or 'these'} scores rank training examples but are not effect "
+                              "sizes; pass scale=evaluate.calibrate(scores, ground_truth).scale (fitted on "
+                              "retrained models), or attribute with method='replay'")
+        where = {i: k for k, i in enumerate(self.train_ids)}
+        missing = [i for i in train_ids if i not in where]
+        if missing:
+            raise ScoresError(f"no training examples with ids {missing[:5]}")
+        columns = torch.tensor(sorted({where[i] for i in train_ids}), dtype=torch.long)
+        return -float(scale) * matrix[:, columns].double().sum(1)
+
     def to_html(self, path: str | os.PathLike, **kwargs: Any) -> Path:
         """Write a self-contained HTML report of these scores (options: `sourcetrace.views.write_report`)."""
         from .views import write_report

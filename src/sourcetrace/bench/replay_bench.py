@@ -314,9 +314,12 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
                 continue
             lds_r, lds_f = evaluate.lds(result.scores, random), evaluate.lds(result.scores, fixed)
             lds_s = evaluate.lds(result.scores, small)
+            cal_s, cal_f = evaluate.calibrate(result.scores, small), evaluate.calibrate(result.scores, fixed)
             rows.append({**row, "lds_random": str(lds_r), "lds_recorded": str(lds_f), "lds_small": str(lds_s),
                          "lds_random_mean": lds_r.mean, "lds_recorded_mean": lds_f.mean,
-                         "lds_small_mean": lds_s.mean, "wall_s": result.wall_s, "peak_mb": result.peak_mb})
+                         "lds_small_mean": lds_s.mean, "wall_s": result.wall_s, "peak_mb": result.peak_mb,
+                         "scale": f"{cal_s.scale:.3g} ({cal_s.r2:.2f}) / {cal_f.scale:.3g} ({cal_f.r2:.2f})",
+                         "scale_small": cal_s.scale, "scale_half": cal_f.scale})
             if progress:
                 print(f"{variant:>14} {method:<10} LDS random {lds_r}  recorded order {lds_f}  5 % out "
                       f"{lds_s}  {result.wall_s:7.2f} s {result.peak_mb:7.1f} MB")
@@ -354,6 +357,7 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
     columns = [("setting", "setting"), ("method", "method"), ("steps", "steps"), ("params", "parameters"),
                ("lds_random", "LDS random [95 % CI]"), ("lds_recorded", "LDS recorded order [95 % CI]"),
                ("lds_small", "LDS recorded order, 5 % out"),
+               ("scale", "removal scale (R²): 5 % / half out"),
                ("wall_s", "wall s"), ("peak_mb", "peak MB above start"), ("note", "note")]
     notes = [
         "replay: the exact derivative dm/dw_i of the recorded run at w = 1 (reverse mode through every "
@@ -375,6 +379,10 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
         "is the recorded run again (replay-half ≈ replay), and the run's response to removing half of the "
         "data is far from linear (replay 0.85 on the recorded order); SOURCE's Adam variant (source; "
         "source-sgd is the SGD formula on the same checkpoints) predicts retraining best there.",
+        "Removal scale: the slope of the recorded-order retraining's measurements on the summed scores of "
+        "the kept examples (`evaluate.calibrate`, R² in brackets), 5 % or half of the data out: 1 means the "
+        "scores are effect sizes, as `Scores.removal_effect` assumes for replay; other methods' scores rank "
+        "but need that fitted scale.",
         "Wall time and memory: each method in a fresh process, from model loaded to scores returned; memory "
         "is the process's peak resident set above its level before the call. 1 thread. The cost rows time "
         "replay alone on the recorded run of an MLP of that width (10 queries in one reverse pass).",

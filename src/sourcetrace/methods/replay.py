@@ -466,8 +466,9 @@ class Replay(Method):
             yield 0, len(self.train_ids), matrix
 
         parts = reduce_blocks(rows(), n, len(self.train_ids), top_k)
+        # derivatives of the measurement in each example's weight: removing i is w_i: 1 → 0
         return Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name,
-                      metadata={"options": o.manifest()}, **parts)
+                      metadata={"options": o.manifest(), "removal_scale": 1.0}, **parts)
 
     def _check_final(self, ctx: Context) -> None:
         """Warn when the model being attributed is not where the recorded run ends."""
