@@ -54,6 +54,18 @@ def test_payload_lists_match_scores_and_histogram_counts_every_score():
     assert {g["name"] for g in p["groups"]} == {"label", "source"}
 
 
+def test_payload_predicts_removing_the_shown_examples_for_effect_sized_scores():
+    s = small_scores()
+    assert "removal" not in report_payload(s, k=5)["queries"][0]["result"]  # rankings only
+    s.metadata["removal_scale"] = 1.0  # as replay's scores carry
+    for r, q in enumerate(report_payload(s, k=5)["queries"]):
+        res = q["result"]
+        ids = [s.train_ids[x["index"]] for x in res["top"]]
+        assert res["removal"]["k"] == 5
+        assert res["removal"]["top"] == pytest.approx(float(s.removal_effect(ids)[r]), rel=1e-5)
+        assert res["removal"]["top"] < 0 < res["removal"]["bottom"]  # without proponents the output drops
+
+
 def test_payload_with_top_k_scores_and_explicit_groups():
     s = small_scores()
     top = Scores(None, s.train_ids, s.query_ids, "grad-dot", top_values=s.matrix.topk(3).values,

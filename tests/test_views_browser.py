@@ -312,3 +312,10 @@ def test_render_html_works_from_a_page_without_api(page):
     page.set_content(render_html(p))
     page.wait_for_selector("#st-root[data-ready]")
     assert rows(page, "st-top") == [0, 1] and page.errors == []
+    assert page.locator("#st-removal").count() == 0  # these scores are rankings, not effect sizes
+    p = report_payload(Scores(torch.tensor([[0.5, -0.25]]), ["a", "b"], ["q"], "replay",
+                              metadata={"removal_scale": 1.0}), k=1)
+    page.set_content(render_html(p))
+    page.wait_for_selector("#st-root[data-ready]")
+    text = page.locator("#st-removal").inner_text()
+    assert "proponents (1)" in text and "-0.5" in text and "0.25" in text and page.errors == []

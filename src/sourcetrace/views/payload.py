@@ -7,7 +7,8 @@ front end (`static/app.js`). Its shape:
      "queries": [{"id", "index", "text", "prompt", "tokens", "selection", "image", "row", "audio", "label",
                   "source", "spans",
                   "result": {"top": [{"index", "score", "token_scores"?}], "bottom": [...],
-                             "hist": {"edges", "counts", "partial"}, "keywords": {"pos", "neg"}},
+                             "hist": {"edges", "counts", "partial"}, "keywords": {"pos", "neg"},
+                             "removal": {"k", "top", "bottom"}?},
                   "compare": {"other", "ops", "removed", "added"}?}],
      "train": {"<index>": {"id", "text", "tokens", "image", "row", "audio", "label", "source"}},  # shown only
      "groups": [{"name", "names", "sizes", "query": [[mass per group] per query], "mean"}]}
@@ -149,6 +150,11 @@ def query_result(scores: Scores, row: int, *, k: int = 6, keywords: Keywords | N
     counts, edges = np.histogram(values, bins=bins) if values.size else (np.zeros(0), np.zeros(0))
     result: dict[str, Any] = {"top": top, "bottom": bottom, "partial": partial,
                               "hist": {"edges": [_num(e) for e in edges], "counts": [int(c) for c in counts]}}
+    if scores.matrix is not None and scores.metadata.get("removal_scale") is not None and k:
+        def effect(rows: list[dict[str, Any]]) -> float:
+            return _num(scores.removal_effect([scores.train_ids[r["index"]] for r in rows])[row])
+
+        result["removal"] = {"k": k, "top": effect(top), "bottom": effect(bottom)}
     if keywords is not None:
         def pick(rows: list[dict[str, Any]]) -> list[str]:
             return [texts[r["index"]] for r in rows if texts[r["index"]]]

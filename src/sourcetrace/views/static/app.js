@@ -272,7 +272,11 @@ var SourcetraceView = (function () {
         kw ? h("section", { class: "st-card st-keywords" }, h("h3", null, "Keywords of the shown examples"),
           h("div", { class: "st-muted" }, "proponents"), chips(kw.pos, "st-pos"),
           h("div", { class: "st-muted" }, "opponents"), chips(kw.neg, "st-neg")) : null,
-        h("section", { class: "st-card" }, h("h3", null, "All scores ", h("span", { class: "st-muted" }, res.partial ? "(only the kept extremes)" : "(ticks: shown examples)")), histogram(res)));
+        h("section", { class: "st-card" }, h("h3", null, "All scores ", h("span", { class: "st-muted" }, res.partial ? "(only the kept extremes)" : "(ticks: shown examples)")), histogram(res)),
+        res.removal ? h("section", { class: "st-card", id: "st-removal" }, h("h3", null, "What if they were removed?"),
+          h("div", null, "Without the shown proponents (" + res.removal.k + "), the measurement would change by ", h("b", { class: "st-neg" }, fmt(res.removal.top)), "."),
+          h("div", null, "Without the shown opponents (" + res.removal.k + "), by ", h("b", { class: "st-pos" }, fmt(res.removal.bottom)), "."),
+          h("div", { class: "st-muted" }, "Predicted to first order from the scores (derivatives of the measurement in each example's weight).")) : null);
     }
 
     function attributionView(q) {
