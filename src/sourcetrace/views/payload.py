@@ -152,7 +152,7 @@ def query_result(scores: Scores, row: int, *, k: int = 6, keywords: Keywords | N
                               "hist": {"edges": [_num(e) for e in edges], "counts": [int(c) for c in counts]}}
     if scores.matrix is not None and scores.metadata.get("removal_scale") is not None and k:
         def effect(rows: list[dict[str, Any]]) -> float:
-            return _num(scores.removal_effect([scores.train_ids[r["index"]] for r in rows])[row])
+            return _num(float(scores.removal_effect([scores.train_ids[r["index"]] for r in rows])[row]))
 
         result["removal"] = {"k": k, "top": effect(top), "bottom": effect(bottom)}
     if keywords is not None:
