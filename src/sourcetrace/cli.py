@@ -33,16 +33,16 @@ def demo(out: Path = typer.Option(Path("sourcetrace-demo"), help="folder for the
     """Train a small MLP on scikit-learn's digits, attribute a few test predictions, write a report."""
     import sourcetrace as st
 
-    from .bench.digits import DigitsSetting
+    from .bench.replay_bench import ReplaySetting
 
-    setting = DigitsSetting(n_query=max(queries, 1))
-    with console.status("training a digits MLP (1000 images, 30 epochs)"):
-        model, checkpoints, rates = setting.trained(out)
+    setting = ReplaySetting(n_query=max(queries, 1))
+    with console.status("training a digits MLP (1000 images, 30 epochs of SGD), recording its trajectory"):
+        model = setting.run(recorder_dir=out / "trajectory")
     accuracy = float((model(setting.x_query).argmax(1) == setting.y_query).float().mean())
-    console.print(f"trained: query accuracy {accuracy:.0%}; attributing with TracIn over "
-                  f"{len(checkpoints)} checkpoints")
-    attr = st.Attributor(model, st.ClassificationTask(), "tracin", workdir=out / "workdir",
-                         checkpoints=checkpoints, learning_rates=rates, overwrite=True)
+    console.print(f"trained: query accuracy {accuracy:.0%}; attributing by replaying the recorded steps "
+                  "(the exact derivative of each query's margin in each training example's weight)")
+    attr = st.Attributor(model, st.ClassificationTask(), "replay", workdir=out / "workdir",
+                         trajectory=out / "trajectory", overwrite=True)
     scores = attr.fit(setting.train).score((setting.x_query[:queries], setting.y_query[:queries]))
     predicted = model(setting.x_query[:queries]).argmax(1)
     for q in range(queries):
@@ -59,6 +59,9 @@ def demo(out: Path = typer.Option(Path("sourcetrace-demo"), help="folder for the
                          f"{item.score:+.3g}")
         table.add_row(*cells)
         console.print(table)
+        drop = float(scores.removal_effect([a.train_id for a in scores.top(q, k)])[q])
+        console.print(f"without those {k} proponents the margin would change by {drop:+.3g} (first-order "
+                      f"prediction; the margin is now {float(setting.measure_fn(model)[q]):.3g})")
     scores.save(out / "scores")
     report = _report(scores, setting, out)
     if report is not None:
@@ -76,7 +79,7 @@ def _report(scores, setting, out: Path) -> Path | None:
     query_items = [{"image": setting.images[n + q].tolist(), "label": str(int(setting.y_query[q]))}
                    for q in range(scores.shape[0])]
     return write_report(scores, out / "report.html", train_items=train_items, query_items=query_items,
-                        title="sourcetrace demo: digits MLP, TracIn",
+                        title="sourcetrace demo: digits MLP, exact replay of its training",
                         groups=[item["label"] for item in train_items])
 
 
