@@ -159,7 +159,7 @@ def setting(variant: str) -> ReplaySetting:
 
 
 # replay's cost as the run grows: (hidden width, epochs) of the digits MLP, 10 queries in one reverse pass
-SCALING = ((128, 3), (128, 30), (512, 30), (2048, 3), (8192, 3))
+SCALING = ((128, 3), (128, 30), (128, 625), (512, 30), (2048, 3), (8192, 3))
 
 
 def _scores(config: dict[str, Any], trajectory_dir: str, method: str, n_queries: int | None = None
