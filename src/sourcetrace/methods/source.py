@@ -78,7 +78,10 @@ class SourceOptions(GradientOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.trajectory is not None:  # the rest is read from it when fitting
+        if self.curvature not in SEGMENT_CURVATURES:
+            raise InvalidOptionError(f"source's curvature must be one of {', '.join(SEGMENT_CURVATURES)}; "
+                                     f"got {self.curvature!r}")
+        if self.trajectory is not None:  # the rest is read from it when fitting, and checked then
             return
         if not self.checkpoints or self.learning_rates is None or self.steps is None:
             raise InvalidOptionError("source needs trajectory=... recorded with TrajectoryRecorder, or "
@@ -106,9 +109,6 @@ class SourceOptions(GradientOptions):
             raise InvalidOptionError(f"weight_decay must be >= 0; got {self.weight_decay}")
         if self.preconditioners is not None and len(self.preconditioners) != len(self.checkpoints):
             raise InvalidOptionError("give one preconditioner {parameter name: tensor} per checkpoint")
-        if self.curvature not in SEGMENT_CURVATURES:
-            raise InvalidOptionError(f"source's curvature must be one of {', '.join(SEGMENT_CURVATURES)}; "
-                                     f"got {self.curvature!r}")
         plan_segments(self.steps, self.learning_rates, self.stages, self.segments)  # validates segments
 
 
