@@ -383,3 +383,11 @@ def test_trajectory_option(data, tmp_path):
     got = source(model, train, trajectory=traj).score(queries).matrix
     want = source(model, train, **trajectory_options(traj, list(range(N_TRAIN)))).score(queries).matrix
     torch.testing.assert_close(got, want)
+    # a workdir keeps the trajectory's fingerprint: refitting, or a new Attributor on it, reuses it
+    attr = st.Attributor(model, st.ClassificationTask(), "source", workdir=tmp_path / "w", progress=False,
+                         store_dtype="float64", batch_size=5, trajectory=traj)
+    attr.fit(train)
+    attr.fit(train)
+    again = st.Attributor(model, st.ClassificationTask(), "source", workdir=tmp_path / "w", progress=False,
+                          store_dtype="float64", batch_size=5, trajectory=tmp_path / "traj")
+    torch.testing.assert_close(again.fit(train).score(queries).matrix, want)

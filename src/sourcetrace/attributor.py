@@ -34,6 +34,7 @@ class Attributor:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         self.method = build(method, options)
+        self._options = self.method.options.manifest()  # as given (a method may expand them when fitting)
         self.model, self.task = model, task
         persist = workdir is not None
         if workdir is None:
@@ -47,7 +48,7 @@ class Attributor:
     def fit(self, train: Any, ids: list[Any] | None = None) -> Attributor:
         """Collect what the method needs from the training data (cached in workdir, resumable)."""
         examples = Examples(train, ids, name="training data")
-        manifest = {"method": self.method.name, "options": self.method.options.manifest(),
+        manifest = {"method": self.method.name, "options": self._options,
                     "model": model_fingerprint(self.model), "task": task_config(self.task),
                     "data": examples.fingerprint(), "n_train": len(examples)}
         check_manifest(self.workdir, manifest, overwrite=self.ctx.overwrite)
