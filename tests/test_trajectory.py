@@ -192,6 +192,10 @@ def test_transformers_callback_records_a_trainer_run(tmp_path):
     again = traj.replay_forward(Net().double(), loss, batch)
     for p, q in zip(model.parameters(), again.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    # the Trainer's AdamW state is recorded: SOURCE's Adam variant reads its preconditioners
+    options = traj.checkpoint_options("source")
+    assert options["decoupled_weight_decay"] and len(options["preconditioners"]) == len(traj.checkpoints) - 1
+    assert set(options["preconditioners"][-1]) == {n for n, _ in model.named_parameters()}
 
 
 def test_checkpoint_options_for_tracin_and_source(tmp_path):
