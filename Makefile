@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
-EXTRAS ?= dev,bench,llm,views,corpus
+EXTRAS ?= dev,bench,llm,views,corpus,diffusion,index,audio,kg
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast bench lint clean
@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	# browser tests drive Debian's Chromium (never a downloaded browser); they skip where it is missing
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium not installed: browser tests will be skipped"
+	# fpcalc (Chromaprint), the fingerprinting anchor of the music benchmark
+	command -v fpcalc >/dev/null || apt-get install -y -qq libchromaprint-tools >/dev/null \
+		|| echo "fpcalc not installed: the Chromaprint rows of the music benchmark will be skipped"
 	touch $(STAMP)
 
 demo: setup
