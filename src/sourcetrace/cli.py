@@ -27,10 +27,25 @@ def digit_art(image) -> str:
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("sourcetrace-demo"), help="folder for the report and artifacts"),
-         queries: int = typer.Option(3, help="how many test predictions to explain"),
-         k: int = typer.Option(3, help="proponents and opponents shown per query")) -> None:
-    """Train a small MLP on scikit-learn's digits, attribute a few test predictions, write a report."""
+def demo(name: str = typer.Argument("digits", help="which demo: digits (default) or one listed by "
+                                                    "`sourcetrace info`"),
+         out: Path = typer.Option(None, help="folder for the report and artifacts "
+                                             "[default: sourcetrace-demo, or sourcetrace-demo-NAME]"),
+         queries: int = typer.Option(3, help="digits: how many test predictions to explain"),
+         k: int = typer.Option(3, help="digits: proponents and opponents shown per query")) -> None:
+    """Run a demo on an embedded default. digits: train a small MLP on scikit-learn's digits, attribute a
+    few test predictions by replaying its training, write a report."""
+    from .demos import DEMOS, demo_names, load_demo
+
+    if name != "digits":
+        if name not in DEMOS:
+            console.print(f"[red]unknown demo {name!r}[/red]; available: {', '.join(demo_names())}")
+            raise typer.Exit(2)
+        report = load_demo(name)(out or Path(f"sourcetrace-demo-{name}"))
+        if report is not None:
+            console.print(f"report written: open [bold]{Path(report).resolve()}[/bold] in a browser")
+        return
+    out = out or Path("sourcetrace-demo")
     import sourcetrace as st
 
     from .bench.replay_bench import ReplaySetting
@@ -111,6 +126,9 @@ def info() -> None:
     console.print(f"sourcetrace {st.__version__}")
     console.print("methods: " + ", ".join(st.available_methods()))
     console.print("benchmarks: " + ", ".join(sorted(BENCHMARKS)))
+    from .demos import demo_names
+
+    console.print("demos: " + ", ".join(demo_names()))
     extras = {"llm": ["transformers", "peft"], "corpus": ["infini_gram", "pydivsufsort"], "index": ["faiss"],
               "audio": ["librosa", "soundfile"], "kg": ["rdflib"],
               "views": ["jinja2", "anywidget", "fastapi", "uvicorn"],
