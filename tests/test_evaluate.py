@@ -209,3 +209,21 @@ def test_calibrate_recovers_the_scale_and_removal_effect_uses_it():
         scores.removal_effect(["nope"], scale=1.0)
     with pytest.raises(ShapeError):
         calibrate(matrix[:, :5], truth)
+
+
+def test_lds_matches_ground_truth_by_id_whatever_the_order():
+    """Scores whose training and query columns are shuffled give the same LDS once matched by id."""
+    import sourcetrace as st
+
+    matrix, gt = datamodel(noise=2.0, seed=5)
+    train_ids = [f"t{i}" for i in range(matrix.shape[1])]
+    query_ids = [("q", i) for i in range(matrix.shape[0])]
+    expected = lds(matrix, gt).per_query
+    rng = np.random.default_rng(0)
+    cols, rows = rng.permutation(matrix.shape[1]), rng.permutation(matrix.shape[0])
+    shuffled = st.Scores(torch.from_numpy(matrix[rows][:, cols]), [train_ids[c] for c in cols],
+                         [query_ids[r] for r in rows])
+    matched = lds(shuffled, gt, train_ids=train_ids, query_ids=query_ids).per_query
+    np.testing.assert_allclose(matched, expected, atol=1e-12)
+    # taken in the order they come, the shuffled scores are wrong: the ids are what makes them right
+    assert not np.allclose(lds(shuffled, gt).per_query[np.argsort(rows)], expected)

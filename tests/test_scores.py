@@ -117,3 +117,25 @@ def test_scores_from_attributor_round_trip(tmp_path):
     assert torch.equal(back.matrix, dense.matrix) and back.top("q2", 3) == dense.top("q2", 3)
     sparse = Scores.load(attr.score(queries, top_k=2).save(tmp_path / "sparse"))
     assert sparse.top("q1", 2) == dense.top("q1", 2) and sparse.bottom("q2", 2) == dense.bottom("q2", 2)
+
+
+def test_tuple_and_mixed_ids_survive_save_and_load(tmp_path):
+    train_ids = [("doc", 0), ("doc", 1), 7, "x", ("a", ("nested", 2))]
+    s = Scores(torch.randn(2, 5, dtype=torch.float64), train_ids, [(1, 2), "q"], "grad-dot")
+    back = Scores.load(s.save(tmp_path / "s"))
+    assert back.train_ids == train_ids and back.query_ids == [(1, 2), "q"]
+    assert back.top((1, 2), k=5) == s.top((1, 2), k=5)
+    assert back.top(query_id="q", k=2)[0].train_id in train_ids
+
+
+def test_query_positions_and_ids_are_unambiguous():
+    s = Scores(torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 4.0], [2.0, 3.0]]), ["t0", "t1"], [5, 3, 0, 1])
+    assert s.top(query_id=3, k=1)[0].train_id == "t1"  # the row with id 3 (position 1)
+    assert s.top(row=3, k=1)[0].train_id == "t1"  # position 3 (id 1)
+    assert s.top(query_id=0, k=1)[0].score == 5.0 and s.top(row=0, k=1)[0].score == 1.0
+    assert s.top(5, k=1) == s.top(row=0, k=1)  # 5 is an id and no position: unambiguous
+    with pytest.raises(ScoresError, match="ambiguous"):
+        s.top(0)
+    names = Scores(torch.eye(2), ["t0", "t1"], ["a", "b"])
+    assert names.top(1, k=1) == names.top("b", k=1) == names.top(row=1, k=1)  # no int ids: a position
+    assert names.top(k=1) == names.top(row=0, k=1)

@@ -138,3 +138,24 @@ def test_jsonl_classification_rows_collate_to_tensors(tmp_path):
     m = flat_grad(model, st.ClassificationTask().measurement(model, (x[None], torch.tensor([y])))[0])
     g = flat_grad(model, nn.functional.cross_entropy(model(x[None]), torch.tensor([y])))
     assert scores.matrix[4, 4].item() == pytest.approx(-(m @ g).item(), rel=1e-5)
+
+
+def test_lm_call_has_no_retry_that_drops_the_attention_mask():
+    """A TypeError inside a model that takes a mask propagates; a model without a mask is called without."""
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = TinyLM().double()
+
+        def forward(self, input_ids, attention_mask=None):
+            raise TypeError("a bug inside the model")
+
+    task = st.CausalLMTask()
+    batch = task.collate([{"prompt": [1, 2], "completion": [3]}, {"prompt": [4], "completion": [5]}])
+    with pytest.raises(TypeError, match="a bug inside the model"):
+        st.CausalLMTask().train_loss(Broken(), batch)
+    model = lm()  # forward(ids): right padding cannot change the labelled positions of a causal model
+    padded = st.CausalLMTask().train_loss(model, batch)
+    alone = task.train_loss(model, task.collate([{"prompt": [4], "completion": [5]}]))
+    assert torch.allclose(padded[1], alone[0], rtol=1e-12, atol=0)

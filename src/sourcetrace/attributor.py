@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from .artifacts import check_manifest
-from .data import Examples, model_fingerprint
+from .data import Examples, check_batch_size, model_fingerprint
 from .errors import SourcetraceError
 from .methods import build
 from .methods.base import Context
-from .scores import Scores
-from .tasks import Task, task_config
+from .scores import Scores, check_k
+from .tasks import Task, check_task, task_config
 
 
 class Attributor:
@@ -33,6 +33,9 @@ class Attributor:
                  **options: Any):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        check_task(task)
+        if "batch_size" in options:
+            check_batch_size(options["batch_size"])
         self.method = build(method, options)
         self._options = self.method.options.manifest()  # as given (a method may expand them when fitting)
         self.model, self.task = model, task
@@ -60,6 +63,7 @@ class Attributor:
     def score(self, queries: Any, ids: list[Any] | None = None, *, top_k: int | None = None) -> Scores:
         """Scores [n_query, n_train] (positive = proponent); with `top_k`, only each query's extremes."""
         self._require_fit()
+        check_k(top_k, "top_k", optional=True)
         examples = Examples(queries, ids, name="queries")
         return self.method.score(self.ctx, examples, top_k=top_k)
 

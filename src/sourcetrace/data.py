@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import EmptyDataError, ShapeError
+from .errors import EmptyDataError, InvalidOptionError, ShapeError
 
 
 class Examples:
@@ -24,6 +24,7 @@ class Examples:
     """
 
     def __init__(self, data: Any, ids: Sequence[Any] | None = None, name: str = "data"):
+        _refuse_unsupported(data, name)
         if isinstance(data, Examples):
             self.items: Any = data.items
             ids = data.ids if ids is None else ids
@@ -47,11 +48,15 @@ class Examples:
             raise EmptyDataError(f"{name} is empty; give at least one example")
         if ids is None:
             ids = _own_ids(self.items, n)
-        ids = [i.item() if isinstance(i, (np.generic, torch.Tensor)) else i for i in ids]
+        elif isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
+            raise ShapeError(f"{name}: ids must be a list with one id per example; got {type(ids).__name__}")
+        ids = [plain_id(i, name) for i in ids]
         if len(ids) != n:
-            raise ShapeError(f"{name}: {len(ids)} ids for {n} examples")
+            raise ShapeError(f"{name}: {len(ids)} ids for {n} examples; give one id per example")
         if len(set(ids)) != n:
-            raise ShapeError(f"{name}: example ids must be unique")
+            seen: set[Any] = set()
+            dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+            raise ShapeError(f"{name}: example ids must be unique; {dup!r} appears more than once")
         self.ids: list[Any] = list(ids)
 
     def __len__(self) -> int:
@@ -63,6 +68,7 @@ class Examples:
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None
                 ) -> Iterator[tuple[int, list[Any]]]:
         """Yield `(offset, examples)` for consecutive slices of [start, stop)."""
+        check_batch_size(batch_size)
         stop = len(self) if stop is None else stop
         for lo in range(start, stop, batch_size):
             yield lo, [self.items[i] for i in range(lo, min(lo + batch_size, stop))]
@@ -76,6 +82,59 @@ class Examples:
         return h.hexdigest()[:16]
 
 
+ID_TYPES = "an int, a str, or a tuple of them"
+
+
+def plain_id(value: Any, name: str = "data") -> Any:
+    """An example id as a plain Python value (int, float, str, bool, None or a tuple of them).
+
+    Numpy and torch scalars become Python numbers and a 1-d tensor becomes a tuple, so ids hash, compare
+    and survive `Scores.save`/`load` (JSON) unchanged.
+    """
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 and value.dim() == 0 else tuple(value.tolist())
+    elif isinstance(value, np.ndarray):
+        value = value.item() if value.ndim == 0 else tuple(value.tolist())
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, tuple):
+        return tuple(plain_id(v, name) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ShapeError(f"{name}: example id {value!r} is a {type(value).__name__}; an id must be {ID_TYPES} "
+                     "(it is stored as JSON beside the scores)")
+
+
+def check_batch_size(batch_size: Any) -> int:
+    """Refuse a batch size that is not a positive int (e.g. the string "64" from a config file)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        hint = f"; pass batch_size={int(batch_size)}" if isinstance(batch_size, str) and \
+            batch_size.strip().isdigit() and int(batch_size) > 0 else ""
+        raise InvalidOptionError(f"batch_size must be a positive int; got {batch_size!r} "
+                                 f"({type(batch_size).__name__}){hint}")
+    return int(batch_size)
+
+
+def _refuse_unsupported(data: Any, name: str) -> None:
+    """Clear errors for the containers users most often pass by mistake."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        raise ShapeError(f"{name} is a DataLoader; pass its dataset (loader.dataset) instead: sourcetrace "
+                         "batches the examples itself (set batch_size=... on the Attributor)")
+    if isinstance(data, (list, tuple)) and len(data) >= 2 and \
+            all(isinstance(t, (torch.Tensor, np.ndarray)) and t.ndim >= 1 for t in data):
+        lengths = {len(t) for t in data}
+        if isinstance(data, tuple) and len(data) > 2 and len(lengths) == 1:
+            raise ShapeError(f"{name} is a tuple of {len(data)} arrays; give (inputs, targets), two arrays "
+                             "with one row per example (or a list of examples)")
+        if isinstance(data, list) and len(data) == 2 and len(lengths) == 1 and len(data[0]) > 2 \
+                and data[0].ndim >= 2 and data[1].ndim == 1:
+            raise ShapeError(f"{name} is a list of two arrays of {len(data[0])} rows; for inputs and "
+                             "targets pass a tuple (x, y), not a list [x, y]")
+    if isinstance(data, dict):
+        raise ShapeError(f"{name} is a dict; give a list of examples (e.g. a list of dicts), a Dataset, "
+                         "an (inputs, targets) tuple or a JSONL path")
+
+
 def _is_tensor_pair(data: Any) -> bool:
     return (isinstance(data, tuple) and len(data) == 2
             and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in data))
@@ -85,7 +144,7 @@ def _own_ids(items: Any, n: int) -> list[Any]:
     names = getattr(items, "column_names", None)
     if names is not None and "id" in names:
         return list(items["id"])
-    if isinstance(items, list) and all(isinstance(x, dict) and "id" in x for x in items):
+    if isinstance(items, list) and items and all(isinstance(x, dict) and "id" in x for x in items):
         return [x["id"] for x in items]
     return list(range(n))
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from .artifacts import atomic_write, atomic_write_json
-from .errors import MissingExtraError, ScoresError, ShapeError
+from .data import plain_id
+from .errors import InvalidOptionError, MissingExtraError, ScoresError, ShapeError
 
 
 @dataclass(frozen=True)
@@ -73,25 +74,54 @@ class Scores:
                               f"{self.top_values.shape[1]} per query; score again without top_k")  # type: ignore
         return self.matrix
 
-    def _row(self, query: int | Any) -> int:
-        if isinstance(query, int) and 0 <= query < len(self.query_ids):
+    def _row(self, query: Any = None, row: int | None = None, query_id: Any = None) -> int:
+        given = [name for name, v in (("query", query), ("row", row), ("query_id", query_id))
+                 if v is not None]
+        if len(given) > 1:
+            raise ScoresError(f"give one of query, row and query_id; got {' and '.join(given)}")
+        n = len(self.query_ids)
+        if row is not None or not given:
+            row = 0 if row is None else row
+            if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < n:
+                raise ScoresError(f"row must be a position in [0, {n}); got {row!r}")
+            return row
+        if query_id is not None:
+            return self._row_of_id(query_id)
+        is_position = isinstance(query, int) and not isinstance(query, bool) and 0 <= query < n
+        if query in self.query_ids:
+            r = self._row_of_id(query)
+            if is_position and r != query:
+                raise ScoresError(f"query={query!r} is ambiguous: it is the id of row {r} and also the "
+                                  f"position of row {query}; say query_id={query!r} or row={query!r}")
+            return r
+        if is_position:
             return query
+        raise ScoresError(f"no query {query!r}; give a query id (e.g. {self.query_ids[0]!r}) or row=position "
+                          f"< {n}")
+
+    def _row_of_id(self, query_id: Any) -> int:
         try:
-            return self.query_ids.index(query)
+            return self.query_ids.index(query_id)
         except ValueError:
-            raise ScoresError(f"no query {query!r}; give a position < {len(self.query_ids)} or a query id") \
-                from None
+            raise ScoresError(f"no query with id {query_id!r}; ids are e.g. {self.query_ids[:3]!r}") from None
 
-    def top(self, query: int | Any = 0, k: int = 10) -> list[Attribution]:
-        """The k strongest proponents of a query (by position or id), highest score first."""
-        return self._extreme(query, k, largest=True)
+    def top(self, query: Any = None, k: int = 10, *, row: int | None = None, query_id: Any = None
+            ) -> list[Attribution]:
+        """The k strongest proponents of a query, highest score first.
 
-    def bottom(self, query: int | Any = 0, k: int = 10) -> list[Attribution]:
-        """The k strongest opponents of a query, lowest score first."""
-        return self._extreme(query, k, largest=False)
+        `query` is a query id, or a position where no query has that id (an int that is both an id and
+        another row's position is refused as ambiguous); `row=` is always a position, `query_id=` always
+        an id. Without any, the first query.
+        """
+        return self._extreme(self._row(query, row, query_id), k, largest=True)
 
-    def _extreme(self, query: int | Any, k: int, largest: bool) -> list[Attribution]:
-        r = self._row(query)
+    def bottom(self, query: Any = None, k: int = 10, *, row: int | None = None, query_id: Any = None
+               ) -> list[Attribution]:
+        """The k strongest opponents of a query, lowest score first (query, row, query_id as in `top`)."""
+        return self._extreme(self._row(query, row, query_id), k, largest=False)
+
+    def _extreme(self, r: int, k: int, largest: bool) -> list[Attribution]:
+        check_k(k, "k")
         if self.matrix is not None:
             k = min(k, self.matrix.shape[1])
             values, idx = torch.topk(self.matrix[r], k, largest=largest)
@@ -168,6 +198,9 @@ class Scores:
         from safetensors.torch import save_file
 
         path = Path(path)
+        for ids, what in ((self.train_ids, "training"), (self.query_ids, "query")):
+            for i in ids:
+                plain_id(i, f"{what} ids")  # refuses ids that JSON would turn into something else
         tensors = {k: v.contiguous() for k, v in self._tensors().items() if v is not None}
         atomic_write(path / "scores.safetensors", lambda tmp: save_file(tensors, tmp))
         atomic_write_json(path / "scores.json", {"format": 1, "method": self.method,
@@ -184,7 +217,8 @@ class Scores:
             raise FileNotFoundError(f"{path} holds no saved scores (scores.json is missing)")
         meta = json.loads((path / "scores.json").read_text())
         tensors = load_file(path / "scores.safetensors")
-        return cls(train_ids=meta["train_ids"], query_ids=meta["query_ids"], method=meta["method"],
+        return cls(train_ids=[_id_from_json(i) for i in meta["train_ids"]],
+                   query_ids=[_id_from_json(i) for i in meta["query_ids"]], method=meta["method"],
                    metadata=meta["metadata"], **{k: tensors.get(k) for k in cls._tensor_fields()})
 
     @staticmethod
@@ -197,3 +231,17 @@ class Scores:
     def __repr__(self) -> str:
         kind = "dense" if self.dense else f"top {self.top_values.shape[1]}"  # type: ignore[union-attr]
         return f"Scores({self.method or 'scores'}, {self.shape[0]} queries × {self.shape[1]} train, {kind})"
+
+
+def _id_from_json(value: Any) -> Any:
+    """JSON has no tuples: an id saved as a tuple comes back as a list, made a tuple again here."""
+    return tuple(_id_from_json(v) for v in value) if isinstance(value, list) else value
+
+
+def check_k(k: Any, name: str = "k", optional: bool = False) -> int | None:
+    """Refuse a count of results that is not a positive int (k=-1, k="5"); None passes when optional."""
+    if k is None and optional:
+        return None
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise InvalidOptionError(f"{name} must be a positive int; got {k!r}")
+    return k

@@ -7,14 +7,16 @@ functions return one value per example, shape [B], so that per-example gradients
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import NonFiniteError, ShapeError
+from .errors import EmptyDataError, InvalidOptionError, NonFiniteError, ShapeError
 
 Batch = Any
 
@@ -56,11 +58,34 @@ def has_outputs(task: Task) -> TypeGuard[OutputTask]:
     return all(hasattr(task, a) for a in ("outputs", "loss_from_outputs"))
 
 
+def check_task(task: Any) -> Task:
+    """Refuse what is not a task (None, a class instead of an instance, an object missing a method)."""
+    if task is None:
+        raise InvalidOptionError("task is None; give a Task, e.g. st.ClassificationTask(), "
+                                 "st.RegressionTask() or st.CausalLMTask()")
+    if isinstance(task, type):
+        raise InvalidOptionError(f"task is the class {task.__name__}, not a task; create one: "
+                                 f"{task.__name__}()")
+    missing = [m for m in ("train_loss", "measurement") if not callable(getattr(task, m, None))]
+    if missing:
+        raise InvalidOptionError(f"task {type(task).__name__} has no {' or '.join(missing)}; a Task defines "
+                                 "train_loss(model, batch) and measurement(model, batch), each returning one "
+                                 "value per example")
+    return task
+
+
 def collate(task: Task, examples: Sequence[Any]) -> Batch:
     """Stack examples into a batch with the task's own `collate` if it has one."""
     own = getattr(task, "collate", None)
     if own is not None:
         return own(examples)
+    if examples and all(isinstance(ex, Mapping) for ex in examples):
+        keys = set(examples[0])
+        for i, ex in enumerate(examples[1:], 1):
+            if set(ex) != keys:
+                raise ShapeError(f"examples in one batch have different keys: {sorted(map(str, keys))} and "
+                                 f"{sorted(map(str, ex))} (batch position {i}); give every example the "
+                                 "same fields")
     return torch.utils.data.default_collate([_numbers_as_tensors(ex) for ex in examples])
 
 
@@ -99,11 +124,18 @@ def checked(values: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
 
 def _split(batch: Batch, input_key: str, target_key: str) -> tuple[Any, torch.Tensor]:
     if isinstance(batch, Mapping):
+        missing = [k for k in (input_key, target_key) if k not in batch]
+        if missing:
+            raise ShapeError(f"examples are dicts with keys {sorted(map(str, batch))} but the task reads "
+                             f"{input_key!r} and {target_key!r} ({', '.join(map(repr, missing))} missing); "
+                             "rename the fields or pass input_key=... and target_key=... to the task")
         return batch[input_key], batch[target_key]
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
-    raise ShapeError("a batch must be (inputs, targets) or a dict with keys "
-                     f"{input_key!r} and {target_key!r}; got {type(batch).__name__}")
+    what = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else \
+        type(batch).__name__
+    raise ShapeError(f"each example must be (inputs, target) or a dict with keys {input_key!r} and "
+                     f"{target_key!r}; got {what}")
 
 
 class ClassificationTask:
@@ -114,7 +146,7 @@ class ClassificationTask:
 
     def __init__(self, measurement: str = "margin", input_key: str = "x", target_key: str = "y"):
         if measurement not in ("margin", "loss"):
-            raise ValueError("measurement must be 'margin' or 'loss'")
+            raise InvalidOptionError(f"measurement must be 'margin' or 'loss'; got {measurement!r}")
         self.kind = measurement
         self.input_key, self.target_key = input_key, target_key
 
@@ -130,6 +162,11 @@ class ClassificationTask:
         if targets.dtype.is_floating_point:
             raise ShapeError("labels must be integer class indices; got floating-point labels "
                              "(use RegressionTask for real-valued targets)")
+        n_classes = logits.shape[1]
+        low, high = _values(targets, torch.amin), _values(targets, torch.amax)
+        if low is not None and high is not None and (low < 0 or high >= n_classes):
+            raise ShapeError(f"label {low if low < 0 else high} is out of range for a classifier with "
+                             f"{n_classes} classes; labels must be class indices in [0, {n_classes})")
         return logits, targets.long()
 
     def train_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -228,15 +265,33 @@ class CausalLMTask:
     def collate(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         rows = []
         for ex in examples:
-            if "prompt" in ex:
-                prompt, completion = list(ex["prompt"]), list(ex["completion"])
+            if isinstance(ex, str):
+                raise ShapeError(f"an LM example is token ids, not text (got {ex[:40]!r}); tokenize first: "
+                                 "{'input_ids': tokenizer(text)['input_ids']}, or {'prompt': ids, "
+                                 "'completion': ids} to score only the completion")
+            if not isinstance(ex, Mapping):
+                raise ShapeError(f"an LM example is a dict with 'input_ids' (and optional 'labels') or with "
+                                 f"'prompt' and 'completion'; got a {type(ex).__name__}")
+            if "prompt" in ex or "completion" in ex:
+                if "prompt" not in ex or "completion" not in ex:
+                    given = "prompt" if "prompt" in ex else "completion"
+                    raise ShapeError(f"an LM example with {given!r} needs both 'prompt' and 'completion' "
+                                     "(token ids; the prompt may be empty)")
+                prompt, completion = _token_list(ex["prompt"]), _token_list(ex["completion"])
                 ids = prompt + completion
                 row_labels = [-100] * len(prompt) + completion
+            elif "input_ids" in ex:
+                ids = _token_list(ex["input_ids"])
+                row_labels = _token_list(ex["labels"]) if "labels" in ex else list(ids)
             else:
-                ids = list(_as_list(ex["input_ids"]))
-                row_labels = list(_as_list(ex["labels"])) if "labels" in ex else list(ids)
+                raise ShapeError(f"an LM example needs 'input_ids' or 'prompt' and 'completion'; got keys "
+                                 f"{sorted(map(str, ex))}")
             if len(ids) != len(row_labels):
                 raise ShapeError("input_ids and labels of an example must have the same length")
+            if not any(lab != -100 for lab in row_labels[1:]):
+                raise EmptyDataError("an LM example has no tokens to score (empty completion, or every label "
+                                     "after the first token is -100), so its loss and measurement would be 0 "
+                                     "and every score 0; give at least one completion token")
             rows.append((ids, row_labels))
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -249,16 +304,34 @@ class CausalLMTask:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
     def _logits(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        kwargs = {"input_ids": batch["input_ids"]}
-        if "attention_mask" in batch:
-            kwargs["attention_mask"] = batch["attention_mask"]
-        try:
-            out = model(**kwargs)
-        except TypeError:  # a plain PyTorch LM taking token ids only
-            out = model(batch["input_ids"])
+        input_ids = batch["input_ids"]
+        vocab = _vocab_size(model)
+        low, high = _values(input_ids, torch.amin), _values(input_ids, torch.amax)
+        if vocab is not None and low is not None and high is not None and (low < 0 or high >= vocab):
+            raise ShapeError(f"token id {high if high >= vocab else low} is outside the model's vocabulary "
+                             f"of {vocab} tokens; encode the text with the model's own tokenizer (and use a "
+                             "pad_token_id below the vocabulary size)")
+        mask = batch.get("attention_mask")
+        takes_ids, takes_mask = _lm_arguments(model)
+        if mask is not None and not takes_mask and _values(_left_padding(mask), torch.amax):
+            raise ShapeError(f"{type(model).__name__}.forward takes no attention_mask, but the batch has "
+                             "padding before real tokens; pad on the right (CausalLMTask.collate does) or "
+                             "give the model an attention_mask argument")
+        if takes_ids:  # Hugging Face style
+            out = model(input_ids=input_ids, **({"attention_mask": mask} if mask is not None and takes_mask
+                                                else {}))
+        else:  # a plain PyTorch LM taking token ids only; right padding cannot change earlier positions
+            out = model(input_ids)
         logits = out.logits if hasattr(out, "logits") else out
-        if logits.dim() != 3:
-            raise ShapeError(f"a causal LM must return logits [B, T, V]; got {tuple(logits.shape)}")
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ShapeError(f"a causal LM must return logits [B, T, V] (or an output with .logits); "
+                             f"got {got}")
+        labels = batch.get("labels")
+        top = _values(labels, torch.amax) if labels is not None else None
+        if top is not None and top >= logits.shape[-1]:
+            raise ShapeError(f"label token {top} is outside the model's vocabulary of {logits.shape[-1]} "
+                             "tokens; encode the text with the model's own tokenizer")
         return logits
 
     def token_logprobs(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -313,6 +386,55 @@ class CausalLMTask:
 
 def _as_list(x: Any) -> list:
     return x.tolist() if isinstance(x, torch.Tensor) else list(x)
+
+
+def _token_list(x: Any) -> list[int]:
+    """Token ids as a list of ints; text or nested lists are refused with what to give instead."""
+    if isinstance(x, str):
+        raise ShapeError(f"token ids expected, got text {x[:40]!r}; encode it with the model's tokenizer "
+                         "first")
+    ids = _as_list(x)
+    if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in ids):
+        raise ShapeError("token ids must be a flat list of ints (one example per row); got "
+                         f"{[type(i).__name__ for i in ids[:3]]}...")
+    return [int(i) for i in ids]
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    """The number of rows of the model's input embedding, when it says (Hugging Face models do)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = None
+    if callable(get):
+        with contextlib.suppress(Exception):
+            emb = get()
+    size = getattr(emb, "num_embeddings", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def _lm_arguments(model: nn.Module) -> tuple[bool, bool]:
+    """Whether the model's forward takes `input_ids=` and `attention_mask=` (or any keyword)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False, False
+    any_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return ("input_ids" in params or any_kw), ("attention_mask" in params or any_kw)
+
+
+def _left_padding(mask: torch.Tensor) -> torch.Tensor:
+    """1 where a padded position comes before a real token (the mask is not ones-then-zeros)."""
+    m = mask.to(torch.long)
+    return (m[..., 1:] > m[..., :-1]).to(torch.long)
+
+
+def _values(t: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> int | None:
+    """`reduce(t)` as an int, or None inside a torch.func transform (checked on the plain call instead)."""
+    if t.numel() == 0:
+        return None
+    try:
+        return int(reduce(t))
+    except RuntimeError:  # vmap: data-dependent Python values are unavailable
+        return None
 
 
 def task_config(task: Task) -> dict[str, Any]:

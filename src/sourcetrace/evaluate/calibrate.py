@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from ..ensembles import SubsetRetraining
 from ..errors import EmptyDataError, ShapeError
-from .lds import score_matrix
+from .lds import aligned_matrix
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,11 @@ class Calibration:
         return f"scale {self.scale:.4g} (R² {self.r2:.3f})"
 
 
-def calibrate(scores: Any, ground_truth: SubsetRetraining) -> Calibration:
+def calibrate(scores: Any, ground_truth: SubsetRetraining, *, train_ids: Sequence[Any] | None = None,
+              query_ids: Sequence[Any] | None = None) -> Calibration:
     """Fit the scale that turns summed scores into changes of the measurement (least squares, one intercept
-    per query) on subset retraining, e.g. `ensembles.retrain_subsets(...)`."""
-    matrix = score_matrix(scores)
+    per query) on subset retraining, e.g. `ensembles.retrain_subsets(...)`; ids as in `evaluate.lds`."""
+    matrix = aligned_matrix(scores, ground_truth, train_ids, query_ids)
     masks = np.asarray(ground_truth.masks, dtype=np.float64)
     actual = np.asarray(ground_truth.measurements, dtype=np.float64)
     if matrix.shape != (actual.shape[1], masks.shape[1]):

@@ -8,6 +8,7 @@ the measurement of the model really trained on the subset, averaged over queries
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,17 +39,21 @@ def lds(
     n_bootstrap: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    train_ids: Sequence[Any] | None = None,
+    query_ids: Sequence[Any] | None = None,
 ) -> LDSResult:
     """LDS of `scores` [n_query, n_train] (a `Scores`, tensor or array) against subset retraining.
 
     The confidence interval is a percentile bootstrap over queries (resampled `n_bootstrap` times from
-    `seed`), so it reflects how much the mean depends on which queries were picked.
+    `seed`), so it reflects how much the mean depends on which queries were picked. `train_ids` and
+    `query_ids` name the ground truth's columns (its masks' and its measurements'); with them, a `Scores`
+    is matched to the ground truth by id, whatever its order.
     """
     if int(n_bootstrap) < 1:
         raise InvalidOptionError(f"n_bootstrap must be at least 1 (got {n_bootstrap})")
     if not 0.0 < float(confidence) < 1.0:
         raise InvalidOptionError(f"confidence must be strictly between 0 and 1 (got {confidence})")
-    matrix = score_matrix(scores)
+    matrix = aligned_matrix(scores, ground_truth, train_ids, query_ids)
     masks = np.asarray(ground_truth.masks, dtype=bool)
     actual = np.asarray(ground_truth.measurements, dtype=np.float64)
     if masks.ndim != 2 or actual.ndim != 2 or masks.shape[0] != actual.shape[0]:
@@ -91,6 +96,34 @@ def score_matrix(scores: Any) -> np.ndarray:
         raise EmptyDataError(f"scores have shape {list(matrix.shape)}: no queries or no training examples")
     if not np.all(np.isfinite(matrix)):
         raise NonFiniteError("scores contain NaN or infinite values; check the method that produced them")
+    return matrix
+
+
+def aligned_matrix(scores: Any, ground_truth: Any, train_ids: Sequence[Any] | None = None,
+                   query_ids: Sequence[Any] | None = None) -> np.ndarray:
+    """`score_matrix(scores)` with rows and columns put in the ground truth's order of ids.
+
+    The ids are the arguments, or the ground truth's own `train_ids` / `query_ids` when it has them;
+    without ids the matrix is taken in the order it comes.
+    """
+    matrix = score_matrix(scores)
+    for axis, given, attr in ((1, train_ids, "train_ids"), (0, query_ids, "query_ids")):
+        want = given if given is not None else getattr(ground_truth, attr, None)
+        if want is None:
+            continue
+        have = getattr(scores, attr, None)
+        if have is None:
+            raise ShapeError(f"the ground truth names its {attr} but the scores are a plain matrix; pass a "
+                             "sourcetrace.Scores so they can be matched by id")
+        where = {i: k for k, i in enumerate(have)}
+        want = list(want)
+        missing = [i for i in want if i not in where]
+        extra = len(have) - (len(want) - len(missing))
+        if missing or extra:
+            raise ShapeError(f"the scores' {attr} do not match the ground truth's: "
+                             f"{len(missing)} ground-truth ids have no scores (e.g. {missing[:3]!r}) and "
+                             f"{extra} scored ids are not in the ground truth; score the same examples")
+        matrix = np.take(matrix, [where[i] for i in want], axis=axis)
     return matrix
 
 

@@ -138,8 +138,8 @@ def query_result(scores: Scores, row: int, *, k: int = 6, keywords: Keywords | N
     """The shown part of one query's scores: top and bottom k, a histogram of all scores, keywords."""
     kept = scores.top_values.shape[1] if scores.matrix is None else len(scores.train_ids)  # type: ignore
     k = max(0, min(k, kept))
-    top = [{"index": a.index, "score": _num(a.score)} for a in scores.top(row, k)]
-    bottom = [{"index": a.index, "score": _num(a.score)} for a in scores.bottom(row, k)]
+    top = [{"index": a.index, "score": _num(a.score)} for a in scores.top(row=row, k=k)]
+    bottom = [{"index": a.index, "score": _num(a.score)} for a in scores.bottom(row=row, k=k)]
     if scores.matrix is not None:
         values = scores.matrix[row].detach().double().cpu().numpy()
         partial = False

@@ -183,7 +183,7 @@ class Session:
         if not item.get("tokens") or not item.get("selection"):
             return
         k = self.k
-        shown = [a.index for a in self.scores.top(row, k) + self.scores.bottom(row, k)]
+        shown = [a.index for a in self.scores.top(row=row, k=k) + self.scores.bottom(row=row, k=k)]
         self.token_scores[row] = {
             i: [round(v, 6) for v in self.backend.token_contributions(item["tokens"], item["selection"], i,
                                                                       item.get("prompt", "") or "")]
