@@ -15,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("transformers")
 
 from sourcetrace.views import save_view  # noqa: E402
-from sourcetrace.views.server import _inside, create_app, serve  # noqa: E402
+from sourcetrace.views.server import _inside, create_app  # noqa: E402
 from sourcetrace.views.server import serve_in_thread as live  # noqa: E402
 
 
@@ -147,20 +147,19 @@ def test_two_hundred_concurrent_requests(workdir):
 
 
 def test_serve_binds_loopback_by_default(monkeypatch, workdir):
-    import typer
     from typer.testing import CliRunner
 
-    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+    from sourcetrace.cli import app, serve
+
+    assert inspect.signature(serve).parameters["host"].default.default == "127.0.0.1"
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **kw: seen.update(host=host, port=port))
-    cli = typer.Typer()
-    cli.command()(serve)  # mounted as the lead's CLI mounts it
-    cli.command("other")(lambda: None)
-    result = CliRunner().invoke(cli, ["serve", str(workdir)])
+    with socket.socket() as sock:  # a port free now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = CliRunner().invoke(app, ["serve", str(workdir), "--port", str(port)])
     assert result.exit_code == 0, result.output
-    assert seen == {"host": "127.0.0.1", "port": 8765} and "http://127.0.0.1:8765/" in result.output
-    result = CliRunner().invoke(cli, ["serve", str(workdir / "missing")])
-    assert result.exit_code != 0
+    assert seen == {"host": "127.0.0.1", "port": port} and f"http://127.0.0.1:{port}/" in result.output
 
 
 def test_a_view_without_backend_refuses_new_selections(tmp_path):

@@ -2,28 +2,47 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from .corpus.cli import app as corpus_app
-from .views.server import serve
+from .errors import SourcetraceError
 
 app = typer.Typer(help="Trace what a model produces back to the training data that caused it.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 console = Console()
-app.command("serve")(serve)  # fastapi and uvicorn load when the command runs
 app.add_typer(corpus_app, name="corpus",
               help="Verbatim tracing: index a corpus, trace text into it, mine spans.")
 
-SHADES = " ░▒▓█"
+
+def fail(message: object, hint: str = "", code: int = 1) -> NoReturn:
+    """A user error: one line saying what went wrong, one saying what to do, a non-zero exit code."""
+    typer.echo(f"error: {message}", err=True)
+    if hint:
+        typer.echo(f"hint: {hint}", err=True)
+    raise typer.Exit(code)
 
 
-def digit_art(image) -> str:
-    """An 8×8 digit (grey levels 0–16) drawn with block characters."""
-    return "\n".join("".join(SHADES[min(4, int(v) * 5 // 17)] for v in row) for row in image)
+@contextmanager
+def user_errors(hint: str = "") -> Iterator[None]:
+    """Report the errors a user can cause (bad options, missing files) as `fail` does, not as a traceback."""
+    try:
+        yield
+    except (SourcetraceError, FileNotFoundError, NotADirectoryError, FileExistsError, PermissionError) as exc:
+        fail(exc, hint)
+
+
+def output_folder(path: Path, option: str = "--out") -> Path:
+    """Refuse an output folder that is an existing file."""
+    if path.exists() and not path.is_dir():
+        fail(f"{option} {path} is a file", f"give {option} a folder (it is created if missing)")
+    return path
 
 
 @app.command()
@@ -34,68 +53,23 @@ def demo(name: str = typer.Argument("digits", help="which demo: digits (default)
          queries: int = typer.Option(3, help="digits: how many test predictions to explain"),
          k: int = typer.Option(3, help="digits: proponents and opponents shown per query")) -> None:
     """Run a demo on an embedded default. digits: train a small MLP on scikit-learn's digits, attribute a
-    few test predictions by replaying its training, write a report."""
+    few test predictions by replaying its training, write a report and a view (`sourcetrace serve OUT`)."""
     from .demos import DEMOS, demo_names, load_demo
 
-    if name != "digits":
-        if name not in DEMOS:
-            console.print(f"[red]unknown demo {name!r}[/red]; available: {', '.join(demo_names())}")
-            raise typer.Exit(2)
-        report = load_demo(name)(out or Path(f"sourcetrace-demo-{name}"))
-        if report is not None:
-            console.print(f"report written: open [bold]{Path(report).resolve()}[/bold] in a browser")
-        return
-    out = out or Path("sourcetrace-demo")
-    import sourcetrace as st
+    if name != "digits" and name not in DEMOS:
+        fail(f"unknown demo {name!r}", f"available: {', '.join(demo_names())}", code=2)
+    out = output_folder(out or Path("sourcetrace-demo" if name == "digits" else f"sourcetrace-demo-{name}"))
+    with user_errors("see `sourcetrace demo --help`"):
+        if name == "digits":
+            from .demos.digits import run
 
-    from .bench.replay_bench import ReplaySetting
-
-    setting = ReplaySetting(n_query=max(queries, 1))
-    with console.status("training a digits MLP (1000 images, 30 epochs of SGD), recording its trajectory"):
-        model = setting.run(recorder_dir=out / "trajectory")
-    accuracy = float((model(setting.x_query).argmax(1) == setting.y_query).float().mean())
-    console.print(f"trained: query accuracy {accuracy:.0%}; attributing by replaying the recorded steps "
-                  "(the exact derivative of each query's margin in each training example's weight)")
-    attr = st.Attributor(model, st.ClassificationTask(), "replay", workdir=out / "workdir",
-                         trajectory=out / "trajectory", overwrite=True)
-    scores = attr.fit(setting.train).score((setting.x_query[:queries], setting.y_query[:queries]))
-    predicted = model(setting.x_query[:queries]).argmax(1)
-    for q in range(queries):
-        table = Table(title=f"query {q}: a {int(setting.y_query[q])}, predicted {int(predicted[q])}; "
-                            "proponents +, opponents −", show_lines=True)
-        table.add_column("query", no_wrap=True)
-        for sign in ("+", "−"):
-            for j in range(k):
-                table.add_column(f"{sign}{j + 1}", no_wrap=True)
-        cells = [digit_art(setting.images[setting.n_train + q])]
-        for item in scores.top(q, k) + scores.bottom(q, k):
-            label = int(setting.y_train[item.index])
-            cells.append(f"{digit_art(setting.images[item.index])}\n#{item.train_id}\nlabel {label}\n"
-                         f"{item.score:+.3g}")
-        table.add_row(*cells)
-        console.print(table)
-        drop = float(scores.removal_effect([a.train_id for a in scores.top(q, k)])[q])
-        console.print(f"without those {k} proponents the margin would change by {drop:+.3g} (first-order "
-                      f"prediction; the margin is now {float(setting.measure_fn(model)[q]):.3g})")
-    scores.save(out / "scores")
-    report = _report(scores, setting, out)
+            report = run(out, queries=queries, k=k, console=console)
+        else:
+            report = load_demo(name)(out)
     if report is not None:
-        console.print(f"report written: open [bold]{report.resolve()}[/bold] in a browser")
-
-
-def _report(scores, setting, out: Path) -> Path | None:
-    try:
-        from .views import write_report
-    except ImportError:
-        return None
-    n = setting.n_train
-    train_items = [{"image": setting.images[i].tolist(), "label": str(int(setting.y_train[i]))}
-                   for i in range(n)]
-    query_items = [{"image": setting.images[n + q].tolist(), "label": str(int(setting.y_query[q]))}
-                   for q in range(scores.shape[0])]
-    return write_report(scores, out / "report.html", train_items=train_items, query_items=query_items,
-                        title="sourcetrace demo: digits MLP, exact replay of its training",
-                        groups=[item["label"] for item in train_items])
+        console.print(f"report written: open [bold]{Path(report).resolve()}[/bold] in a browser")
+    if (out / "view.json").exists():
+        console.print(f"or serve it: [bold]sourcetrace serve {out}[/bold]")
 
 
 @app.command()
@@ -107,11 +81,46 @@ def bench(name: str = typer.Argument(..., help="benchmark name; see `sourcetrace
     from .bench import BENCHMARKS
 
     if name not in BENCHMARKS:
-        console.print(f"[red]unknown benchmark {name!r}[/red]; available: {', '.join(sorted(BENCHMARKS))}")
-        raise typer.Exit(2)
+        fail(f"unknown benchmark {name!r}", f"available: {', '.join(sorted(BENCHMARKS))}", code=2)
+    output_folder(out)
+    output_folder(workdir, "--workdir")
     kwargs = {"only": only} if only else {}
-    path = BENCHMARKS[name](out, workdir=workdir / name, **kwargs)
+    with user_errors("see `sourcetrace bench --help`; a changed setting needs a new --workdir"):
+        path = BENCHMARKS[name](out, workdir=workdir / name, **kwargs)
     console.print(f"written: {path}")
+
+
+@app.command()
+def serve(workdir: Path = typer.Argument(..., help="a folder written by sourcetrace.views.save_view (or by "
+                                                   "`sourcetrace demo`)"),
+          host: str = typer.Option("127.0.0.1", help="interface to bind; the default serves this machine "
+                                                     "only"),
+          port: int = typer.Option(8765, help="TCP port")) -> None:
+    """Open the attribution views of WORKDIR in a local web app (select tokens to attribute them).
+
+    WORKDIR is what `sourcetrace.views.save_view(workdir, scores, ..., backend=...)` writes; `sourcetrace
+    demo` writes one too. The API is described at http://HOST:PORT/docs.
+    """
+    from .views.server import port_free, run_server
+    from .views.session import VIEW_FILE
+
+    if not workdir.exists():
+        fail(f"no folder {workdir}", "run `sourcetrace demo` first (it writes sourcetrace-demo/), or give a "
+                                     "folder written by sourcetrace.views.save_view")
+    if not workdir.is_dir():
+        fail(f"{workdir} is a file, not a folder", "give the folder that holds view.json")
+    if not (workdir / VIEW_FILE).exists():
+        found = " (it has a report.html: open that in a browser, or re-run what wrote it)" \
+            if (workdir / "report.html").exists() else ""
+        fail(f"{workdir} holds no view ({VIEW_FILE} is missing){found}",
+             "write one with sourcetrace.views.save_view(folder, scores, ...), or run `sourcetrace demo`")
+    if not 1 <= port <= 65535:
+        fail(f"--port {port} is not a TCP port", "give --port between 1 and 65535")
+    if not port_free(host, port):
+        fail(f"cannot listen on {host}:{port} (in use, or not an address of this machine)",
+             "pass another --port (or --host)")
+    with user_errors("see `sourcetrace serve --help`"):
+        run_server(workdir, host, port)
 
 
 @app.command()

@@ -1,7 +1,8 @@
 """What `sourcetrace demo NAME` runs: each demo builds its small model and data and writes a report.
 
 A demo is a function `(out: Path) -> Path | None` (the report it wrote), registered in DEMOS by name.
-The digits demo lives in the CLI; the others are imported only when asked for.
+The digits demo (`digits.py`, the default) takes more options and is called by the CLI directly; the
+others are imported only when asked for.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from .report import render_html, write_report
 from .session import Session, load_view, save_view
 
 __all__ = ["AttributionWidget", "Backend", "LMBackend", "Session", "WordTokenizer", "create_app", "load_view",
-           "render_html", "report_payload", "save_view", "serve", "write_report"]
+           "render_html", "report_payload", "run_server", "save_view", "write_report"]
 
 
 def __getattr__(name: str) -> Any:
@@ -25,7 +25,7 @@ def __getattr__(name: str) -> Any:
         from .widget import AttributionWidget
 
         return AttributionWidget
-    if name in ("create_app", "serve"):
+    if name in ("create_app", "run_server"):
         from . import server
 
         return getattr(server, name)

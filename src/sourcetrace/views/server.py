@@ -8,14 +8,13 @@ imports without the `[views]` extra.
 # no `from __future__ import annotations`: FastAPI reads the request models' annotations at run time
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
-
-import typer
 
 from ..errors import MissingExtraError, SourcetraceError
 from .report import render_html
@@ -158,17 +157,24 @@ def _inside(root: Path | None, path: str) -> Path | None:
     return target
 
 
-def serve(workdir: Annotated[Path, typer.Argument(help="A folder written by sourcetrace.views.save_view",
-                                                  exists=True, file_okay=False)],
-          host: Annotated[str, typer.Option(help="Interface to bind; the default serves this machine only")]
-          = "127.0.0.1",
-          port: Annotated[int, typer.Option(help="TCP port")] = 8765) -> None:
-    """Open the attribution views of WORKDIR in a local web app (select tokens to attribute them)."""
+def port_free(host: str, port: int) -> bool:
+    """Whether this process could listen on host:port now."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        return True
+    except OSError:
+        return False
+
+
+def run_server(workdir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8765) -> None:
+    """Serve the view in `workdir` until Ctrl-C (what `sourcetrace serve WORKDIR` runs)."""
     _require()
     import uvicorn
 
     app = create_app(workdir)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"warning: serving on {host}: anyone who can reach it can run attributions", err=True)
-    typer.echo(f"sourcetrace views of {workdir} at http://{host}:{port}/  (Ctrl-C to stop)")
+        print(f"warning: serving on {host}: anyone who can reach it can run attributions", file=sys.stderr)
+    print(f"sourcetrace views of {workdir} at http://{host}:{port}/  (Ctrl-C to stop)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
