@@ -321,3 +321,23 @@ def test_session_attribute_and_compare(lm):
         session.attribute(0, [])
     with pytest.raises(ShapeError, match="same"):
         session.compare(0, " ".join(queries[0]["tokens"]))
+
+
+def test_backend_keeps_the_users_workdir_and_labels_token_shares(lm, tmp_path):
+    """No forced overwrite: a workdir made for other settings is refused; token shading names its method."""
+    from sourcetrace.errors import WorkdirMismatchError
+    from sourcetrace.views import LMBackend
+    from sourcetrace.views.session import Session
+
+    backend, train, queries = lm
+    texts, ids = backend.train_texts[:6], backend.train_ids[:6]
+    first = LMBackend(backend.model, backend.tokenizer, texts, train_ids=ids, workdir=tmp_path, threads=1)
+    assert first.token_note.startswith("shaded: each token's share of the score")
+    with pytest.raises(WorkdirMismatchError):
+        LMBackend(backend.model, backend.tokenizer, texts, train_ids=ids, workdir=tmp_path, method="grad-cos",
+                  threads=1)
+    cos = LMBackend(backend.model, backend.tokenizer, texts, train_ids=ids, workdir=tmp_path,
+                    method="grad-cos", threads=1, overwrite=True)
+    session = Session(None, train[:6], copy.deepcopy(queries[:1]), backend=cos, k=2)
+    note = session.payload()["token_scores_note"]
+    assert "grad-dot score" in note and "grad-cos" in note

@@ -158,15 +158,28 @@ def generate(model: nn.Module, tokenizer: WordTokenizer, prompt: str, max_new: i
 class LMBackend:
     """Attribute selected tokens of a causal LM's text to its training texts (grad-dot by default).
 
-    Scores are cached per (prompt, tokens, selection). `token_contributions` splits a score over the
-    training example's tokens: for gradient-dot methods it sums exactly to the score. `threads` sets
-    torch's thread count while attributing (1 is much faster for tiny models on a busy machine).
+    Scores are cached per (prompt, tokens, selection). `token_contributions` splits the grad-dot score over
+    the training example's tokens (it sums exactly to the grad-dot score; for other methods it is labelled as
+    grad-dot shares, see `token_note`). `threads` sets torch's thread count while attributing (1 is much
+    faster for tiny models on a busy machine). A `workdir` made for other settings is refused unless
+    `overwrite=True`, as with the `Attributor`.
     """
+
+    #: the method `token_contributions` computes, whatever the backend's method
+    token_method = "grad-dot"
+
+    @property
+    def token_note(self) -> str:
+        """How to read the token shading, naming the method it comes from."""
+        if self.attributor.method.name == self.token_method:
+            return "shaded: each token's share of the score (green supports, red opposes)"
+        return ("shaded: each token's share of the grad-dot score (green supports, red opposes); the "
+                f"ranking uses {self.attributor.method.name}, whose scores are not split by token")
 
     def __init__(self, model: nn.Module, tokenizer: WordTokenizer, train_texts: Sequence[str], *,
                  train_ids: Sequence[Any] | None = None, method: str = "grad-dot",
                  modules: Sequence[str] | None = GPT2_MODULES, workdir: str | os.PathLike | None = None,
-                 threads: int | None = None, **options: Any):
+                 threads: int | None = None, overwrite: bool = False, **options: Any):
         from ..attributor import Attributor
         from ..tasks import CausalLMTask
 
@@ -177,7 +190,7 @@ class LMBackend:
         self.modules = list(modules) if modules is not None else None
         if self.modules is not None:
             options.setdefault("fallback", False)
-        self.attributor = Attributor(model, self.task, method, workdir, progress=False, overwrite=True,
+        self.attributor = Attributor(model, self.task, method, workdir, progress=False, overwrite=overwrite,
                                      modules=self.modules, **options)
         self.train_examples = [lm_example(tokenizer, tokenizer.tokenize(t)) for t in self.train_texts]
         self.threads = threads

@@ -73,6 +73,9 @@ class Session:
                                    title=self.title, groups=self.groups, k=self.k, train=self.train,
                                    keywords=self.keywords, columns=self.columns)
                 p["can_attribute"] = self.backend is not None
+                if self.token_scores:
+                    p["token_scores_note"] = getattr(self.backend, "token_note", None) or \
+                        "shaded: each token's share of the score (green supports, red opposes)"
                 for q in p["queries"]:
                     shares = self.token_scores.get(q["index"], {})
                     for r in q["result"]["top"] + q["result"]["bottom"]:

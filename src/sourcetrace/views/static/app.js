@@ -222,7 +222,7 @@ var SourcetraceView = (function () {
         if (t.tokens && r.token_scores) {
           var m = 0; r.token_scores.forEach(function (v) { m = Math.max(m, Math.abs(v)); });
           full.appendChild(tokens(t, { scores: r.token_scores, scoreMax: m }));
-          full.appendChild(h("div", { class: "st-muted" }, "shaded: each token's share of the score (green supports, red opposes)"));
+          full.appendChild(h("div", { class: "st-muted st-tokennote" }, data.token_scores_note || "shaded: each token's share of the score (green supports, red opposes)"));
         } else if (desc) full.appendChild(h("div", { class: "st-text" }, desc));
         el.appendChild(full);
       }
