@@ -21,7 +21,7 @@ from urllib.parse import quote
 
 from ..artifacts import atomic_write, check_manifest
 from ..errors import SourcetraceError, require
-from .align import Triple
+from .align import Alignment, Triple
 from .ontology import VOCAB, Ontology, OntologyError
 
 RDF_TYPE = "http://www.w3.org/1999/02/22-rdf-syntax-ns#type"
@@ -247,6 +247,47 @@ class KGStore:
                 collections[n] if collections is not None else None,
             )
         self._insert(quads)
+
+    def add_images(
+        self,
+        extractor: Any,
+        images: Iterable[tuple[Any, Any]],
+        *,
+        role: str = "train",
+        prompts: Sequence[Any] | None = None,
+        collections: Sequence[Any] | None = None,
+        progress: bool = True,
+    ) -> Alignment:
+        """Extract and add (image id, image) pairs, each image in its own transaction; resumable.
+
+        Images already in the store are skipped, so a run stopped by an extraction error continues where it
+        stopped. Returns the alignment counts over the images added now (unknown relations and values).
+        """
+        from tqdm.auto import tqdm
+
+        items = list(images)
+        for name, extra in (("prompts", prompts), ("collections", collections)):
+            if extra is not None and len(extra) != len(items):
+                raise StoreError(f"{len(extra)} {name} for {len(items)} images")
+        if extractor.ontology.iri != self.ontology.iri:
+            raise StoreError(
+                f"the extractor uses ontology {extractor.ontology.name!r} but the store holds "
+                f"{self.ontology.name!r}; use one ontology for both"
+            )
+        total = Alignment(())
+        for n, (image_id, image) in enumerate(tqdm(items, desc="extracting triples", disable=not progress)):
+            if self.has(image_id, role):
+                continue
+            found = extractor.extract(image, image_id)
+            self.add(
+                image_id,
+                found.triples,
+                role=role,
+                prompt=prompts[n] if prompts is not None else None,
+                collection=collections[n] if collections is not None else None,
+            )
+            total = total.merge(found)
+        return total
 
     def remove(self, image_id: Any, role: str = "train") -> None:
         node = image_iri(image_id, role)
