@@ -195,51 +195,61 @@ def grey(image: np.ndarray) -> np.ndarray:
     return np.asarray(image) @ np.array([0.299, 0.587, 0.114])
 
 
-def run(out: Path, *, error_rate: float = 0.1, n_prompts: int = 3, generations: int = 4) -> Path:
-    """Train the generator, generate for a few prompts, attribute them by shared triples, write a report."""
+def run(
+    out: Path, *, error_rate: float = 0.1, n_prompts: int = 3, generations: int = 4, epochs: int = 30
+) -> Path:
+    """Train the generator, generate for a few prompts, attribute them by shared triples, write a report.
+
+    Also writes the knowledge graph (`kg.ttl`); the report shows each image's triples beside it (the report
+    draws grey images, so colours show only in the triples).
+    """
     from ..kg import KGStore, SceneExtractor, kg_scores, load_ontology, shared_text
     from ..views import write_report
 
     out = Path(out)
     images, attrs = make_garments()
-    model = train_generator(images, attrs)
+    model = train_generator(images, attrs, epochs=epochs, batch=64)
     reader = AttributeReader(images, attrs)
     ontology = load_ontology("fashion")
-    extractor = SceneExtractor(ontology, drop=error_rate, confuse=error_rate, invent=error_rate)
+    extractor = SceneExtractor(
+        ontology, drop=error_rate, confuse=error_rate, invent=error_rate, vocabulary=ATTRIBUTES
+    )
     store = KGStore(ontology)
-    store.add_many([(i, extractor.extract(a, i).triples) for i, a in enumerate(attrs)])
+    store.add_many([(i, extractor.extract(a, f"train {i}").triples) for i, a in enumerate(attrs)])
     rng = np.random.default_rng(1)
     prompts = [attrs[i] for i in rng.choice(len(attrs), n_prompts, replace=False)]
-    gen_images: dict[str, np.ndarray] = {}
+    first: dict[str, np.ndarray] = {}
     noise = torch.randn(generations, 8, generator=torch.Generator().manual_seed(7))
     for p in prompts:
         pics = generate(model, p, noise)
-        gen_images[caption(p)] = pics
+        first[caption(p)] = pics[0]
+        ids = [f"{caption(p)} #{g}" for g in range(generations)]
         read = reader.read(pics)
-        items = [
-            (f"{caption(p)} #{g}", extractor.extract(read[g], f"{caption(p)} #{g}").triples)
-            for g in range(generations)
-        ]
-        store.add_many(items, role="generated", prompts=[caption(p)] * generations)
+        store.add_many(
+            [(i, extractor.extract(r, i).triples) for i, r in zip(ids, read)],
+            role="generated",
+            prompts=[caption(p)] * generations,
+        )
     scores = kg_scores(store, measure="idf-jaccard")
     store.export(out / "kg.ttl")
+    generated = store.triples("generated")
     query_items = [
         {
-            "image": grey(gen_images[q][0]),
-            "label": q,
-            "text": "generated; its triples:\n"
-            + "\n".join(str(t) for t in store.triples("generated")[f"{q} #0"][1]),
+            "image": grey(first[q]),
+            "label": "generated",
+            "text": f"{q}. First generation's triples: "
+            + "; ".join(str(t) for t in sorted(generated[f"{q} #0"][1])),
         }
         for q in scores.query_ids
     ]
-    shown = {t.train_id for r in range(len(prompts)) for t in scores.top(r, 6)}
     train_items = []
     for i in scores.train_ids:
-        item: dict[str, Any] = {"label": attrs[int(i)]["hasColor"], "source": caption(attrs[int(i)])}
-        if i in shown:
-            item["image"] = grey(images[int(i)])
-            q = next(q for q in scores.query_ids if i in scores.metadata["shared"][q])
-            item["text"] = "shared with the generations:\n" + shared_text(scores, q, i)
+        item: dict[str, Any] = {"label": caption(attrs[int(i)]), "image": grey(images[int(i)])}
+        explained = [q for q in scores.query_ids if i in scores.metadata["shared"][q]]
+        if explained:
+            item["text"] = " | ".join(
+                f"shares with '{q}': " + shared_text(scores, q, i, sep="; ") for q in explained
+            )
         train_items.append(item)
     return write_report(
         scores,

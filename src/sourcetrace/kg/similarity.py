@@ -135,14 +135,14 @@ def kg_scores(
     return Scores(matrix, train_ids, query_ids, f"kg-{measure}", meta)
 
 
-def shared_text(scores: Scores, query: Any, train_id: Any) -> str:
+def shared_text(scores: Scores, query: Any, train_id: Any, sep: str = "\n") -> str:
     """The shared triples behind one score, one per line ('hasPattern striped (3/5 generations)')."""
     q = str(query)
     rows = scores.metadata.get("shared", {}).get(q, {}).get(str(train_id))
     if rows is None:
         return ""
     n = scores.metadata.get("generations", {}).get(q, 1)
-    return "\n".join(f"{rel} {val}" + (f" ({k}/{n} generations)" if n > 1 else "") for rel, val, k in rows)
+    return sep.join(f"{rel} {val}" + (f" ({k}/{n} generations)" if n > 1 else "") for rel, val, k in rows)
 
 
 def style_attribution(
