@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # name -> "module:function", relative to this package
-DEMOS: dict[str, str] = {}
+DEMOS: dict[str, str] = {"kg": "kg:run"}
 
 
 def demo_names() -> list[str]:
