@@ -107,7 +107,7 @@ def test_mine_with_a_saved_tiny_model(tmp_path):
             "--index",
             str(tmp_path / "ix"),
             "--tokenizer",
-            str(tmp_path / "ix" / "tokenizer.json"),
+            str(tmp_path / "ix"),  # an index folder names the tokenizer it stores
             "--threshold",
             "0",
             "--max-new-tokens",

@@ -437,7 +437,7 @@ def resolve_engine(name: str) -> str:
     if name == "auto":
         return "infini-gram" if infini_gram_available() else "portable"
     if name not in ENGINES:
-        raise CorpusError(f"unknown engine {name!r}; use 'auto', 'infini-gram' or 'portable'")
+        raise CorpusError(f"engine={name!r} is not an engine; use 'auto', 'infini-gram' or 'portable'")
     if name == "infini-gram" and not infini_gram_available():
         require("infini_gram.engine", "corpus")
         raise CorpusError("the infini-gram package has no indexer on this platform; use engine='portable'")

@@ -3,7 +3,8 @@
 Layout of an index folder:
 
     manifest.json        what made it: engine, tokenizer fingerprint, token width, data fingerprint, sizes
-    tokenizer.json       the tokenizer, when it can be stored (bytes, word-level)
+    sourcetrace-tokenizer.json   the tokenizer (bytes, word-level), or where it is stored:
+    hf-tokenizer/        a Hugging Face tokenizer, saved with `save_pretrained`
     docs.jsonl           one line of metadata per document (id, source, title, url, ...)
     docs.index.npy       byte offset of each line of docs.jsonl, for random access
     token_counts.npz     unigram counts (ranking spans by unigram log-probability)
@@ -31,9 +32,17 @@ import numpy as np
 from ..artifacts import MANIFEST, atomic_write, atomic_write_json, check_manifest, read_json
 from ..errors import CorpusError, EmptyDataError
 from .engines import DTYPES, ENGINES, WIDTHS, Engine, resolve_engine, separator, shard_name
-from .sources import META_FIELDS, Document, iter_documents
-from .spans import Occurrence, Span, bm25_scores, keep_densest, merge_spans, select_maximal
-from .tokenizers import Tokenizer, as_tokenizer, tokenizer_from_config, word_boundaries
+from .sources import META_FIELDS, Document, iter_documents, progress_bar
+from .spans import RANKINGS, Occurrence, Span, bm25_scores, keep_densest, merge_spans, select_maximal
+from .tokenizers import (
+    STORED,
+    Tokenizer,
+    as_tokenizer,
+    count_words,
+    save_tokenizer,
+    tokenizer_from_config,
+    word_edges,
+)
 
 FORMAT = "sourcetrace.corpus/1"
 DEFAULT_SHARD_TOKENS = 1 << 30
@@ -147,32 +156,43 @@ class CorpusIndex:
         progress: bool = True,
         text_field: str = "text",
         id_field: str = "id",
+        glob: str | Sequence[str] | None = None,
         cpus: int | None = None,
         mem_gb: float | None = None,
     ) -> CorpusIndex:
         """Tokenize `docs`, write the shard files and build a suffix array per shard.
 
         `docs`: anything `iter_documents` reads (a list of strings or dicts, a JSONL/Parquet file, a folder
-        of text files, a Hugging Face dataset). `tokenizer`: "bytes", "word" (a word-level vocabulary made
-        from the corpus), a transformers tokenizer, a callable or a Tokenizer. A folder that already holds
-        an index of the same data and settings is reused; one made otherwise is refused unless `overwrite`.
+        of files, a Hugging Face dataset); `glob` picks a folder's files (default: every UTF-8 text file;
+        see `iter_documents`). `tokenizer`: "bytes", "word" (a word-level vocabulary made from the
+        corpus), a Hugging Face tokenizer (object, tokenizer.json or folder), a callable or a Tokenizer.
+        A folder that already holds an index of the same data and settings is reused; one made otherwise
+        is refused unless `overwrite`. `index.manifest["skipped"]` counts the files and documents left out,
+        by reason.
         """
-        from tqdm.auto import tqdm
-
         requested = engine
         engine = resolve_engine(engine)
         workdir = Path(workdir)
-        if shard_tokens < 1:
-            raise CorpusError("shard_tokens must be a positive number of tokens")
+        if not isinstance(shard_tokens, int) or shard_tokens < 1:
+            raise CorpusError(f"shard_tokens={shard_tokens!r} must be a positive number of tokens")
+        if token_dtype is not None and token_dtype not in DTYPES:
+            raise CorpusError(
+                f"token_dtype={token_dtype!r} is not a token width; use one of {sorted(DTYPES)}"
+            )
+        if glob is not None and not (isinstance(docs, str | os.PathLike) and Path(docs).is_dir()):
+            raise CorpusError(
+                f"glob={_one(glob)!r} picks files in a folder, and {_name(docs)} is not a folder"
+            )
+        skipped: dict[str, int] = {}
+        read = {"text_field": text_field, "id_field": id_field, "glob": glob, "skipped": skipped}
         if isinstance(tokenizer, str) and tokenizer == "word":
             from .tokenizers import WordTokenizer
 
-            docs = list(iter_documents(docs, text_field=text_field, id_field=id_field))
+            docs = list(iter_documents(docs, **read))
+            read = {"text_field": text_field, "id_field": id_field}  # files were picked in this first pass
             tokenizer = WordTokenizer.fit(d.text for d in docs)
         tok = as_tokenizer(tokenizer)
         dtype = token_dtype or _dtype_for(tok.max_id)
-        if dtype not in DTYPES:
-            raise CorpusError(f"token_dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
         limit = separator(dtype) - 1
         if engine == "infini-gram" and dtype == "u32":
             # The packaged indexer sorts u32 tokens with a 2^32-entry bucket table (32 GiB per job).
@@ -194,6 +214,8 @@ class CorpusIndex:
             raise CorpusError(
                 f"{workdir} is not empty and holds no corpus index; use a new folder or pass overwrite=True"
             )
+        if isinstance(docs, str | os.PathLike) and not Path(docs).exists():
+            raise CorpusError(f"{docs} does not exist; pass a file or a folder of documents")
 
         workdir.parent.mkdir(parents=True, exist_ok=True)
         partial = Path(tempfile.mkdtemp(prefix=f".{workdir.name}.partial-", dir=workdir.parent))
@@ -205,9 +227,12 @@ class CorpusIndex:
             digest = hashlib.blake2b(digest_size=16)
             counts = _Counts(tok.max_id)
             n_docs = 0
-            with open(partial / "docs.jsonl", "wb") as meta_fh:
-                it = iter_documents(docs, text_field=text_field, id_field=id_field)
-                for n, doc in enumerate(tqdm(it, desc="tokenize", unit="doc", disable=not progress)):
+            with (
+                open(partial / "docs.jsonl", "wb") as meta_fh,
+                progress_bar(desc="tokenize", unit="doc", disable=not progress) as bar,
+            ):
+                for n, doc in enumerate(iter_documents(docs, **read)):
+                    bar.update()
                     ids = (
                         np.asarray(doc.ids, dtype=np.int64).reshape(-1)
                         if doc.ids is not None
@@ -215,6 +240,7 @@ class CorpusIndex:
                     )
                     if ids.size == 0:
                         if skip_empty:
+                            skipped["empty documents"] = skipped.get("empty documents", 0) + 1
                             continue
                         raise CorpusError(
                             f"document {doc.id!r} (#{n}) has no text; remove it or pass skip_empty=True"
@@ -235,7 +261,10 @@ class CorpusIndex:
                     n_docs += 1
             writer.close()
             if n_docs == 0:
-                raise EmptyDataError("the corpus has no documents with text; nothing to index")
+                why = "; ".join(f"{v} skipped: {k}" for k, v in sorted(skipped.items()))
+                raise EmptyDataError(
+                    "the corpus has no documents with text; nothing to index" + (f" ({why})" if why else "")
+                )
 
             manifest = {
                 "format": FORMAT,
@@ -249,6 +278,7 @@ class CorpusIndex:
                 "n_shards": len(writer.shard_tokens),
                 "shard_tokens": shard_tokens,
                 "shard_docs": writer.shard_docs,
+                "skipped": dict(sorted(skipped.items())),
             }
             if (workdir / MANIFEST).exists() and check_manifest(
                 workdir, manifest, overwrite=overwrite, what="corpus index"
@@ -258,10 +288,12 @@ class CorpusIndex:
 
             cpus = cpus or os.cpu_count() or 1
             mem = int((mem_gb or _default_mem_gb()) * 1024**3)
-            for s in tqdm(
-                range(len(writer.shard_tokens)), desc=f"index ({engine})", unit="shard", disable=not progress
-            ):
-                ENGINES[engine].index_shard(shard_dir, s, dtype, cpus=cpus, mem_bytes=mem)
+            with progress_bar(
+                total=len(writer.shard_tokens), desc=f"index ({engine})", unit="shard", disable=not progress
+            ) as bar:
+                for s in range(len(writer.shard_tokens)):
+                    ENGINES[engine].index_shard(shard_dir, s, dtype, cpus=cpus, mem_bytes=mem)
+                    bar.update()
 
             _save_npy(partial / "docs.index.npy", np.asarray(meta_lines, dtype=np.uint64))
             ids_arr, cnt_arr = counts.result()
@@ -271,9 +303,9 @@ class CorpusIndex:
                     np.savez(fh, ids=ids_arr, counts=cnt_arr)
 
             atomic_write(partial / "token_counts.npz", write_counts)
-            cfg = tok.to_config()
+            cfg = save_tokenizer(tok, partial)
             if cfg is not None:
-                atomic_write_json(partial / "tokenizer.json", cfg)
+                atomic_write_json(partial / STORED, cfg)
             atomic_write_json(partial / MANIFEST, manifest)
             _swap_into_place(partial, workdir)
         except BaseException:
@@ -296,12 +328,15 @@ class CorpusIndex:
                 f"{path} holds {manifest.get('format') or 'something else'}, not a corpus index"
             )
         if tokenizer is None:
-            if not (path / "tokenizer.json").exists():
+            stored = path / STORED
+            if not stored.exists() and (path / "tokenizer.json").exists():
+                stored = path / "tokenizer.json"  # indexes built before the file was renamed
+            if not stored.exists():
                 raise CorpusError(
                     f"the index at {path} was built with {manifest['tokenizer_name']!r}, which "
                     "is not stored with it; pass the same tokenizer"
                 )
-            tok = tokenizer_from_config(read_json(path / "tokenizer.json"))
+            tok = tokenizer_from_config(read_json(stored), path)
         else:
             tok = as_tokenizer(tokenizer)
         if tok.fingerprint != manifest["tokenizer"]:
@@ -486,17 +521,28 @@ class CorpusIndex:
     ) -> list[Span]:
         """Maximal spans of the text that occur verbatim in the corpus (OLMoTrace step 2-3).
 
-        Spans are at least `min_len` tokens, occur at most `max_count` times, optionally start and end on
+        Spans are at least `min_len` words long (runs of letters, digits or _, whatever the tokenizer),
+        occur at most `max_count` times, optionally start and end on
         word boundaries and never run past a delimiter token; with `density`, only the best
         ceil(density * n_tokens) spans are kept, ranked by `rank_by` ("length" or "unigram": the lowest sum
         of unigram log-probabilities, i.e. the most unusual, first).
         """
-        ids = self.encode(text_or_ids)
-        return self._spans(ids, min_len, max_count, word_boundary, delimiters, rank_by, density)[0]
+        check_span_options(min_len=min_len, max_count=max_count, rank_by=rank_by, density=density)
+        ids, pieces = self._tokens(text_or_ids)
+        return self._spans(ids, pieces, min_len, max_count, word_boundary, delimiters, rank_by, density)[0]
+
+    def _tokens(self, text_or_ids: str | Sequence[int] | np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """Ids and one display piece per token (a text's own characters when a text is given)."""
+        if isinstance(text_or_ids, str):
+            ids, pieces = self.tokenizer.encode_with_pieces(text_or_ids)
+            return np.asarray(ids, dtype=np.int64), pieces
+        ids_arr = self.encode(text_or_ids)
+        return ids_arr, self.tokenizer.pieces(ids_arr.tolist())
 
     def _spans(
         self,
         ids: np.ndarray,
+        pieces: list[str],
         min_len: int,
         max_count: int | None,
         word_boundary: bool,
@@ -509,11 +555,17 @@ class CorpusIndex:
         lengths = self.longest_matches(ids)
         delims = set(int(d) for d in delimiters)
         dmask = np.isin(ids, list(delims)) if delims else None
-        pieces = self.tokenizer.pieces(ids.tolist())
-        bounds = word_boundaries(pieces) if word_boundary else None
+        edges = word_edges(pieces) if word_boundary else None
         spans = []
         logp = self.unigram_logprobs(ids)
-        for a, b in select_maximal(lengths, min_len=min_len, boundaries=bounds, delimiters=dmask):
+        found = select_maximal(
+            lengths,
+            min_len=min_len,
+            edges=edges,
+            delimiters=dmask,
+            size=lambda a, b: count_words("".join(pieces[a:b])),
+        )
+        for a, b in found:
             c = self.engine.count(ids[a:b])
             if max_count is not None and c > max_count:
                 continue
@@ -537,13 +589,25 @@ class CorpusIndex:
     ) -> TraceResult:
         """Trace a generated text into the corpus, the OLMoTrace way.
 
-        Finds maximal matching spans, keeps the ceil(density * L) most unusual ones, fetches up to
-        `docs_per_span` documents per span with `window` tokens of context, and orders each span's
+        Finds maximal matching spans of at least `min_len` words that start and end with whole words (with
+        `word_boundary`), keeps the ceil(density * L) most unusual ones (all with `density=None`), fetches
+        up to `docs_per_span` documents per span with `window` tokens of context, and orders each span's
         documents by BM25 against the prompt and the response.
         """
-        ids = self.encode(text)
-        shown = text if isinstance(text, str) else self.tokenizer.decode(ids.tolist())
-        spans, n_cand = self._spans(ids, min_len, max_count, word_boundary, delimiters, rank_by, density)
+        check_span_options(
+            min_len=min_len,
+            max_count=max_count,
+            rank_by=rank_by,
+            density=density,
+            docs_per_span=docs_per_span,
+        )
+        if not isinstance(window, int) or window < 0:
+            raise CorpusError(f"window={window!r} must be a number of tokens >= 0")
+        ids, pieces = self._tokens(text)
+        shown = "".join(pieces)
+        spans, n_cand = self._spans(
+            ids, pieces, min_len, max_count, word_boundary, delimiters, rank_by, density
+        )
         query = ids.tolist() + (self.tokenizer.encode(prompt) if prompt else [])
         for s in spans:
             s.docs = self.occurrences(ids[s.start : s.end], limit=docs_per_span, window=window, seed=seed)
@@ -566,7 +630,7 @@ class CorpusIndex:
         return TraceResult(
             text=shown,
             ids=ids.tolist(),
-            pieces=self.tokenizer.pieces(ids.tolist()),
+            pieces=pieces,
             spans=spans,
             prompt=prompt,
             n_candidates=n_cand,
@@ -575,6 +639,37 @@ class CorpusIndex:
 
 
 # ---------------------------------------------------------------------- build helpers
+
+
+def check_span_options(
+    *,
+    min_len: int = 1,
+    max_count: int | None = None,
+    rank_by: str = "length",
+    density: float | None = None,
+    docs_per_span: int | None = 1,
+) -> None:
+    """Refuse span options that cannot mean anything, before any work is done."""
+    if isinstance(min_len, bool) or not isinstance(min_len, int) or min_len < 1:
+        raise CorpusError(f"min_len={min_len!r} must be a whole number of words >= 1")
+    if max_count is not None and (
+        isinstance(max_count, bool) or not isinstance(max_count, int) or max_count < 1
+    ):
+        raise CorpusError(f"max_count={max_count!r} must be a whole number of occurrences >= 1")
+    if rank_by not in RANKINGS:
+        raise CorpusError(f"rank_by={rank_by!r} is not a ranking; use {' or '.join(map(repr, RANKINGS))}")
+    if density is not None and not (isinstance(density, int | float) and 0 < density <= 1):
+        raise CorpusError(f"density={density!r} must be a share of tokens in (0, 1]")
+    if docs_per_span is not None and (not isinstance(docs_per_span, int) or docs_per_span < 1):
+        raise CorpusError(f"docs_per_span={docs_per_span!r} must be a whole number >= 1")
+
+
+def _one(glob: str | Sequence[str]) -> str:
+    return glob if isinstance(glob, str) else ",".join(glob)
+
+
+def _name(docs: Any) -> str:
+    return str(docs) if isinstance(docs, str | os.PathLike) else f"a {type(docs).__name__}"
 
 
 def _dtype_for(max_id: int) -> str:

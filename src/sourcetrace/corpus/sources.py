@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,6 @@ import numpy as np
 from ..errors import CorpusError, MissingExtraError
 
 META_FIELDS = ("source", "title", "url")
-TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 
 
 @dataclass
@@ -30,14 +30,28 @@ class Document:
     ids: Any = None
 
 
-def iter_documents(source: Any, *, text_field: str = "text", id_field: str = "id") -> Iterator[Document]:
+def iter_documents(
+    source: Any,
+    *,
+    text_field: str = "text",
+    id_field: str = "id",
+    glob: str | Sequence[str] | None = None,
+    skipped: dict[str, int] | None = None,
+) -> Iterator[Document]:
     """Yield Documents from `source`.
 
-    `source` may be a path (a `.jsonl`/`.json` file, a `.parquet` file or a folder of text files, or of
-    such files), a Hugging Face `datasets.Dataset`, or any iterable of strings, dicts or Documents.
+    `source` may be a path (a `.jsonl`/`.json` file, a `.parquet` file, a text file or a folder), a Hugging
+    Face `datasets.Dataset`, or any iterable of strings, dicts or Documents. In a folder, `.jsonl`,
+    `.json` and `.parquet` files are read as records and every other file as one document if it is UTF-8
+    text, whatever its extension; `glob` (one pattern or several, matched against each file's path inside
+    the folder from the right, e.g. "*.py" or "docs/*.md") keeps only the files it matches. Hidden files
+    and folders (names starting with ".") are left out. `skipped`, when given, counts the files left out
+    by reason.
     """
     if isinstance(source, str | os.PathLike):
-        yield from _iter_path(Path(source), text_field, id_field)
+        yield from _iter_path(
+            Path(source), text_field, id_field, glob, skipped if skipped is not None else {}
+        )
         return
     if isinstance(source, dict):
         raise CorpusError("pass a list of documents, not a single dict")
@@ -47,6 +61,21 @@ def iter_documents(source: Any, *, text_field: str = "text", id_field: str = "id
         )
     for n, item in enumerate(source):
         yield _to_document(item, n, text_field, id_field, origin=None)
+
+
+@contextmanager
+def progress_bar(**kwargs: Any) -> Iterator[Any]:
+    """A tqdm bar that erases itself when an error ends the loop, so the error is the last thing shown."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(**kwargs)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
 
 
 def _to_document(item: Any, n: int, text_field: str, id_field: str, origin: str | None) -> Document:
@@ -83,25 +112,58 @@ def _jsonable(v: Any) -> bool:
     return isinstance(v, str | int | float | bool) or v is None
 
 
-def _iter_path(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _iter_path(
+    path: Path, text_field: str, id_field: str, glob: str | Sequence[str] | None, skipped: dict[str, int]
+) -> Iterator[Document]:
     if not path.exists():
         raise CorpusError(f"{path} does not exist")
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise CorpusError(f"folder {path} has no files to index")
-        for p in files:
-            rel = str(p.relative_to(path))
-            if p.suffix in (".jsonl", ".json", ".parquet"):
-                for doc in _iter_file(p, text_field, id_field):
-                    doc.id = f"{rel}:{doc.id}"
-                    yield doc
-            elif p.suffix in TEXT_SUFFIXES or not p.suffix:
-                yield Document(
-                    rel, p.read_text(encoding="utf-8", errors="replace"), {"source": rel, "title": p.stem}
-                )
+    if not path.is_dir():
+        yield from _iter_file(path, text_field, id_field)
         return
-    yield from _iter_file(path, text_field, id_field)
+    patterns = [glob] if isinstance(glob, str) else list(glob or [])
+    if any(not g for g in patterns):
+        raise CorpusError("glob='' matches nothing; pass a pattern such as '*.py'")
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    n_files = 0
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        rel = p.relative_to(path)
+        if any(part.startswith(".") for part in rel.parts):
+            skip("hidden")
+            continue
+        if patterns and not any(rel.match(g) for g in patterns):
+            skip("not matching the glob")
+            continue
+        n_files += 1
+        if p.suffix in RECORD_SUFFIXES:
+            for doc in _iter_file(p, text_field, id_field):
+                doc.id = f"{rel}:{doc.id}"
+                yield doc
+            continue
+        text = _read_text(p)
+        if text is None:
+            skip("not UTF-8 text")
+            continue
+        yield Document(str(rel), text, {"source": str(rel), "title": p.stem})
+    if n_files == 0:
+        what = f"no files matching glob={','.join(patterns)!r}" if patterns else "no files to index"
+        raise CorpusError(f"folder {path} has {what}")
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, or None when it is not UTF-8 text (a NUL byte or an invalid sequence)."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _iter_file(path: Path, text_field: str, id_field: str) -> Iterator[Document]:
@@ -137,11 +199,7 @@ def _iter_file(path: Path, text_field: str, id_field: str) -> Iterator[Document]
                 yield _to_document(item, n, text_field, id_field, origin)
                 n += 1
         return
-    if path.suffix in TEXT_SUFFIXES or not path.suffix:
-        yield Document(
-            path.name,
-            path.read_text(encoding="utf-8", errors="replace"),
-            {"source": path.name, "title": path.stem},
-        )
-        return
-    raise CorpusError(f"cannot read {path}: use .jsonl, .json, .parquet, text files or a folder of them")
+    text = _read_text(path)
+    if text is None:
+        raise CorpusError(f"cannot read {path}: it is not UTF-8 text, JSONL, JSON or Parquet")
+    yield Document(path.name, text, {"source": path.name, "title": path.stem})

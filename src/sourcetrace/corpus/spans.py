@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -63,20 +63,26 @@ def select_maximal(
     lengths: np.ndarray,
     *,
     min_len: int = 1,
-    boundaries: Sequence[bool] | None = None,
+    edges: tuple[np.ndarray, np.ndarray] | None = None,
     delimiters: np.ndarray | None = None,
+    size: Callable[[int, int], int] | None = None,
 ) -> list[tuple[int, int]]:
     """Turn per-position longest matches into maximal spans, as OLMoTrace does.
 
     For each start `l` the span is `[l, l + lengths[l])`, cut after the first delimiter token and, with
-    `boundaries`, trimmed to start and end on word boundaries; spans shorter than `min_len` are dropped, and
-    a span is kept only if it reaches past the right end of the previous kept span (so none is contained
-    in another).
+    `edges` (from `word_edges`), shortened to the longest part that starts and ends with a whole word.
+    Maximality is decided on these final spans: one is kept only if it reaches past the right end of the
+    previous kept span, so none is contained in another. Spans whose `size(a, b)` (default: tokens) is
+    below `min_len` are dropped.
     """
     L = len(lengths)
     out: list[tuple[int, int]] = []
     last_end = 0
     delim_pos = np.flatnonzero(delimiters) if delimiters is not None else np.zeros(0, dtype=np.int64)
+    if edges is not None:
+        can_start, can_end = edges
+        # the largest allowed end <= r, for every r
+        end_at_most = np.maximum.accumulate(np.where(can_end, np.arange(L + 1), -1))
     for lft in range(L):
         r = lft + int(lengths[lft])
         if r <= lft:
@@ -85,21 +91,25 @@ def select_maximal(
             k = np.searchsorted(delim_pos, lft)
             if k < delim_pos.size and delim_pos[k] < r:
                 r = int(delim_pos[k]) + 1
-        if boundaries is not None:
-            if not boundaries[lft]:
+        if edges is not None:
+            if not can_start[lft]:
                 continue
-            while r > lft and not boundaries[r]:
-                r -= 1
-        if r - lft < max(min_len, 1) or r <= last_end:
+            r = int(end_at_most[r])
+        if r <= last_end or r <= lft:
+            continue
+        if (size(lft, r) if size is not None else r - lft) < max(min_len, 1):
             continue
         out.append((lft, r))
         last_end = r
     return out
 
 
+RANKINGS = ("unigram", "length")
+
+
 def keep_densest(spans: list[Span], n_tokens: int, density: float | None, rank_by: str) -> list[Span]:
     """Keep the K = ceil(density * n_tokens) best spans (longest, or lowest unigram log-probability sum)."""
-    if rank_by not in ("length", "unigram"):
+    if rank_by not in RANKINGS:
         raise ValueError(f"rank_by must be 'length' or 'unigram', not {rank_by!r}")
     if rank_by == "length":
         ranked = sorted(spans, key=lambda s: (-s.length, s.start))
