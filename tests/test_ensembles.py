@@ -187,3 +187,159 @@ def test_bad_input_errors(ridge):
         retrain_subsets(train, lambda w: np.zeros((2, 2)), N_TRAIN, n_subsets=2, seeds=(0,), **kw)
     with pytest.raises(NonFiniteError):
         retrain_subsets(train, lambda w: np.array([np.nan]), N_TRAIN, n_subsets=2, seeds=(0,), **kw)
+
+
+# ---- encoded ensembles -------------------------------------------------------------------------------
+def _ensemble(n_train=12, n_members=6):
+    import torch
+
+    from sourcetrace.diffusion import EpsMLP
+    from sourcetrace.ensembles import EncodedEnsemble, balanced_codes
+
+    codes = balanced_codes(n_train, n_members, seed=1)
+    members = []
+    for j in range(n_members):
+        torch.manual_seed(j)
+        members.append(EpsMLP((1, 3, 3), hidden=8, depth=2).double())
+    return EncodedEnsemble(members, codes)
+
+
+def test_codes_are_balanced_and_unique():
+    from sourcetrace.ensembles import balanced_codes
+
+    for n, e in ((20, 6), (3432, 14), (100, 20)):
+        codes = balanced_codes(n, e, seed=3)
+        assert codes.shape == (n, e) and codes.dtype == bool
+        assert (codes.sum(1) == e // 2).all()
+        assert len({row.tobytes() for row in codes}) == n
+    assert (balanced_codes(30, 8, seed=0) == balanced_codes(30, 8, seed=0)).all()
+    with pytest.raises(InvalidOptionError, match="n_members >= 10"):
+        balanced_codes(100, 8)
+    with pytest.raises(InvalidOptionError, match="even"):
+        balanced_codes(5, 5)
+
+
+def test_ensemble_sampler_equals_averaging_members_by_hand():
+    import torch
+
+    from sourcetrace.diffusion import StoredNoise, linear_schedule
+
+    ens = _ensemble()
+    ab = linear_schedule(50)
+    noise = StoredNoise.draw(2, (1, 3, 3), num_steps=5, seed=0)
+    noise = StoredNoise(noise.start.double(), noise.steps.double())
+    for kind in ("ddim", "ddpm"):
+        got = ens.sample(noise, ab, kind=kind)
+        # by hand: the same reverse process with the members' ε averaged explicitly
+        x = noise.start
+        ts = [40, 30, 20, 10, 0]
+        for k, t in enumerate(ts):
+            tt = torch.full((2,), t)
+            eps = sum(m(x, tt) for m in ens.members) / ens.n_members
+            a_t, a_p = ab[t], (ab[t - 10] if t >= 10 else torch.tensor(1.0, dtype=torch.float64))
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            if kind == "ddim":
+                x = a_p.sqrt() * x0 + (1 - a_p).sqrt() * eps
+            else:
+                beta = 1 - a_t / a_p
+                x = a_p.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_p) / (1 - a_t) * x
+                if t > 0:
+                    x = x + ((1 - a_p) / (1 - a_t) * beta).sqrt() * noise.steps[k]
+        torch.testing.assert_close(got, x)
+    # a counterfactual uses only the members that did not see the example
+    i = 4
+    kept = [m for j, m in enumerate(ens.members) if not ens.codes[i, j]]
+    sub = type(ens)(kept, ens.codes[:, ~ens.codes[i]])
+    torch.testing.assert_close(ens.counterfactual(noise, ab, i), sub.sample(noise, ab))
+
+
+def test_influence_is_distance_to_each_counterfactual():
+    import torch
+
+    from sourcetrace.diffusion import StoredNoise, linear_schedule
+
+    ens = _ensemble()
+    ab = linear_schedule(50)
+    noise = StoredNoise.draw(3, (1, 3, 3), num_steps=5, seed=2)
+    noise = StoredNoise(noise.start.double(), noise.steps.double())
+    scores = ens.influence(noise, ab, chunk=5, progress=False)
+    full = ens.sample(noise, ab)
+    for i in (0, 7, 11):
+        want = (ens.counterfactual(noise, ab, i) - full).reshape(3, -1).norm(dim=1)
+        torch.testing.assert_close(scores.matrix[:, i], want.float())
+    assert scores.metadata["radius"] == pytest.approx(scores.matrix.max(1).values.tolist())
+    embedded = ens.influence(noise, ab, embed=lambda x: x.reshape(len(x), -1)[:, :2], progress=False)
+    assert embedded.metadata["distance"] == "embedding" and (embedded.matrix <= scores.matrix + 1e-6).all()
+
+
+def test_weight_jvp_equals_finite_differences():
+    import torch
+
+    from sourcetrace.diffusion import StoredNoise, linear_schedule
+
+    ens = _ensemble()
+    ab = linear_schedule(50)
+    noise = StoredNoise.draw(2, (1, 3, 3), num_steps=5, seed=0)
+    noise = StoredNoise(noise.start.double(), noise.steps.double())
+    jac = ens.weight_jacobian(noise, ab, kind="ddpm")
+    w0, h = ens.uniform_weights().double(), 1e-6
+    for j in range(ens.n_members):
+        e = torch.eye(ens.n_members, dtype=torch.float64)[j]
+        fd = (ens.sample(noise, ab, weights=w0 + h * e, kind="ddpm")
+              - ens.sample(noise, ab, weights=w0 - h * e, kind="ddpm")) / (2 * h)
+        torch.testing.assert_close(jac["jacobian"][j], fd, rtol=1e-5, atol=1e-7)
+    diff = ens.differential_ablation(noise, ab, kind="ddpm")
+    delta = ens.weights_without(3).double() - w0
+    want = torch.einsum("e,e...->...", delta, jac["jacobian"]).reshape(2, -1).norm(dim=1)
+    torch.testing.assert_close(diff.matrix[:, 3], want.float())
+
+
+def test_ablation_scores_match_retraining_by_dropping_members():
+    import torch
+
+    from sourcetrace.diffusion import DiffusionTask, diffusion_examples, linear_schedule
+
+    ens = _ensemble()
+    task = DiffusionTask(linear_schedule(50), timesteps=3)
+    queries = diffusion_examples(torch.rand(2, 1, 3, 3).double(), ids=["a", "b"])
+    scores = ens.ablation_scores(task, queries)
+    batch = task.collate(queries)
+    batch["x"] = batch["x"].double()
+
+    def measure(members):
+        outs = torch.stack([task.outputs(m, batch) for m in members]).mean(0)
+        return -(outs - batch["noise"].double()).pow(2).reshape(2, -1).mean(1)
+
+    for i in (0, 5):
+        kept = [m for j, m in enumerate(ens.members) if not ens.codes[i, j]]
+        torch.testing.assert_close(scores.matrix[:, i].double(), measure(ens.members) - measure(kept),
+                                   rtol=1e-4, atol=1e-6)
+    with pytest.raises(InvalidOptionError, match="no member is left"):
+        ens.weights_without(list(range(12)))
+
+
+def test_members_are_cached_and_resumed(tmp_path):
+    import torch
+
+    from sourcetrace.diffusion import EpsMLP
+    from sourcetrace.ensembles import balanced_codes, train_members
+
+    codes = balanced_codes(6, 4, seed=0)
+    calls = []
+
+    def train(indices, j):
+        calls.append(j)
+        torch.manual_seed(100 + j)
+        return EpsMLP((4,), hidden=4, depth=1)
+
+    first = train_members(train, codes, workdir=tmp_path, build_fn=lambda: EpsMLP((4,), hidden=4, depth=1),
+                          progress=False)
+    again = train_members(train, codes, workdir=tmp_path, build_fn=lambda: EpsMLP((4,), hidden=4, depth=1),
+                          progress=False)
+    assert calls == [0, 1, 2, 3]
+    for a, b in zip(first, again):
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.equal(p, q)
+    with pytest.raises(WorkdirMismatchError):
+        train_members(train, balanced_codes(5, 4, seed=1), workdir=tmp_path, build_fn=lambda: None,
+                      progress=False)

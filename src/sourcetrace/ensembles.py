@@ -1,10 +1,14 @@
-"""Retraining ground truth: train many models on subsets of the training data and measure the queries.
+"""Retraining: subsets of the training data as ground truth, and encoded ensembles for generative models.
 
 `retrain_subsets` trains one model per (random half of the data, seed) and records the query
 measurements: the ground truth of the linear datamodeling score (`evaluate.lds`). `retrain_leave_one_out`
 trains without one example at a time: the ground truth of `evaluate.loo`. Both run through one loop that
 writes each finished model's measurements atomically into `workdir`, so a killed run resumes where it
 stopped and gives the same numbers as an uninterrupted one.
+
+Encoded ensembles (`balanced_codes`, `train_members`, `EncodedEnsemble`) are retraining done once, up front:
+every example is left out of half the members, so its removal is simulated by dropping them (diffusion
+samples resampled with the same stored noise, or any mixed measurement).
 """
 
 from __future__ import annotations
@@ -342,3 +346,269 @@ def _load(path: str | os.PathLike, kind: str) -> dict[str, np.ndarray]:
         )
     with np.load(folder / _ARRAYS) as data:
         return {k: data[k] for k in data.files}
+
+
+# ---- encoded ensembles (Dai & Gifford 2023, arXiv 2306.02174) ------------------------------------------
+def balanced_codes(n_examples: int, n_members: int, seed: int = 0) -> np.ndarray:
+    """Unique random binary codes [n_examples, n_members] with exactly n_members / 2 ones each.
+
+    Member j trains on the examples whose bit j is set; removing an example = dropping the members that
+    saw it.
+    """
+    from math import comb
+
+    n, e = _check_n_train(n_examples), int(n_members)
+    if e < 2 or e % 2:
+        raise InvalidOptionError(f"n_members must be even and at least 2 (got {n_members}): "
+                                 "codes have E/2 ones")
+    if comb(e, e // 2) < n:
+        need = next(k for k in range(e, 64, 2) if comb(k, k // 2) >= n)
+        raise InvalidOptionError(f"{e} members give only {comb(e, e // 2)} distinct balanced codes for {n} "
+                                 f"examples; use n_members >= {need}")
+    rng = np.random.default_rng(seed)
+    if comb(e, e // 2) <= 200_000:  # enumerate and draw without replacement
+        from itertools import combinations
+
+        pool = list(combinations(range(e), e // 2))
+        chosen = [pool[k] for k in rng.choice(len(pool), size=n, replace=False)]
+    else:  # rejection: duplicates are rare when the code space is this large
+        seen: set[tuple[int, ...]] = set()
+        chosen = []
+        while len(chosen) < n:
+            ones = tuple(sorted(rng.choice(e, size=e // 2, replace=False).tolist()))
+            if ones not in seen:
+                seen.add(ones)
+                chosen.append(ones)
+    codes = np.zeros((n, e), dtype=bool)
+    for row, ones in enumerate(chosen):
+        codes[row, list(ones)] = True
+    return codes
+
+
+def train_members(
+    train_fn: Callable[[np.ndarray, int], Any],
+    codes: np.ndarray,
+    *,
+    workdir: str | os.PathLike | None = None,
+    build_fn: Callable[[], Any] | None = None,
+    fingerprint: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Any]:
+    """Train member j of an encoded ensemble on the examples whose bit j is set, one after another.
+
+    `train_fn(indices, j)` returns the trained torch module. With `workdir`, each finished member's
+    state_dict is written there atomically and a rerun loads it into `build_fn()` instead of retraining
+    (so a killed run resumes); the codes and `fingerprint` are in the manifest, another ensemble is refused.
+    """
+    import torch
+
+    codes = np.asarray(codes, dtype=bool)
+    if codes.ndim != 2 or codes.shape[1] < 2:
+        raise ShapeError(f"codes must be [n_examples, n_members]; got shape {codes.shape}")
+    folder = None if workdir is None else Path(workdir)
+    if folder is not None:
+        if build_fn is None:
+            raise InvalidOptionError("with workdir, give build_fn (a function returning an untrained member) "
+                                     "so stored members can be loaded")
+        manifest = {"kind": "encoded-ensemble",
+                    "codes_sha256": hashlib.sha256(codes.tobytes()).hexdigest()[:16],
+                    "shape": list(codes.shape), "fingerprint": fingerprint}
+        check_manifest(folder, manifest, overwrite=overwrite)
+    members = []
+    for j in tqdm(range(codes.shape[1]), desc="ensemble members", disable=not progress):
+        path = None if folder is None else folder / "members" / f"member-{j}.pt"
+        if path is not None and path.exists():
+            model = build_fn()  # type: ignore[misc]
+            model.load_state_dict(torch.load(path, weights_only=True))
+        else:
+            model = train_fn(np.flatnonzero(codes[:, j]), j)
+            if path is not None:
+                state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                atomic_write(path, lambda tmp, state=state: torch.save(state, tmp))
+        members.append(model)
+    return members
+
+
+class EncodedEnsemble:
+    """Members trained on coded halves of the data; their ε predictions averaged at every reverse step.
+
+    `weights` [E] mix the members' ε (default 1/E each). Removing a group of examples drops every member
+    that saw any of them and spreads the weight over the rest: with the same stored noise, the resampled
+    image is the counterfactual "what the ensemble makes without those examples".
+    """
+
+    def __init__(self, members: Sequence[Any], codes: np.ndarray, train_ids: Sequence[Any] | None = None):
+        self.members = list(members)
+        self.codes = np.asarray(codes, dtype=bool)
+        if self.codes.ndim != 2 or self.codes.shape[1] != len(self.members):
+            raise ShapeError(f"codes of shape {self.codes.shape} for {len(self.members)} members; "
+                             "give one column per member")
+        self.train_ids = list(range(self.codes.shape[0])) if train_ids is None else list(train_ids)
+        if len(self.train_ids) != self.codes.shape[0]:
+            raise ShapeError(f"{len(self.train_ids)} train ids for {self.codes.shape[0]} codes")
+
+    @property
+    def n_members(self) -> int:
+        return len(self.members)
+
+    def uniform_weights(self) -> Any:
+        import torch
+
+        return torch.full((self.n_members,), 1.0 / self.n_members)
+
+    def weights_without(self, indices: int | Sequence[int]) -> Any:
+        """Uniform weights over the members that saw none of the training examples at `indices`."""
+        import torch
+
+        idx = np.atleast_1d(np.asarray(indices, dtype=np.int64))
+        keep = ~self.codes[idx].any(axis=0)
+        if not keep.any():
+            raise InvalidOptionError(f"every member saw one of the {idx.size} examples removed; no member is "
+                                     "left to sample from (remove a smaller group or train more members)")
+        return torch.as_tensor(keep / keep.sum(), dtype=torch.float32)
+
+    def eps_fn(self, weights: Any = None, labels: Any = None, flatten: bool | None = None) -> Callable:
+        """ε(x [N, *shape], t [N]) = Σ_j w_j ε_j; `weights` is [E] or one row per sample [N, E]."""
+        from .diffusion import predict_eps
+
+        w = self.uniform_weights() if weights is None else weights
+
+        def eps(x: Any, t: Any) -> Any:
+            y = None if labels is None else labels[:, None]
+            total = 0.0
+            for j, member in enumerate(self.members):
+                wj = w[j] if w.dim() == 1 else w[:, j].reshape(-1, *([1] * (x.dim() - 1)))
+                if w.dim() == 1 and not w.requires_grad and float(wj) == 0.0:
+                    continue
+                total = total + wj * predict_eps(member, x[:, None], t[:, None], y, flatten)[:, 0]
+            return total
+
+        return eps
+
+    def sample(self, noise: Any, scheduler: Any, *, weights: Any = None, labels: Any = None,
+               kind: str = "ddim", num_steps: int | None = None) -> Any:
+        """The ensemble's samples from the stored noise (a `diffusion.StoredNoise`)."""
+        from .diffusion import sample
+
+        return sample(self.eps_fn(weights, labels), noise, scheduler, kind=kind, num_steps=num_steps)
+
+    def counterfactual(self, noise: Any, scheduler: Any, remove: int | Sequence[int], *, labels: Any = None,
+                       kind: str = "ddim", num_steps: int | None = None) -> Any:
+        """The samples the ensemble makes, from the same noise, without the training examples `remove`."""
+        return self.sample(noise, scheduler, weights=self.weights_without(remove), labels=labels, kind=kind,
+                           num_steps=num_steps)
+
+    def influence(self, noise: Any, scheduler: Any, *, labels: Any = None, kind: str = "ddim",
+                  num_steps: int | None = None, embed: Callable | None = None, chunk: int = 128,
+                  tolerance: float = 0.05, query_ids: Sequence[Any] | None = None,
+                  progress: bool = True) -> Any:
+        """Scores[q, i] = ‖sample_q − counterfactual_q without example i‖ (L2, or in `embed`'s space).
+
+        Every training example gets its own counterfactual (codes are unique), sampled `chunk` codes at a
+        time. Metadata: each query's counterfactual radius (its largest score; ABC, arXiv 2406.07908) and the
+        "unattributable" flag: radius below `tolerance` × ‖sample‖ (no single example changes it).
+        """
+        import torch
+
+        from .diffusion import StoredNoise, sample
+
+        with torch.no_grad():
+            full = self.sample(noise, scheduler, labels=labels, kind=kind, num_steps=num_steps)
+            n, q = self.codes.shape[0], len(noise)
+            matrix = torch.zeros(q, n)
+            ref = full if embed is None else embed(full)
+            for lo in tqdm(range(0, n, chunk), desc="counterfactuals", disable=not progress):
+                rows = np.arange(lo, min(lo + chunk, n))
+                keep = torch.as_tensor(~self.codes[rows], dtype=torch.float32)
+                w = (keep / keep.sum(1, keepdim=True)).repeat_interleave(q, 0)  # [C·Q, E]
+                rep = StoredNoise(noise.start.repeat(len(rows), *([1] * (noise.start.dim() - 1))),
+                                  noise.steps.repeat(1, len(rows), *([1] * (noise.steps.dim() - 2))))
+                y = None if labels is None else labels.repeat(len(rows))
+                cf = sample(self.eps_fn(w, y), rep, scheduler, kind=kind, num_steps=num_steps)
+                cf = cf if embed is None else embed(cf)
+                diff = (cf.reshape(len(rows), q, -1) - ref.reshape(1, q, -1)).norm(dim=2)
+                matrix[:, lo: lo + len(rows)] = diff.T
+        return self._scores(matrix, full, tolerance, query_ids, "ensemble-counterfactual",
+                            "l2" if embed is None else "embedding")
+
+    def differential_ablation(self, noise: Any, scheduler: Any, *, labels: Any = None, kind: str = "ddim",
+                              num_steps: int | None = None, tolerance: float = 0.05,
+                              query_ids: Sequence[Any] | None = None) -> Any:
+        """First-order counterfactuals: ‖J δ_i‖, J = ∂sample/∂weights from `torch.func.jvp` (one per member).
+
+        δ_i = weights_without(i) − uniform weights; E forward-mode passes replace n resamplings.
+        """
+        import torch
+
+        jac = self.weight_jacobian(noise, scheduler, labels=labels, kind=kind, num_steps=num_steps)
+        full = jac["sample"]
+        w0 = self.uniform_weights()
+        keep = torch.as_tensor(~self.codes, dtype=torch.float32)
+        delta = (keep / keep.sum(1, keepdim=True) - w0).to(full.dtype)  # [n, E]
+        change = torch.einsum("ne,eqd->qnd", delta, jac["jacobian"].reshape(self.n_members, len(noise), -1))
+        return self._scores(change.norm(dim=2), full, tolerance, query_ids, "ensemble-differential", "l2")
+
+    def weight_jacobian(self, noise: Any, scheduler: Any, *, labels: Any = None, kind: str = "ddim",
+                        num_steps: int | None = None) -> dict[str, Any]:
+        """{"sample": [N, *shape], "jacobian": [E, N, *shape]}: ∂sample/∂w_j at the uniform weights."""
+        import torch
+        from torch.func import jvp
+
+        from .diffusion import sample
+
+        w0 = self.uniform_weights().to(noise.start.dtype)
+
+        def run(w: Any) -> Any:
+            return sample(self.eps_fn(w, labels), noise, scheduler, kind=kind, num_steps=num_steps)
+
+        cols = []
+        out = None
+        with torch.no_grad():
+            for j in range(self.n_members):
+                out, col = jvp(run, (w0,), (torch.eye(self.n_members, dtype=w0.dtype)[j],))
+                cols.append(col)
+        return {"sample": out, "jacobian": torch.stack(cols)}
+
+    def ablation_scores(self, task: Any, queries: Any, ids: Sequence[Any] | None = None,
+                        batch_size: int = 64) -> Any:
+        """Scores[q, i] = m(q; all members) − m(q; members that did not see i): the ensemble's removal effect.
+
+        `task` must have `outputs` and `measurement_from_outputs` (e.g. DiffusionTask with "loss" or
+        "square-norm"): the members' outputs are mixed with the weights, then measured. Positive = proponent.
+        """
+        import torch
+
+        from .data import Examples
+        from .scores import Scores
+        from .tasks import collate
+
+        if not (hasattr(task, "outputs") and hasattr(task, "measurement_from_outputs")):
+            raise InvalidOptionError("ablation_scores needs a task with outputs() and "
+                                     "measurement_from_outputs() "
+                                     "(e.g. DiffusionTask with measurement 'loss' or 'square-norm')")
+        examples = Examples(queries, ids, name="queries")
+        keep = torch.as_tensor(~self.codes, dtype=torch.float32)
+        weights = torch.cat([self.uniform_weights()[None], keep / keep.sum(1, keepdim=True)])  # [1 + n, E]
+        rows = []
+        with torch.no_grad():
+            for _, chunk in examples.batches(batch_size):
+                batch = collate(task, chunk)
+                outs = torch.stack([task.outputs(m, batch) for m in self.members])  # [E, B, ...]
+                mixed = [torch.einsum("e,e...->...", w.to(outs.dtype), outs) for w in weights]
+                values = torch.stack([task.measurement_from_outputs(m, batch) for m in mixed])  # [1 + n, B]
+                rows.append((values[0][None] - values[1:]).T)
+        return Scores(torch.cat(rows).float(), list(self.train_ids), list(examples.ids),
+                      method="ensemble-ablation", metadata={"members": self.n_members})
+
+    def _scores(self, matrix: Any, full: Any, tolerance: float, query_ids: Sequence[Any] | None, method: str,
+                distance: str) -> Any:
+        from .scores import Scores
+
+        radius = matrix.max(dim=1).values
+        norms = full.reshape(full.shape[0], -1).norm(dim=1)
+        qids = list(range(matrix.shape[0])) if query_ids is None else list(query_ids)
+        return Scores(matrix.float(), list(self.train_ids), qids, method=method,
+                      metadata={"distance": distance, "radius": radius.tolist(),
+                                "unattributable": (radius < tolerance * norms).tolist(),
+                                "members": self.n_members})

@@ -1,0 +1,201 @@
+"""DiffusionTask, the ε-MLP and the samplers, checked against autograd loops and diffusers' schedulers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sourcetrace import Attributor
+from sourcetrace.diffusion import (
+    DiffusionTask,
+    EpsMLP,
+    StoredNoise,
+    diffusion_examples,
+    example_noise,
+    generated_examples,
+    linear_schedule,
+    model_eps,
+    predict_eps,
+    sample,
+    spaced_timesteps,
+    train_eps_model,
+)
+from sourcetrace.errors import InvalidOptionError, ShapeError
+from sourcetrace.grads import GradientCapture
+
+SHAPE = (1, 4, 4)
+T = 100
+
+
+def _data(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand((n, *SHAPE), generator=g) * 2 - 1
+    return diffusion_examples(images, labels=[i % 2 for i in range(n)], ids=[f"im{i}" for i in range(n)])
+
+
+def _mlp(classes=None):
+    torch.manual_seed(0)
+    return EpsMLP(SHAPE, hidden=16, depth=2, num_classes=classes).double()
+
+
+def _loop_grads(model, task, examples, fn):
+    rows = []
+    for ex in examples:
+        model.zero_grad()
+        fn(model, task.collate([ex]))[0].backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    return torch.stack(rows)
+
+
+def test_dtrak_timesteps_and_fixed_noise():
+    assert spaced_timesteps(10, 1000) == list(range(0, 1000, 100))
+    a = example_noise(0, "im3", 7, 0, SHAPE)
+    assert torch.equal(a, example_noise(0, "im3", 7, 0, SHAPE))
+    assert not torch.equal(a, example_noise(0, "im3", 8, 0, SHAPE))
+    assert not torch.equal(a, example_noise(0, "im4", 7, 0, SHAPE))
+    task = DiffusionTask(linear_schedule(T), timesteps=3, noise_draws=2)
+    ex = _data()
+    alone = task.noised(task.collate(ex[2:3]))
+    together = task.noised(task.collate(ex))  # an example's noise does not depend on its batch
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(a[0], b[2].to(a.dtype))
+
+
+def test_loss_is_eps_mse_by_hand():
+    model, ab = _mlp(), linear_schedule(T)
+    task = DiffusionTask(ab, timesteps=[5, 50], noise_draws=1)
+    ex = _data(2)
+    batch = task.collate(ex)
+    batch["x"] = batch["x"].double()
+    got = task.train_loss(model, batch)
+    for i, e in enumerate(ex):
+        terms = []
+        for t in (5, 50):
+            z = example_noise(0, e["id"], t, 0, SHAPE).double()
+            x_t = ab[t].sqrt() * e["x"].double() + (1 - ab[t]).sqrt() * z
+            eps = model(x_t[None], torch.tensor([t]))[0]
+            terms.append((eps - z).pow(2).mean())
+        torch.testing.assert_close(got[i], torch.stack(terms).mean())
+    sq = DiffusionTask(ab, timesteps=[5, 50], measurement="square-norm").measurement(model, batch)
+    torch.testing.assert_close(sq, -task.outputs(model, batch).pow(2).reshape(2, -1).mean(1))
+
+
+@pytest.mark.parametrize("objective", ["loss", "square-norm"])
+def test_per_example_gradients_equal_autograd_loop(objective):
+    model = _mlp(classes=2)
+    task = DiffusionTask(linear_schedule(T), timesteps=4, noise_draws=2, train_objective=objective)
+    ex = [{**e, "x": e["x"].double()} for e in _data(5)]
+    batch = task.collate(ex)
+    batch["x"] = batch["x"].double()
+    capture = GradientCapture(model)
+    got = capture.flat(task.train_loss, batch)
+    assert not capture.fallback_names  # the [B, M] layout keeps every layer on hooks
+    want = _loop_grads(model, task, ex, lambda m, b: task.train_loss(m, {**b, "x": b["x"].double()}))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.slow
+def test_unet_per_example_gradients_equal_autograd_loop():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=4, in_channels=1, out_channels=1, block_out_channels=(4, 8),
+                                 layers_per_block=1, norm_num_groups=2,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).double()
+    task = DiffusionTask(diffusers.DDPMScheduler(num_train_timesteps=T), timesteps=2)
+    ex = [{k: v for k, v in e.items() if k != "y"} for e in _data(3)]
+    batch = task.collate(ex)
+    batch["x"] = batch["x"].double()
+    with pytest.warns(UserWarning):  # the B·M rows go through torch.func
+        got = GradientCapture(unet).flat(task.train_loss, batch)
+    want = _loop_grads(unet, task, ex, lambda m, b: task.train_loss(m, {**b, "x": b["x"].double()}))
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("method,options", [("grad-dot", {}), ("trak", {"proj_dim": 32}),
+                                            ("ekfac", {})])
+def test_registry_methods_run_through_the_task(method, options, tmp_path):
+    model = _mlp().float()
+    task = DiffusionTask(linear_schedule(T), timesteps=3)
+    train, queries = _data(8), _data(2, seed=1)
+    for q in queries:
+        q["id"] = "q" + q["id"]
+    scores = Attributor(model, task, method, workdir=tmp_path / method, progress=False, **options) \
+        .fit(train).score(queries)
+    assert scores.shape == (2, 8) and torch.isfinite(scores.matrix).all()
+    if method == "grad-dot":  # score = -∇m(q)·∇L(i) by hand
+        cap = GradientCapture(model)
+        gq = cap.flat(task.measurement, task.collate(queries))
+        gt = cap.flat(task.train_loss, task.collate(train))
+        torch.testing.assert_close(scores.matrix, -gq @ gt.T, rtol=1e-4, atol=1e-6)
+
+
+def test_ddim_and_ddpm_match_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    model = _mlp().float()
+    noise = StoredNoise.draw(3, SHAPE, num_steps=10, seed=1)
+    ddim = diffusers.DDIMScheduler(num_train_timesteps=T, clip_sample=False, set_alpha_to_one=True)
+    ddim.set_timesteps(10)
+    x = noise.start
+    with torch.no_grad():
+        for t in ddim.timesteps:
+            x = ddim.step(model(x, t.expand(3)), t, x, eta=0.0).prev_sample
+        ours = sample(model_eps(model), noise, ddim, kind="ddim", num_steps=10)
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
+
+    ddpm = diffusers.DDPMScheduler(num_train_timesteps=T, clip_sample=False)
+    ddpm.set_timesteps(10)
+    g = torch.Generator().manual_seed(5)
+    g2 = torch.Generator().manual_seed(5)  # diffusers draws one variance noise per step (t > 0) from g
+    steps = torch.stack([torch.randn((3, *SHAPE), generator=g2) for _ in range(10)])
+    x = noise.start
+    with torch.no_grad():
+        for t in ddpm.timesteps:
+            x = ddpm.step(model(x, t.expand(3)), t, x, generator=g).prev_sample
+        ours = sample(model_eps(model), StoredNoise(noise.start, steps), ddpm, kind="ddpm", num_steps=10)
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-5)
+
+
+def test_x0_measurement_and_trajectory():
+    model = _mlp().float()
+    ab = linear_schedule(T)
+    noise = StoredNoise.draw(2, SHAPE, num_steps=5)
+    with torch.no_grad():
+        x, traj, steps = sample(model_eps(model), noise, ab, num_steps=5, return_trajectory=True)
+    queries = generated_examples(x, traj, steps)
+    task = DiffusionTask(ab, timesteps=2, measurement="x0")
+    batch = task.collate(queries)
+    got = task.measurement(model, batch)
+    t = torch.tensor(steps)
+    eps = model(traj[1], t)
+    a = ab[t].float().reshape(-1, 1, 1, 1)
+    x0 = (traj[1] - (1 - a).sqrt() * eps) / a.sqrt()
+    torch.testing.assert_close(got[1], -(x0 - x[1]).pow(2).mean())
+    with pytest.raises(ShapeError, match="trajectory"):
+        task.measurement(model, task.collate(_data(2)))
+
+
+def test_training_on_a_subset_changes_only_its_terms():
+    ab = linear_schedule(T)
+    images = torch.stack([e["x"] for e in _data(6)])
+    a, b = _mlp().float(), _mlp().float()
+    train_eps_model(a, images, ab, steps=5, batch_size=3, seed=0, keep=[0, 1, 2, 3, 4, 5])
+    train_eps_model(b, images, ab, steps=5, batch_size=3, seed=0)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+    c = _mlp().float()
+    train_eps_model(c, images, ab, steps=5, batch_size=3, seed=0, keep=[0, 1, 2, 3, 4])
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(InvalidOptionError):
+        DiffusionTask(linear_schedule(T), measurement="fid")
+    with pytest.raises(InvalidOptionError):
+        DiffusionTask(linear_schedule(T), timesteps=[T + 5])
+    with pytest.raises(ShapeError, match="diffusion_examples"):
+        DiffusionTask(linear_schedule(T)).collate([torch.zeros(SHAPE)])
+    with pytest.raises(ShapeError):
+        DiffusionTask(torch.tensor([2.0, 3.0]))
+    assert predict_eps(_mlp().float(), torch.zeros(2, 3, *SHAPE), torch.zeros(2, 3, dtype=torch.long)).shape \
+        == (2, 3, *SHAPE)
