@@ -13,12 +13,15 @@ from rich.table import Table
 
 from .corpus.cli import app as corpus_app
 from .errors import SourcetraceError
+from .similarity.cli import app as similarity_app
 
 app = typer.Typer(help="Trace what a model produces back to the training data that caused it.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 console = Console()
 app.add_typer(corpus_app, name="corpus",
               help="Verbatim tracing: index a corpus, trace text into it, mine spans.")
+app.add_typer(similarity_app, name="similarity",
+              help="Similarity attribution: index audio, match a recording.")
 
 
 def fail(message: object, hint: str = "", code: int = 1) -> NoReturn:

@@ -1,0 +1,169 @@
+"""Audio attribution end to end: index a folder of recordings clip by clip, match a query's clips to it,
+and write the report that plays the query and the matched training clips at the matched offsets."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import EmptyDataError
+from ..scores import Scores
+from .clips import AudioError, ClipWindows, TrackMatch, audio_files, load_audio
+from .index import SimilarityIndex
+
+
+def _checked_files(source: str | os.PathLike, sample_rate: int, resample: bool) -> list[Path]:
+    """The audio files of `source`, each checked readable and at `sample_rate` before any work starts."""
+    import soundfile as sf
+
+    files = audio_files(source)
+    for f in files:
+        try:
+            rate = sf.info(str(f)).samplerate
+        except Exception as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise AudioError(f"cannot read audio file {str(f)!r} ({reason}); give a WAV, FLAC or OGG file, "
+                             "or remove it from the folder") from None
+        if rate != sample_rate and not resample:
+            raise AudioError(f"{str(f)!r} is sampled at {rate} Hz but the index works at {sample_rate} Hz; "
+                             "convert it, or pass --resample (resample=True) to resample every file")
+    return files
+
+
+def build_audio_index(source: str | os.PathLike, out: str | os.PathLike, embedder: Any, *,
+                      windows: ClipWindows | None = None, resample: bool = False, fit: bool = True,
+                      kind: str = "auto", overwrite: bool = False, progress: bool = True) -> SimilarityIndex:
+    """Index every clip of every audio file under `source` with `embedder` into the folder `out`.
+
+    Files must share the embedder's sample rate (or pass `resample`). With `fit`, an embedder that has a
+    `fit` method is first fitted on all the clips (standardisation for DSP features, training for the
+    contrastive encoder). Every file is checked before anything is written.
+    """
+    out, source, windows = Path(out), Path(source), windows or ClipWindows()
+    rate = int(embedder.sample_rate)
+    files = _checked_files(source, rate, resample)
+    root = source if source.is_dir() else source.parent
+    names = [f.relative_to(root).as_posix() for f in files]
+
+    def clips_of(i: int) -> tuple[np.ndarray, np.ndarray]:
+        audio, _ = load_audio(files[i], rate, resample=resample)
+        return windows.cut(audio, rate, name=repr(names[i]))
+
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        from ..errors import SourcetraceError
+
+        raise SourcetraceError(f"{out} already exists; choose another output folder or pass --overwrite "
+                               "(overwrite=True) to replace it")
+    if fit and hasattr(embedder, "fit"):
+        corpus = [clips_of(i)[0] for i in range(len(files))]
+        embedder.fit(np.concatenate(corpus))
+
+    def embed_unit(i: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        clips, offsets = clips_of(i)
+        metas = [{"id": f"{names[i]}@{o:.3f}", "track": names[i], "offset": float(o)} for o in offsets]
+        return embedder.embed(clips), metas
+
+    units = [f"{n}|{f.stat().st_size}|{f.stat().st_mtime_ns}" for n, f in zip(names, files)]
+    info = {"source": str(root.resolve()), "sample_rate": rate, "clip_seconds": windows.seconds,
+            "hop_seconds": windows.hop, "resample": resample}
+    return SimilarityIndex.build(out, units, embed_unit, fingerprint=embedder.fingerprint, embedder=embedder,
+                                 kind=kind, info=info, overwrite=overwrite, progress=progress)
+
+
+@dataclass
+class AudioQuery:
+    """One query recording matched against an index: its clips, and the best training tracks."""
+
+    name: str
+    audio: np.ndarray
+    sample_rate: int
+    matches: list[TrackMatch]
+
+
+def query_audio(path: str | os.PathLike, index: SimilarityIndex, *, k: int = 10, how: str = "max",
+                embedder: Any = None, resample: bool = False) -> AudioQuery:
+    """The k training tracks most similar to the recording at `path`, with the offsets of the best pair."""
+    embedder = embedder if embedder is not None else index.embedder()
+    info = index.manifest["info"]
+    rate = int(info["sample_rate"])
+    audio, _ = load_audio(path, rate, resample=resample)
+    return query_samples(audio, rate, index, k=k, how=how, embedder=embedder, name=Path(path).name)
+
+
+def query_samples(audio: np.ndarray, sample_rate: int, index: SimilarityIndex, *, k: int = 10,
+                  how: str = "max", embedder: Any = None, name: str = "query") -> AudioQuery:
+    """`query_audio` for samples already in memory (at the index's sample rate)."""
+    embedder = embedder if embedder is not None else index.embedder()
+    info = index.manifest["info"]
+    if int(sample_rate) != int(info["sample_rate"]):
+        raise AudioError(f"the query is sampled at {sample_rate} Hz but the index at "
+                         f"{info['sample_rate']} Hz; "
+                         "resample it (librosa.resample) first")
+    windows = ClipWindows(info["clip_seconds"], info["hop_seconds"])
+    clips, offsets = windows.cut(audio, sample_rate, name=name)
+    vectors = embedder.embed(clips)
+    matches = index.match_tracks(vectors, offsets, fingerprint=embedder.fingerprint, k=k, how=how)
+    return AudioQuery(name, np.asarray(audio, dtype=np.float32), int(sample_rate), matches)
+
+
+def track_scores(queries: list[AudioQuery], index: SimilarityIndex, method: str = "similarity") -> Scores:
+    """Top-k Scores of the queries against every indexed track, with the matched offsets in the metadata."""
+    import torch
+
+    tracks = list(index.tracks())
+    where = {t: i for i, t in enumerate(tracks)}
+    k = min(len(q.matches) for q in queries)
+    if k == 0:
+        raise EmptyDataError("no matches to report")
+    values = torch.tensor([[m.score for m in q.matches[:k]] for q in queries])
+    indices = torch.tensor([[where[m.track] for m in q.matches[:k]] for q in queries])
+    offsets = [[{"track": m.track, "query_offset": m.query_offset, "train_offset": m.train_offset}
+                for m in q.matches[:k]] for q in queries]
+    return Scores(None, tracks, [q.name for q in queries], method=method,
+                  metadata={"embedder": index.fingerprint, "matches": offsets},
+                  top_values=values, top_indices=indices)
+
+
+def clip_at(audio: np.ndarray, sample_rate: int, offset: float, seconds: float) -> np.ndarray:
+    start = int(round(offset * sample_rate))
+    return np.asarray(audio[start:start + int(round(seconds * sample_rate))], dtype=np.float32)
+
+
+def write_audio_report(query: AudioQuery, index: SimilarityIndex, path: str | os.PathLike, *,
+                       title: str | None = None, train_audio: Any = None) -> Path:
+    """An HTML report: the query's best-matching clip and, per matched track, its clip at the matched offset.
+
+    The views' player starts at 0 s, so each item holds the clip itself, cut at its offset. `train_audio`
+    (optional) maps a track to its samples; by default they are read from the indexed source folder.
+    """
+    import torch
+
+    from ..views import write_report
+
+    info = index.manifest["info"]
+    rate, seconds = int(info["sample_rate"]), float(info["clip_seconds"])
+    if not query.matches:
+        raise EmptyDataError("the query matched no training track")
+    train_items = []
+    for m in query.matches:
+        if train_audio is not None:
+            samples = train_audio[m.track]
+        else:
+            samples, _ = load_audio(Path(info["source"]) / m.track, rate, resample=bool(info.get("resample")))
+        train_items.append({"audio": clip_at(samples, rate, m.train_offset, seconds), "sample_rate": rate,
+                            "label": m.track,
+                            "source": f"{m.track} at {m.train_offset:.1f} s ↔ query at "
+                                      f"{m.query_offset:.1f} s"})
+    best = query.matches[0]
+    query_item = {"audio": clip_at(query.audio, query.sample_rate, best.query_offset, seconds),
+                  "sample_rate": query.sample_rate, "label": query.name,
+                  "source": f"{query.name} at {best.query_offset:.1f} s"}
+    scores = Scores(torch.tensor([[m.score for m in query.matches]]), [m.track for m in query.matches],
+                    [query.name], method="similarity", metadata={"embedder": index.fingerprint})
+    return write_report(scores, path, train_items=train_items, query_items=[query_item],
+                        title=title or f"sourcetrace: training tracks most similar to {query.name}",
+                        k=len(query.matches))
