@@ -53,7 +53,15 @@ def _kg_attribution(out_dir: Path, **kw: object) -> Path:
     return run(out_dir, **kw)  # type: ignore[arg-type]
 
 
+def _practitioner_tasks(out_dir: Path, **kw: object) -> Path:
+    from .practitioner_tasks import run
+
+    kw.pop("only", None)
+    return run(out_dir, **kw)  # type: ignore[arg-type]
+
+
 BENCHMARKS: dict[str, Callable[..., Path]] = {"replay": _replay, "facts-lm": _facts_lm,
                                               "corpus-trace": _corpus_trace, "digits-mlp": _digits_mlp,
                                               "ekfac-scaling": _ekfac_scaling, "source": _source,
-                                              "kg-attribution": _kg_attribution}
+                                              "kg-attribution": _kg_attribution,
+                                              "practitioner-tasks": _practitioner_tasks}
