@@ -32,16 +32,17 @@ from torch.nn import functional as F
 
 from ..errors import InvalidOptionError, NonFiniteError
 from ..grads.capture import PerExampleFn
-from .base import Curvature, CurvatureContext, register_curvature
+from .base import CurvatureContext, Preconditioner, register_curvature
+from .damping import check_damping
 
 FISHERS = ("true", "empirical")
 
-#: Default damping λ = RELATIVE_DAMPING[curvature] × the mean eigenvalue of each block (one layer's Kronecker
+#: Default damping λ = DAMPING_FACTOR[curvature] × the mean eigenvalue of each block (one layer's Kronecker
 #: block, or one parameter tensor's diagonal): λ = trace/dim, the block's average curvature, so directions
 #: flatter than average are left near the identity. Chosen on digits-mlp (LDS vs 100 subsets × 3 seeds, true
 #: Fisher): EK-FAC 0.61 at kronfluence's 0.1, 0.71 at 1, 0.72 at 2-3, 0.71 at 10 (empirical Fisher: best at
 #: 1); the diagonal Fisher is flat at ≤1e-3 (0.52) and falls above.
-RELATIVE_DAMPING = {"kfac": 1.0, "ekfac": 1.0, "diagonal": 1e-3}
+DAMPING_FACTOR = {"kfac": 1.0, "ekfac": 1.0, "diagonal": 1e-3}
 
 
 def _kind(module: nn.Module) -> str:
@@ -79,10 +80,16 @@ class _Block:
     damp: float = 0.0
     scale_in: torch.Tensor | None = None  # a diagonal preconditioner's square root ≈ scale_out scale_inᵀ
     scale_out: torch.Tensor | None = None
+    kron: Any = None  # Kronecker features: the block is P_gᵀ G P_a, out = k_g and inp = k_a (bias folded in)
+    kron_block: Any = None
+    a_first: bool = False  # Kronecker features: the input side is the weight's first axis (Conv1D, Embedding)
 
     def matrix(self, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """Rows of flat weight (and bias) entries [n, ...] as gradient matrices [n, out, in']."""
         n = w.shape[0]
+        if self.kind == "projected":
+            return w.reshape(n, self.inp, self.out).transpose(1, 2) if self.a_first else \
+                w.reshape(n, self.out, self.inp)
         if self.kind in ("linear", "conv2d"):
             m = w.reshape(n, self.out, self.inp)
         else:  # Conv1D weight [in, out]; Embedding weight [V, d] with V the "inputs"
@@ -94,6 +101,8 @@ class _Block:
     def unmatrix(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inverse of `matrix`: flat weight rows [n, out*in] and bias rows [n, out] (or None)."""
         n = m.shape[0]
+        if self.kind == "projected":
+            return (m.transpose(1, 2) if self.a_first else m).reshape(n, -1), None
         b = m[:, :, self.inp] if self.bias is not None else None
         w = m[:, :, : self.inp]
         if self.kind not in ("linear", "conv2d"):
@@ -105,6 +114,9 @@ class _Block:
         per example and position P, and whether the layer has positions (sequence or spatial)."""
         m = self.module
         b = g.shape[0]
+        if self.kind == "projected":
+            pa, pg = self.kron.layer_rows(self.kron_block, self.layer, self.bias, self.a_first, a, g.double())
+            return pa, pg, a.dim() > (2 if isinstance(m, nn.Linear) or _kind(m) == "conv1d" else 1)
         if self.kind == "conv2d":
             conv = cast(nn.Conv2d, m)
             # never a string here: hookable() sends string padding to the fallback
@@ -161,7 +173,7 @@ class _Block:
         of an outer product is the outer product of squares, a single matmul.
         """
         assert self.qs is not None
-        width = self.inp + (self.bias is not None)
+        width = self.inp + (self.bias is not None and self.kind != "projected")
         rotated = [(a3, g3 @ self.qs) for a3, g3, _ in (self.per_example(a, g) for a, g in calls)]
         if self.kind == "embedding":
             return self._embedding_squares(rotated, n)
@@ -209,29 +221,24 @@ def _batch_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63 - 1)
 
 
-class _Fisher(Curvature):
+class _Fisher(Preconditioner):
     """Shared parts of the Fisher curvatures: the per-example loss, the streaming passes, damping.
 
-    damping: λ added to every eigenvalue; None (default) uses `relative_damping` × the mean eigenvalue of
-    each block (kronfluence's per-layer heuristic, with its scale re-chosen: see RELATIVE_DAMPING).
+    damping: λ added to every eigenvalue; None (default) uses `damping_factor` × the mean eigenvalue of
+    each block (kronfluence's per-layer heuristic, with its scale re-chosen: see DAMPING_FACTOR).
     fisher: "true" (labels sampled from the model) or "empirical" (training labels).
     """
 
     name = "fisher"
 
-    def __init__(self, damping: float | None = None, fisher: str = "true",
-                 relative_damping: float | None = None, **options: Any):
+    def __init__(self, damping: float | None = None, damping_factor: float | None = None,
+                 fisher: str = "true"):
         if fisher not in FISHERS:
             raise InvalidOptionError(f"fisher must be one of {FISHERS}; got {fisher!r}")
-        if damping is not None and not damping >= 0:
-            raise InvalidOptionError(f"damping must be None (automatic) or >= 0; got {damping}")
-        if relative_damping is None:
-            relative_damping = RELATIVE_DAMPING[self.name]
-        if not relative_damping > 0:
-            raise InvalidOptionError(f"relative_damping must be > 0; got {relative_damping}")
-        super().__init__(damping, fisher=fisher, relative_damping=relative_damping, **options)
+        check_damping(damping, damping_factor)
+        super().__init__(damping)
         self.fisher = fisher
-        self.relative_damping = float(relative_damping)
+        self.damping_factor = float(DAMPING_FACTOR[self.name] if damping_factor is None else damping_factor)
         self.fit_seconds = 0.0
 
     def _loss(self, ctx: CurvatureContext, index: int) -> PerExampleFn:
@@ -264,15 +271,17 @@ class _Fisher(Curvature):
         if self.damping is not None:
             return float(self.damping)
         mean = float(eig.mean()) if eig.numel() else 0.0
-        return self.relative_damping * mean if mean > 0 else 1e-8
+        return self.damping_factor * mean if mean > 0 else 1e-8
 
     def _key(self, ctx: CurvatureContext) -> dict[str, Any]:
         from ..data import model_fingerprint
         from ..tasks import task_config
 
+        kron = ctx.features if ctx.feature_kind() == "kronecker" else None
         return {"curvature": self.name, "fisher": self.fisher, "seed": ctx.seed,
                 "model": model_fingerprint(ctx.model), "data": ctx.train.fingerprint(),
-                "task": task_config(ctx.task), "params": list(ctx.capture.params)}
+                "task": task_config(ctx.task), "params": list(ctx.capture.params),
+                "features": None if kron is None else [kron.rank, kron.kind, kron.seed, sorted(kron.slices)]}
 
     def _cached(self, ctx: CurvatureContext) -> dict[str, torch.Tensor] | None:
         if ctx.folder is None:
@@ -316,7 +325,9 @@ class KFAC(_Fisher):
     """
 
     name = "kfac"
+    FEATURES = ("identity", "kronecker")
     corrected = False
+    features: Any = None  # Kronecker features, when the blocks live in projected space
     diag_sum: dict[str, torch.Tensor]  # running Σ g² of the parameters outside hooked layers
     diag_count: float
     scales: dict[str, torch.Tensor] | None = None  # a preconditioner's square root (fit_average's scale)
@@ -328,6 +339,9 @@ class KFAC(_Fisher):
         first = next(ctx.batches())
         ctx.capture.per_example(ctx.task.train_loss, first)  # settles which parameters need the fallback
         self._plan(ctx)
+        self.features = None
+        if ctx.feature_kind() == "kronecker":
+            self._plan_projected(ctx.features)
         cached = self._cached(ctx)
         if cached is not None:
             self._load(cached)
@@ -427,6 +441,22 @@ class KFAC(_Fisher):
         self.diag_sum = {}
         self.diag_count = 0.0
 
+    def _plan_projected(self, kron: Any) -> None:
+        """Blocks in Kronecker-projected space: the factors of P_gᵀ G P_a are P_aᵀ A P_a and P_gᵀ S P_g, and
+        EK-FAC's eigenvalues the second moments of projected gradients; a weight used by several layers
+        (tied embeddings) gets a diagonal in feature space."""
+        self.features = kron
+        self.layout = dict(kron.slices)
+        self.blocks, self.diag_names = [], []
+        for kb in kron.blocks:
+            if len(kb.layers) != 1:
+                self.diag_names.append(kb.weight)
+                continue
+            layer, bias, a_first = kb.layers[0]
+            a_side, g_side = (kb.axes[0], kb.axes[1]) if a_first else (kb.axes[1], kb.axes[0])
+            self.blocks.append(_Block(layer, "projected", kron.capture.layers[layer], kb.weight, bias,
+                                      g_side.k, a_side.k, kron=kron, kron_block=kb, a_first=a_first))
+
     def _set_scales(self, scale: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.layout if n not in scale]
         if missing:
@@ -449,7 +479,7 @@ class KFAC(_Fisher):
     # ---- pass 1: covariances -------------------------------------------------------------------------
     def _covariances(self, ctx: CurvatureContext) -> None:
         for b in self.blocks:
-            width = b.inp + (b.bias is not None)
+            width = b.inp + (b.bias is not None and b.kind != "projected")
             b.a_sum = torch.zeros(b.inp if b.kind == "embedding" else (width, width), dtype=torch.float64,
                                   device=self.device)
             b.s_sum = torch.zeros(b.out, b.out, dtype=torch.float64, device=self.device)
@@ -491,9 +521,12 @@ class KFAC(_Fisher):
     def _second_moments(self, ctx: CurvatureContext) -> None:
         for b in self.blocks:
             if self.corrected:
-                b.lam_sum = torch.zeros(b.out, b.inp + (b.bias is not None), dtype=torch.float64,
+                b.lam_sum = torch.zeros(b.out, b.inp + (b.bias is not None and b.kind != "projected"),
+                                        dtype=torch.float64,
                                         device=self.device)
-        self.diag_sum = {n: torch.zeros(ctx.capture.shapes[n], dtype=torch.float64, device=self.device)
+        projected = getattr(self, "features", None) is not None
+        self.diag_sum = {n: torch.zeros(self.layout[n].stop - self.layout[n].start if projected
+                                        else ctx.capture.shapes[n], dtype=torch.float64, device=self.device)
                          for n in self.diag_names}
         self.diag_count = 0.0
         desc = f"{self.name} eigenvalue correction" if self.corrected else f"{self.name} diagonal blocks"
@@ -506,7 +539,10 @@ class KFAC(_Fisher):
                     calls = [(a, g) for a, g in io[b.layer] if a.shape[0] == n and g.shape[0] == n]
                     b.lam_sum += b.rotated_squares(calls, n)
                     b.lam_count += n
-            if self.diag_names:  # the same labels: the loss of a batch is seeded by its index
+            if self.diag_names and projected:  # rows of projected gradients, sliced per weight
+                rows = self.features(self._loss(ctx, index), batch).double()
+                grads = {name: rows[:, self.layout[name]] for name in self.diag_names}
+            elif self.diag_names:  # the same labels: the loss of a batch is seeded by its index
                 grads = ctx.capture.per_example(self._loss(ctx, index), batch)
                 for name in self.diag_names:
                     g = grads[name].detach().double()
@@ -640,84 +676,3 @@ class DiagonalFisher(_Fisher):
         for n, sl in self.layout.items():
             out[:, sl] = v[:, sl] / (self.diag[n].reshape(-1) + self.damp[n])
         return out.to(device=vectors.device, dtype=vectors.dtype)
-
-
-
-# ---- benchmark: EK-FAC memory and time against the number of training examples ----------------------
-
-def _scaling_child(n_train: int, batch_size: int = 64, repeats: int = 3) -> dict[str, Any]:
-    """Fit EK-FAC on `n_train` generated examples; peak-memory growth (ru_maxrss) and time of the fit."""
-    import resource
-
-    from ..data import Examples
-    from ..grads import GradientCapture
-    from ..tasks import ClassificationTask
-
-    torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    centers = torch.randn(10, 64, generator=gen) * 2
-    y = torch.randint(0, 10, (n_train,), generator=gen)
-    x = centers[y] + torch.randn(n_train, 64, generator=gen)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    task = ClassificationTask()
-    ctx = CurvatureContext(model=model, task=task, capture=GradientCapture(model), train=Examples((x, y)),
-                           batch_size=batch_size, progress=False)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    times, walls = [], []
-    for _ in range(repeats):  # CPU time of this one-thread process: other processes do not inflate it
-        start, wall = time.process_time(), time.perf_counter()
-        EKFAC().fit(ctx)
-        times.append(time.process_time() - start)
-        walls.append(time.perf_counter() - wall)
-    seconds = min(times)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"n_train": n_train, "fit_seconds": seconds, "wall_seconds": min(walls),
-            "peak_growth_mib": (after - before) / 1024,
-            "peak_rss_mib": after / 1024, "parameters": sum(p.numel() for p in model.parameters())}
-
-
-def scaling_benchmark(out_dir: str | Path = "benchmarks", sizes: tuple[int, ...] = (1000, 5000, 20000)
-                      ) -> dict[str, Any]:
-    """EK-FAC fit memory and time for each training-set size, each in a fresh process; writes
-    `ekfac-scaling.md` and `.json` into `out_dir`. Memory must stay flat and time grow linearly."""
-    import platform
-    import subprocess
-    import sys
-
-    rows = []
-    for n in sizes:
-        code = ("import json; from sourcetrace.curvature.kfac import _scaling_child; "
-                f"print(json.dumps(_scaling_child({int(n)})))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    base = rows[0]
-    for prev, r in zip([None, *rows[:-1]], rows):  # the slope between sizes: constant when time is linear
-        r["marginal_seconds_per_1k"] = (None if prev is None else
-                                        1000 * (r["fit_seconds"] - prev["fit_seconds"])
-                                        / (r["n_train"] - prev["n_train"]))
-        r["time_ratio"] = r["fit_seconds"] / base["fit_seconds"]
-        r["size_ratio"] = r["n_train"] / base["n_train"]
-        r["seconds_per_1k"] = 1000 * r["fit_seconds"] / r["n_train"]
-    result = {"benchmark": "ekfac-scaling", "rows": rows, "torch": torch.__version__,
-              "machine": platform.machine(), "threads": 1,
-              "model": "MLP 64-256-256-10 (85k parameters), 10-class Gaussian clusters, true Fisher, "
-                       "batch 64, CPU seconds of the best of 3 fits"}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    from ..artifacts import atomic_write_bytes, atomic_write_json
-
-    atomic_write_json(out / "ekfac-scaling.json", result)
-    lines = ["# EK-FAC scaling: memory and time against the number of training examples", "",
-             f"{result['model']}; each size fitted in a fresh process on one CPU thread (torch "
-             f"{result['torch']}). Peak growth = ru_maxrss after the fit minus before it: what the fit "
-             "added to the process's peak memory. Written by `sourcetrace.curvature.kfac.scaling_benchmark`.",
-             "", "| examples | fit CPU time (s) | s per 1k examples | marginal s per 1k | time ratio | "
-             "peak growth (MiB) |", "|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        slope = r["marginal_seconds_per_1k"]
-        lines.append(f"| {r['n_train']} | {r['fit_seconds']:.2f} | {r['seconds_per_1k']:.3f} | "
-                     f"{'–' if slope is None else f'{slope:.3f}'} | "
-                     f"{r['time_ratio']:.1f}× for {r['size_ratio']:.0f}× data | {r['peak_growth_mib']:.1f} |")
-    atomic_write_bytes(out / "ekfac-scaling.md", ("\n".join(lines) + "\n").encode())
-    return result
