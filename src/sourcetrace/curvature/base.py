@@ -56,11 +56,7 @@ class CurvatureContext:
         return out
 
     def feature_kind(self) -> str:
-        from ..grads.features import IdentityFeatures, RandomFeatures
-
-        if self.features is None or isinstance(self.features, IdentityFeatures):
-            return "identity"
-        return "random" if isinstance(self.features, RandomFeatures) else "kronecker"
+        return "identity" if self.features is None else self.features.feature_kind
 
 
 class Preconditioner:
@@ -104,6 +100,3 @@ class Identity(Preconditioner):
 
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
         return vectors
-
-
-Curvature = Preconditioner  # the name used by curvature-specific code and tests

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artifacts import load_tensors, save_tensors
 from ..data import state_fingerprint
 from ..errors import InvalidOptionError
 from .base import CurvatureContext, Preconditioner, register_curvature
@@ -58,15 +59,12 @@ class ExplicitCurvature(Preconditioner):
         op = CurvatureOperator(ctx, self.kind, self.chunk, self.batch_size)
         self.device = op.device
         cache = None if ctx.folder is None else Path(ctx.folder) / f"explicit-{self.kind}.safetensors"
-        key = _key(ctx, self.kind)
-        if cache is not None and cache.exists():
-            from safetensors import safe_open
-
-            with safe_open(str(cache), "pt") as fh:
-                if fh.metadata().get("key") == key:
-                    self._finish(fh.get_tensor("eigenvalues"), fh.get_tensor("eigenvectors_t").T,
-                                 float(fh.metadata()["trace"]))
-                    return
+        params = {n: p.detach() for n, p in ctx.capture.params.items()}  # what the cache depends on
+        key = [self.kind, state_fingerprint(params), ctx.train.fingerprint()]
+        cached = load_tensors(cache, key)
+        if cached is not None:
+            self._finish(cached["eigenvalues"], cached["eigenvectors_t"].T, float(cached["trace"]))
+            return
         matrix = np.empty((dim, dim), dtype=np.float64)
         for lo in range(0, dim, self.block):
             hi = min(lo + self.block, dim)
@@ -83,14 +81,9 @@ class ExplicitCurvature(Preconditioner):
         values, vectors = scipy.linalg.eigh(matrix.T, overwrite_a=True, check_finite=False, driver="evr")
         del matrix
         values_t, vectors_t = torch.from_numpy(values), torch.from_numpy(vectors)
-        if cache is not None:
-            from safetensors.torch import save_file
-
-            from ..artifacts import atomic_write
-
-            tensors = {"eigenvalues": values_t, "eigenvectors_t": vectors_t.T}  # row-major as stored
-            atomic_write(cache, lambda tmp: save_file(tensors, tmp, metadata={"key": key,
-                                                                              "trace": repr(self.trace)}))
+        if cache is not None:  # eigenvectors row-major as stored
+            save_tensors(cache, {"eigenvalues": values_t, "eigenvectors_t": vectors_t.T,
+                                 "trace": torch.tensor(self.trace, dtype=torch.float64)}, key)
         self._finish(values_t, vectors_t, self.trace)
 
     def _finish(self, values: torch.Tensor, vectors: torch.Tensor, trace: float) -> None:
@@ -145,9 +138,3 @@ class ExplicitCurvature(Preconditioner):
             total = flat[:, None] * total * flat[None, :]
         values, vectors = torch.linalg.eigh(total)
         self._finish(values, vectors, float(values.sum()))
-
-
-def _key(ctx: CurvatureContext, kind: str) -> str:
-    """What the cached eigendecomposition depends on: the parameters, the data, the kind of curvature."""
-    params = {n: p.detach() for n, p in ctx.capture.params.items()}
-    return f"{kind}:{state_fingerprint(params)}:{ctx.train.fingerprint()}"

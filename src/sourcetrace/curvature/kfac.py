@@ -17,7 +17,6 @@ generator seeded per batch), or the empirical Fisher (`fisher="empirical"`, the 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..artifacts import load_tensors, save_tensors
 from ..errors import InvalidOptionError, NonFiniteError
 from ..grads.capture import PerExampleFn
 from .base import CurvatureContext, Preconditioner, register_curvature
@@ -221,15 +221,29 @@ def _batch_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63 - 1)
 
 
-class _Fisher(Preconditioner):
-    """Shared parts of the Fisher curvatures: the per-example loss, the streaming passes, damping.
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(f"the Fisher statistics of {name} are NaN or infinite; check the model and the "
+                             "data (e.g. a diverged checkpoint or inputs with NaN)")
 
-    damping: λ added to every eigenvalue; None (default) uses `damping_factor` × the mean eigenvalue of
-    each block (kronfluence's per-layer heuristic, with its scale re-chosen: see DAMPING_FACTOR).
-    fisher: "true" (labels sampled from the model) or "empirical" (training labels).
+
+@register_curvature("kfac")
+class KFAC(Preconditioner):
+    """K-FAC: each hooked layer's Fisher block ≈ A ⊗ S, inverted in the Kronecker eigenbasis.
+
+    (A ⊗ S + λI)⁻¹ v = Q (diag(e_S e_Aᵀ) + λ)⁻¹ Qᵀ v with Q = Q_A ⊗ Q_S (Martens & Grosse 2015). Parameters
+    outside hooked layers get a diagonal Fisher. damping: λ added to every eigenvalue, or damping_factor ×
+    each block's mean eigenvalue (see DAMPING_FACTOR). fisher: "true" (labels sampled from the model) or
+    "empirical" (training labels).
     """
 
-    name = "fisher"
+    name = "kfac"
+    FEATURES = ("identity", "kronecker")
+    corrected = False
+    features: Any = None  # Kronecker features, when the blocks live in projected space
+    diag_sum: dict[str, torch.Tensor]  # running Σ g² of the parameters outside hooked layers
+    diag_count: float
+    scales: dict[str, torch.Tensor] | None = None  # a preconditioner's square root (fit_average's scale)
 
     def __init__(self, damping: float | None = None, damping_factor: float | None = None,
                  fisher: str = "true"):
@@ -260,12 +274,16 @@ class _Fisher(Preconditioner):
         capture's switch to its per-example loop must not stay on for the caller's later gradients."""
         return replace(ctx, capture=copy.copy(ctx.capture))
 
-    def _passes(self, ctx: CurvatureContext, desc: str) -> Iterator[tuple[int, Any]]:
+    def _passes(self, ctxs: Sequence[CurvatureContext], desc: str
+                ) -> Iterator[tuple[CurvatureContext, int, Any]]:
+        """(context, batch index, batch) over every model's training data in turn."""
         from tqdm.auto import tqdm
 
-        total = math.ceil(len(ctx.train) / ctx.batch_size)
-        yield from enumerate(tqdm(ctx.batches(), total=total, desc=desc, disable=not ctx.progress,
-                                  leave=False))
+        for ctx in ctxs:
+            total = math.ceil(len(ctx.train) / ctx.batch_size)
+            for index, batch in enumerate(tqdm(ctx.batches(), total=total, desc=desc, leave=False,
+                                               disable=not ctx.progress)):
+                yield ctx, index, batch
 
     def _mean_damping(self, eig: torch.Tensor) -> float:
         if self.damping is not None:
@@ -283,82 +301,18 @@ class _Fisher(Preconditioner):
                 "task": task_config(ctx.task), "params": list(ctx.capture.params),
                 "features": None if kron is None else [kron.rank, kron.kind, kron.seed, sorted(kron.slices)]}
 
-    def _cached(self, ctx: CurvatureContext) -> dict[str, torch.Tensor] | None:
-        if ctx.folder is None:
-            return None
-        meta, data = Path(ctx.folder) / f"{self.name}.json", Path(ctx.folder) / f"{self.name}.safetensors"
-        if not (meta.exists() and data.exists()):
-            return None
-        if json.loads(meta.read_text()) != json.loads(json.dumps(self._key(ctx), default=str)):
-            return None  # fitted for another model, data or option: fit again
-        from safetensors.torch import load_file
+    def _cache(self, ctx: CurvatureContext) -> Path | None:
+        return None if ctx.folder is None else Path(ctx.folder) / f"{self.name}.safetensors"
 
-        return load_file(str(data))
-
-    def _save(self, ctx: CurvatureContext, tensors: dict[str, torch.Tensor]) -> None:
-        if ctx.folder is None:
-            return
-        from safetensors.torch import save_file
-
-        from ..artifacts import atomic_write, atomic_write_json
-
-        folder = Path(ctx.folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        atomic_write(folder / f"{self.name}.safetensors", lambda tmp: save_file(cpu, tmp))
-        atomic_write_json(folder / f"{self.name}.json", self._key(ctx))
-
-
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not torch.isfinite(t).all():
-        raise NonFiniteError(f"the Fisher statistics of {name} are NaN or infinite; check the model and the "
-                             "data (e.g. a diverged checkpoint or inputs with NaN)")
-
-
-@register_curvature("kfac")
-class KFAC(_Fisher):
-    """K-FAC: each hooked layer's Fisher block ≈ A ⊗ S, inverted in the Kronecker eigenbasis.
-
-    (A ⊗ S + λI)⁻¹ v = Q (diag(e_S e_Aᵀ) + λ)⁻¹ Qᵀ v with Q = Q_A ⊗ Q_S (Martens & Grosse 2015). Parameters
-    outside hooked layers get a diagonal Fisher. EK-FAC (`corrected=True`) replaces e_S e_Aᵀ by the
-    per-example second moments in that basis.
-    """
-
-    name = "kfac"
-    FEATURES = ("identity", "kronecker")
-    corrected = False
-    features: Any = None  # Kronecker features, when the blocks live in projected space
-    diag_sum: dict[str, torch.Tensor]  # running Σ g² of the parameters outside hooked layers
-    diag_count: float
-    scales: dict[str, torch.Tensor] | None = None  # a preconditioner's square root (fit_average's scale)
 
     def fit(self, ctx: CurvatureContext) -> None:
-        start = time.perf_counter()
-        ctx = self._own_capture(ctx)
-        self.layout = {name: sl for name, _, sl in ctx.layout()}
-        first = next(ctx.batches())
-        ctx.capture.per_example(ctx.task.train_loss, first)  # settles which parameters need the fallback
-        self._plan(ctx)
-        self.features = None
-        if ctx.feature_kind() == "kronecker":
-            self._plan_projected(ctx.features)
-        cached = self._cached(ctx)
-        if cached is not None:
-            self._load(cached)
-        else:
-            self._covariances(ctx)
-            self._eigen()
-            if self.corrected or self.diag_names:
-                self._second_moments(ctx)
-            self._save(ctx, self._tensors())
-        self._finish()
-        self.fit_seconds = time.perf_counter() - start
+        self.fit_average([ctx], cache=True)
 
-    def fit_average(self, contexts: Sequence[CurvatureContext], scale: dict[str, torch.Tensor] | None = None
-                    ) -> None:
+    def fit_average(self, contexts: Sequence[CurvatureContext], scale: dict[str, torch.Tensor] | None = None,
+                    cache: bool = False) -> None:
         """Fit to the Fisher averaged over several models of one architecture (e.g. checkpoints): A and S
         averaged over them, one eigenbasis, eigenvalues (EK-FAC) averaged in it (SOURCE's segment
-        curvature, Bae et al. 2024 §3.3). Not cached: each model's data pass is redone on a rerun.
+        curvature, Bae et al. 2024 §3.3). One model with `cache`: kept in and reused from `ctx.folder`.
 
         scale: {parameter name: positive tensor of its shape} s: fit the preconditioned Fisher
         diag(s) F diag(s) instead (SOURCE under Adam, s² the preconditioner), each block's s taken as its
@@ -369,49 +323,25 @@ class KFAC(_Fisher):
             raise InvalidOptionError("fit_average needs at least one model")
         ctxs = [self._own_capture(c) for c in contexts]
         self.layout = {name: sl for name, _, sl in ctxs[0].layout()}
-        for c in ctxs:
+        for c in ctxs:  # settles which parameters need the fallback
             c.capture.per_example(c.task.train_loss, next(c.batches()))
         self._plan(ctxs[0])
+        self.features = None
+        if ctxs[0].feature_kind() == "kronecker":
+            self._plan_projected(ctxs[0].features)
         self.scales = None
         if scale is not None:
             self._set_scales(scale)
-        a_tot: dict[str, torch.Tensor] = {}
-        s_tot: dict[str, torch.Tensor] = {}
-        counts = {b.layer: [0.0, 0.0] for b in self.blocks}
-        for c in ctxs:
-            for b in self.blocks:
-                b.a_count = b.s_count = 0.0
-            self._covariances(c)
-            for b in self.blocks:
-                assert b.a_sum is not None and b.s_sum is not None
-                a_tot[b.layer] = a_tot[b.layer] + b.a_sum if b.layer in a_tot else b.a_sum
-                s_tot[b.layer] = s_tot[b.layer] + b.s_sum if b.layer in s_tot else b.s_sum
-                counts[b.layer][0] += b.a_count
-                counts[b.layer][1] += b.s_count
-        for b in self.blocks:
-            b.a_sum, b.s_sum = a_tot[b.layer], s_tot[b.layer]
-            b.a_count, b.s_count = counts[b.layer]
-        self._eigen()
-        if self.corrected or self.diag_names:
-            lam_tot: dict[str, torch.Tensor] = {}
-            lam_count = {b.layer: 0.0 for b in self.blocks}
-            diag_tot: dict[str, torch.Tensor] = {}
-            diag_count = 0.0
-            for c in ctxs:
-                for b in self.blocks:
-                    b.lam_count = 0.0
-                self._second_moments(c)
-                for b in self.blocks:
-                    if b.lam_sum is not None:
-                        lam_tot[b.layer] = lam_tot[b.layer] + b.lam_sum if b.layer in lam_tot else b.lam_sum
-                        lam_count[b.layer] += b.lam_count
-                for n, d in self.diag_sum.items():
-                    diag_tot[n] = diag_tot[n] + d if n in diag_tot else d
-                diag_count += self.diag_count
-            for b in self.blocks:
-                if b.layer in lam_tot:
-                    b.lam_sum, b.lam_count = lam_tot[b.layer], lam_count[b.layer]
-            self.diag_sum, self.diag_count = diag_tot, diag_count
+        cached = load_tensors(self._cache(ctxs[0]), self._key(ctxs[0])) if cache else None
+        if cached is not None:
+            self._load(cached)
+        else:
+            self._covariances(ctxs)
+            self._eigen()
+            if self.corrected or self.diag_names:
+                self._second_moments(ctxs)
+            if cache and self._cache(ctxs[0]) is not None:
+                save_tensors(self._cache(ctxs[0]), self._tensors(), self._key(ctxs[0]))
         self._finish()
         self.fit_seconds = time.perf_counter() - start
 
@@ -477,13 +407,14 @@ class KFAC(_Fisher):
             self.scales[name] = flat[name][0]
 
     # ---- pass 1: covariances -------------------------------------------------------------------------
-    def _covariances(self, ctx: CurvatureContext) -> None:
+    def _covariances(self, ctxs: Sequence[CurvatureContext]) -> None:
         for b in self.blocks:
             width = b.inp + (b.bias is not None and b.kind != "projected")
             b.a_sum = torch.zeros(b.inp if b.kind == "embedding" else (width, width), dtype=torch.float64,
                                   device=self.device)
             b.s_sum = torch.zeros(b.out, b.out, dtype=torch.float64, device=self.device)
-        for index, batch in self._passes(ctx, f"{self.name} covariances"):
+            b.a_count = b.s_count = 0.0
+        for ctx, index, batch in self._passes(ctxs, f"{self.name} covariances"):
             io, values = ctx.capture.layer_io(self._loss(ctx, index), batch)
             n = values.shape[0]
             for b in self.blocks:
@@ -518,19 +449,16 @@ class KFAC(_Fisher):
             b.es, b.qs = es.clamp_min(0), qs
 
     # ---- pass 2: per-example second moments (EK-FAC eigenvalues, diagonal blocks) ---------------------
-    def _second_moments(self, ctx: CurvatureContext) -> None:
+    def _second_moments(self, ctxs: Sequence[CurvatureContext]) -> None:
         for b in self.blocks:
-            if self.corrected:
-                b.lam_sum = torch.zeros(b.out, b.inp + (b.bias is not None and b.kind != "projected"),
-                                        dtype=torch.float64,
-                                        device=self.device)
-        projected = getattr(self, "features", None) is not None
-        self.diag_sum = {n: torch.zeros(self.layout[n].stop - self.layout[n].start if projected
-                                        else ctx.capture.shapes[n], dtype=torch.float64, device=self.device)
-                         for n in self.diag_names}
+            width = b.inp + (b.bias is not None and b.kind != "projected")
+            b.lam_sum, b.lam_count = torch.zeros(b.out, width, dtype=torch.float64, device=self.device), 0.0
+        projected = self.features is not None
+        self.diag_sum = {n: torch.zeros(self.layout[n].stop - self.layout[n].start, dtype=torch.float64,
+                                        device=self.device) for n in self.diag_names}
         self.diag_count = 0.0
         desc = f"{self.name} eigenvalue correction" if self.corrected else f"{self.name} diagonal blocks"
-        for index, batch in self._passes(ctx, desc):
+        for ctx, index, batch in self._passes(ctxs, desc):
             if self.corrected:
                 io, values = ctx.capture.layer_io(self._loss(ctx, index), batch)
                 n = values.shape[0]
@@ -544,11 +472,12 @@ class KFAC(_Fisher):
                 grads = {name: rows[:, self.layout[name]] for name in self.diag_names}
             elif self.diag_names:  # the same labels: the loss of a batch is seeded by its index
                 grads = ctx.capture.per_example(self._loss(ctx, index), batch)
-                for name in self.diag_names:
-                    g = grads[name].detach().double()
-                    if self.scales is not None:
-                        g = g * self.scales[name].reshape(g.shape[1:])
-                    self.diag_sum[name] += g.pow(2).sum(0)
+            for name in self.diag_names:
+                g = grads[name].detach().double().reshape(grads[name].shape[0], -1)
+                if self.scales is not None:
+                    g = g * self.scales[name].reshape(-1)
+                self.diag_sum[name] += g.pow(2).sum(0)
+            if self.diag_names:
                 self.diag_count += next(iter(grads.values())).shape[0]
 
     # ---- damping and application --------------------------------------------------------------------
@@ -640,39 +569,12 @@ class EKFAC(KFAC):
 
 
 @register_curvature("diagonal")
-class DiagonalFisher(_Fisher):
+class DiagonalFisher(KFAC):
     """Diagonal Fisher: (diag E[g²] + λ)⁻¹ v, from per-example gradients of every selected parameter."""
 
     name = "diagonal"
+    FEATURES = ("identity",)
 
-    def fit(self, ctx: CurvatureContext) -> None:
-        start = time.perf_counter()
-        ctx = self._own_capture(ctx)
-        self.layout = {name: sl for name, _, sl in ctx.layout()}
-        self.device = next(iter(ctx.capture.params.values())).device
-        cached = self._cached(ctx)
-        if cached is not None:
-            self.diag = {n: cached[n].to(self.device) for n in ctx.capture.params}
-        else:
-            sums = {n: torch.zeros(s, dtype=torch.float64, device=self.device)
-                    for n, s in ctx.capture.shapes.items()}
-            count = 0
-            for index, batch in self._passes(ctx, "diagonal Fisher"):
-                grads = ctx.capture.per_example(self._loss(ctx, index), batch)
-                for n, g in grads.items():
-                    sums[n] += g.detach().double().pow(2).sum(0)
-                count += next(iter(grads.values())).shape[0]
-            self.diag = {n: s / max(count, 1) for n, s in sums.items()}
-            for n, d in self.diag.items():
-                _check_finite(n, d)
-            self._save(ctx, self.diag)
-        self.damp = {n: self._mean_damping(d) for n, d in self.diag.items()}
-        self.fit_seconds = time.perf_counter() - start
-
-    def apply(self, vectors: torch.Tensor) -> torch.Tensor:
-        """v / (E[g²] + λ), elementwise."""
-        v = vectors.to(device=self.device, dtype=torch.float64)
-        out = torch.empty_like(v)
-        for n, sl in self.layout.items():
-            out[:, sl] = v[:, sl] / (self.diag[n].reshape(-1) + self.damp[n])
-        return out.to(device=vectors.device, dtype=vectors.dtype)
+    def _plan(self, ctx: CurvatureContext) -> None:
+        super()._plan(ctx)
+        self.blocks, self.diag_names = [], list(ctx.capture.params)

@@ -27,6 +27,8 @@ PROJECTION_CACHE = 512 * 2**20  # bytes of random projections kept between fit a
 class IdentityFeatures:
     """The flat per-example gradient; a block per parameter."""
 
+    feature_kind = "identity"
+
     def __init__(self, capture: GradientCapture):
         self.capture, self.dim = capture, capture.dim
         self.slices, start = {}, 0
@@ -44,6 +46,8 @@ class IdentityFeatures:
 
 class RandomFeatures:
     """x P: the flat gradient randomly projected to k columns (one block)."""
+
+    feature_kind = "random"
 
     def __init__(self, capture: GradientCapture, projection: RandomProjection):
         self.capture, self.projection, self.dim = capture, projection, projection.k

@@ -167,6 +167,8 @@ class KroneckerProjection:
     embeddings looked up once per batch) are left out and listed in `left_out`.
     """
 
+    feature_kind = "kronecker"  # which feature map it is (`grads.features`)
+
     def __init__(self, capture: GradientCapture, rank: int = 32, kind: str = "gaussian", seed: int = 0,
                  exclude: set[str] | frozenset[str] = frozenset()):
         if rank < 1:
