@@ -38,13 +38,17 @@ def build_curvature(name: str, features: str = "identity", **options: Any) -> Pr
 
 
 def _accepted(cls: Any) -> set[str]:
-    """Keyword arguments of the class's constructor chain."""
+    """Keyword arguments of the class's constructor, following **kwargs up the class chain."""
     names: set[str] = set()
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
-        if init is not None:
-            names |= {p.name for p in inspect.signature(init).parameters.values()
-                      if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params
+                  if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
     return names
 
 

@@ -520,7 +520,7 @@ class KFAC(Preconditioner):
         for b in self.blocks:
             assert b.eig is not None
             ws = self.layout[b.weight]
-            bs = self.layout[b.bias] if b.bias is not None else None
+            bs = self.layout[b.bias] if b.bias is not None and b.kind != "projected" else None
             m = b.matrix(v[:, ws], v[:, bs] if bs is not None else None)
             w, bias = b.unmatrix(b.unrotate(b.rotate(m) * scale(b.eig, b.damp)))
             out[:, ws] = w
