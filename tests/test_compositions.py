@@ -133,7 +133,7 @@ def test_trak_projection_with_cg_equals_the_projected_ggn_solved_explicitly():
 @pytest.mark.parametrize("method, options, message", [
     ("kfac", {"curvature": "ekfac"}, "method 'kfac' is curvature='kfac'"),
     ("trak", {"curvature": "ekfac"}, "does not work on features='random'"),
-    ("influence", {"features": "kronecker", "curvature": "explicit"}, "does not work on features='kronecker'"),
+    ("influence", {"features": "kronecker", "curvature": "explicit"}, "not work on features='kronecker'"),
     ("arnoldi", {"curvature_options": {"rnak": 5}}, "no option 'rnak' \\(did you mean 'rank'\\?\\)"),
     ("ekfac", {"damping": -1.0}, "damping must be a finite number >= 0"),
     ("cg", {"damping_factor": 0.0}, "damping_factor must be a positive number"),
