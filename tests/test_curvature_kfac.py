@@ -83,7 +83,7 @@ def test_kfac_equals_exact_ggn_for_one_linear_layer_with_scalar_output():
     # the default damping is RELATIVE_DAMPING × the mean eigenvalue, i.e. × trace(GGN) / dim
     curv = KFAC()
     curv.fit(ctx)
-    lam = curv.relative_damping * torch.trace(ggn) / 5
+    lam = curv.damping_factor * torch.trace(ggn) / 5
     torch.testing.assert_close(curv.apply(v), torch.linalg.solve(ggn + lam * torch.eye(5), v.T).T)
 
 
@@ -274,7 +274,7 @@ def test_diagonal_fisher_is_v_over_mean_squared_gradient():
     curv = DiagonalFisher(fisher="empirical")
     curv.fit(ctx)
     layout = {n: sl for n, _, sl in ctx.layout()}
-    lam = torch.cat([torch.full((sl.stop - sl.start,), curv.relative_damping * float(g2[sl].mean()))
+    lam = torch.cat([torch.full((sl.stop - sl.start,), curv.damping_factor * float(g2[sl].mean()))
                      for sl in layout.values()])
     torch.testing.assert_close(curv.apply(v), v / (g2 + lam))
 

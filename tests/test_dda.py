@@ -105,7 +105,9 @@ def test_project_out_base_against_explicit_gradients():
 
 
 def test_dda_option_equals_the_standalone_default():
-    """`dda=True` on a method equals per-checkpoint scores combined by `dda.dda` with fitting errors."""
+    """`dda=True` equals per-checkpoint scores combined by `dda.combine` with fitting errors, each column then
+    divided by its root-mean-square over a fixed reference set (here every training example, its own row
+    left out), computed by hand from separate Attributors."""
     import sourcetrace as st
     from sourcetrace.methods import dda as dda_mod
 
@@ -122,16 +124,22 @@ def test_dda_option_equals_the_standalone_default():
     task, queries = st.ClassificationTask(), (x[:4], y[:4])
     got = st.Attributor(tuned, task, "grad-dot", checkpoints=states, dda=True, store_dtype="float64",
                         progress=False).fit((x, y)).score(queries)
-    per = []
-    for state in states:
-        model = copy.deepcopy(tuned)
-        model.load_state_dict(state)
-        per.append(st.Attributor(model, task, "grad-dot", store_dtype="float64", progress=False)
-                   .fit((x, y)).score(queries))
     models = []
     for state in states:
         model = copy.deepcopy(tuned)
         model.load_state_dict(state)
         models.append(model)
-    want = dda_mod.dda(per, dda_mod.fitting_errors(models, task, queries))
-    assert torch.allclose(got.matrix.double(), want.matrix.double(), rtol=1e-9, atol=1e-12)
+
+    def combined(q):
+        per = [st.Attributor(m, task, "grad-dot", store_dtype="float64", progress=False).fit((x, y)).score(q)
+               for m in models]
+        return dda_mod.combine(per, dda_mod.fitting_errors(models, task, q)).matrix
+
+    reference = combined((x, y))  # [30 reference rows, 30 columns]
+    off_diagonal = reference.pow(2).sum(0) - reference.diagonal().pow(2)
+    want = combined(queries) / (off_diagonal / 29).sqrt()
+    assert torch.allclose(got.matrix.double(), want, rtol=1e-9, atol=1e-12)
+    # one query alone gets the same scores (before, the normalisation used the queries scored together)
+    alone = st.Attributor(tuned, task, "grad-dot", checkpoints=states, dda=True, store_dtype="float64",
+                          progress=False).fit((x, y)).score((x[:1], y[:1]))
+    assert torch.allclose(alone.matrix, want[:1], rtol=1e-10, atol=1e-12)

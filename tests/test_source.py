@@ -214,7 +214,7 @@ def test_one_segment_is_ekfac_influence_with_damping_one_over_horizon(data):
     src = source(final, train, checkpoints=[final.state_dict()], learning_rates=[2.0], steps=[20], segments=1)
     inf = st.Attributor(final, st.ClassificationTask(), method="ekfac", progress=False, store_dtype="float64",
                         batch_size=5, damping=1 / a).fit(train)
-    curv = inf.method.curvatures[0]
+    curv = inf.method.preconditioners[0]
     cap = GradientCapture(final)
     q = cap.flat(st.ClassificationTask().measurement, queries)
     g = cap.flat(st.ClassificationTask().train_loss, train)

@@ -50,8 +50,9 @@ def test_trak_without_projection_equals_the_explicit_formula():
     states = [m.state_dict() for m in models]
     dim = sum(p.numel() for p in models[0].parameters())
     lam = 0.7
+    # damping is λ on the mean-loss curvature, ΦᵀRΦ/n + λI, for every method: λ/n here is λ on ΦᵀRΦ
     attr = st.Attributor(models[0], st.ClassificationTask(), "trak", checkpoints=states, projection="none",
-                         damping=lam, out_to_loss="per-model", store_dtype="float64", progress=False)
+                         damping=lam / len(y), out_to_loss="per-model", store_dtype="float64", progress=False)
     got = attr.fit((x, y)).score((xq, yq))
     # by hand, from the sign convention: score = mean_c -∇m_c(q)ᵀ (Φ_cᵀ R_c Φ_c + λI)⁻¹ ∇L_c(i), with the
     # Gauss-Newton weights R = ∂²L/∂f² of the cross-entropy in the margin, computed by double autograd
@@ -82,7 +83,7 @@ def test_trak_mean_out_to_loss_and_default_damping_rule():
     states = [m.state_dict() for m in models]
     dim = sum(p.numel() for p in models[0].parameters())
     attr = st.Attributor(models[0], st.ClassificationTask(), "trak", checkpoints=states, projection="none",
-                         curvature="unweighted", out_to_loss="mean", store_dtype="float64", progress=False)
+                         curvature="covariance", out_to_loss="mean", store_dtype="float64", progress=False)
     got = attr.fit((x, y)).score((xq, yq)).matrix
     # TRAK's eq. 12: Q averaged over models, Q_i = 1 - p_i; λ = factor · tr(ΦᵀΦ)/n per model
     qbar = torch.stack([1 - torch.softmax(m(x), 1).gather(1, y[:, None])[:, 0] for m in models]).mean(0)

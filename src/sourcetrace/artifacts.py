@@ -121,3 +121,24 @@ def _empty(folder: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Any], key: Any) -> None:
+    """Write tensors (safetensors, atomically) with the JSON `key` of what they were computed from."""
+    from safetensors.torch import save_file
+
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {"key": json.dumps(key, sort_keys=True, default=str)}
+    atomic_write(path, lambda tmp: save_file(data, tmp, metadata=meta))
+
+
+def load_tensors(path: str | os.PathLike | None, key: Any) -> dict[str, Any] | None:
+    """The tensors saved at `path` for this `key`; None when absent or computed from something else."""
+    if path is None or not Path(path).exists():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        if fh.metadata().get("key") != json.dumps(key, sort_keys=True, default=str):
+            return None
+        return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)

@@ -526,13 +526,11 @@ class Trajectory:
         """Options that hand this run's checkpoints to `method="tracin"` or `method="source"`.
 
         TracIn: the checkpoints after the start, each with the mean learning rate of the steps since the one
-        before. SOURCE: `sourcetrace.methods.source.trajectory_options` (also step counts, stages and their
+        before. SOURCE: `source_options` (also step counts, stages and their
         examples as positions in `train_ids`, momentum, weight decay, Adam's preconditioners).
         """
         if method == "source":
-            from .methods.source import trajectory_options
-
-            return trajectory_options(self, train_ids)
+            return source_options(self, train_ids)
         later = [c for c in self.checkpoints if c > 0]
         starts = [0, *later[:-1]]
         return {"checkpoints": [self.checkpoint(c)[0] for c in later],
@@ -662,5 +660,89 @@ def trajectory_callback(workdir: str | os.PathLike, *, checkpoint_every: int | N
     return TrajectoryCallback()
 
 
-__all__ = ["OptimizerSpec", "Stage", "Trajectory", "TrajectoryRecorder", "as_trajectory", "build_optimizer",
-           "load_optimizer_state", "model_signature", "optimizer_spec", "trajectory_callback"]
+def source_options(trajectory: Trajectory, train_ids: Sequence[Any] | None = None) -> dict[str, Any]:
+    """SOURCE's options from a recorded `Trajectory`: checkpoints after step 0, the mean learning rate over
+    the steps each stands for (× batch size under reduction="sum"), step counts, SGD momentum and weight
+    decay, stages, and per stage the training examples its steps used (mapped to positions in `train_ids`,
+    needed when there are several stages). Usage: `Attributor(model, task, "source", **source_options(t,
+    ids))`."""
+    steps = [int(s) for s in trajectory.checkpoints if int(s) > 0]
+    if not steps:
+        raise InvalidOptionError("the trajectory has no checkpoint after step 0; record with "
+                                 "checkpoint_every=N or at_steps=[...]")
+    varying = ("params", "lr", "initial_lr")  # learning rates are recorded per step
+    kinds = {(o.kind, tuple(sorted((k, str(v)) for k, v in o.groups[0].items() if k not in varying)))
+             for o in trajectory.optimizers}
+    if len(kinds) > 1:
+        used = ", ".join(f"{o.kind} from step {o.start + 1}" for o in trajectory.optimizers)
+        raise InvalidOptionError(f"SOURCE takes one optimizer setting (besides the learning rate) for the "
+                                 f"whole run; this trajectory changes it between stages ({used})")
+    spec = trajectory.optimizers[0]
+    group = spec.groups[0]
+    if spec.kind not in ("SGD", "Adam", "AdamW"):
+        raise InvalidOptionError(f"SOURCE takes runs of SGD, Adam or AdamW; this one used {spec.kind}")
+    if group.get("dampening", 0) or group.get("nesterov", False):
+        raise InvalidOptionError("SOURCE supports SGD momentum without dampening or Nesterov")
+    if group.get("amsgrad", False):
+        raise InvalidOptionError("SOURCE's Adam variant does not cover amsgrad")
+    rates = []
+    prev = 0
+    for s in steps:
+        per_step = [trajectory.lrs[t][0] * (len(trajectory.batch_ids[t]) if trajectory.reduction == "sum"
+                                            else 1) for t in range(prev, s)]
+        rates.append(sum(per_step) / len(per_step))
+        prev = s
+    options: dict[str, Any] = {
+        "checkpoints": [trajectory.checkpoint(s)[0] for s in steps], "learning_rates": rates, "steps": steps,
+        "momentum": float(group.get("momentum", 0.0)), "weight_decay": float(group.get("weight_decay", 0.0))}
+    if spec.kind != "SGD":
+        decoupled = spec.kind == "AdamW" or bool(group.get("decoupled_weight_decay"))
+        options.update(momentum=0.0, preconditioners=[adam_preconditioner(trajectory.checkpoint(s)[1], group)
+                                                      for s in steps], decoupled_weight_decay=decoupled)
+    bounds = sorted(st.start for st in trajectory.stages if st.start > 0)
+    raw = [sum(b < s for b in bounds) for s in steps]
+    if len(set(raw)) > 1:
+        rank = {r: i for i, r in enumerate(sorted(set(raw)))}
+        options["stages"] = [rank[r] for r in raw]
+        if train_ids is None:
+            raise InvalidOptionError("a trajectory with stages needs train_ids=[...] (the ids of the "
+                                     "training data in the order given to fit) to find each stage's examples")
+        position = {i: k for k, i in enumerate(train_ids)}
+        ends = [0, *bounds, trajectory.n_steps]
+        chosen = []
+        for r in sorted(set(raw)):
+            seen = {i for t in range(ends[r], ends[r + 1]) for i in trajectory.batch_ids[t]}
+            idx = sorted(position[i] for i in seen if i in position)
+            chosen.append(None if len(idx) == len(position) else idx)
+        options["stage_examples"] = chosen
+    return options
+
+
+def adam_preconditioner(state: dict[str, dict[str, torch.Tensor]], group: dict[str, Any], cap: float = 100.0
+                        ) -> dict[str, torch.Tensor]:
+    """Adam's diagonal preconditioner 1/(√v̂ + ε) per parameter, v̂ the bias-corrected second moment, capped
+    at `cap` × its median over the parameter's entries.
+
+    The cap: where v̂ ≈ 0 (a unit that rarely fired, an input that is almost always 0) 1/(√v̂ + ε) runs up
+    to 1/ε, yet Adam's step there stays about η (|m̂|/√v̂ ≲ 1) and its response to one more example
+    saturates; uncapped, those entries dominate every score (digits AdamW: SOURCE LDS 0.48 uncapped, 0.90
+    capped at 3-100 × the median, benchmarks/replay.md).
+    """
+    beta2, eps = float(group["betas"][1]), float(group["eps"])
+    out = {}
+    for name, entry in state.items():
+        if "exp_avg_sq" not in entry:
+            continue
+        k = int(entry["step"].item()) if "step" in entry else 0
+        if k < 1:
+            raise InvalidOptionError(f"checkpoint before Adam's first step has no second moments ({name}); "
+                                     "give SOURCE checkpoints after training started")
+        v_hat = entry["exp_avg_sq"].double() / (1 - beta2 ** k)
+        p = 1.0 / (v_hat.sqrt() + eps)
+        out[name] = p.clamp_max(cap * float(p.median()))
+    return out
+
+
+__all__ = ["OptimizerSpec", "Stage", "Trajectory", "TrajectoryRecorder", "adam_preconditioner",
+           "as_trajectory", "build_optimizer", "load_optimizer_state", "model_signature", "optimizer_spec",
+           "source_options", "trajectory_callback"]

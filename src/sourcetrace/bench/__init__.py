@@ -13,7 +13,7 @@ def _digits_mlp(out_dir: Path, **kw: object) -> Path:
 
 
 def _ekfac_scaling(out_dir: Path, **kw: object) -> Path:
-    from ..curvature.kfac import scaling_benchmark
+    from .ekfac_scaling import scaling_benchmark
 
     scaling_benchmark(out_dir)
     return out_dir / "ekfac-scaling.md"

@@ -1,25 +1,55 @@
-"""Curvature approximations used as preconditioners by influence functions."""
+"""Preconditioners: fitted on the training stream at a checkpoint, applied to feature rows."""
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any
 
 from ..errors import InvalidOptionError
-from .base import CURVATURES, Curvature, CurvatureContext, register_curvature
+from .base import CURVATURES, CurvatureContext, Preconditioner, register_curvature
 
 
-def build_curvature(name: str, **options: Any) -> Curvature:
-    """The curvature called `name` (explicit, cg, lissa, arnoldi, kfac, ekfac, diagonal)."""
+def available_curvatures() -> list[str]:
+    _load_builtins()
+    return sorted(CURVATURES)
+
+
+def build_curvature(name: str, features: str = "identity", **options: Any) -> Preconditioner:
+    """The preconditioner called `name` for features of kind `features`; unknown names, unknown options and
+    pairings it does not support are errors (raised before any pass over the data)."""
     _load_builtins()
     if name not in CURVATURES:
         close = difflib.get_close_matches(name, CURVATURES, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise InvalidOptionError(f"no curvature {name!r}{hint}; available: {', '.join(sorted(CURVATURES))}")
-    try:
-        return CURVATURES[name](**options)
-    except TypeError as exc:
-        raise InvalidOptionError(f"curvature {name!r}: {exc}") from exc
+    cls = CURVATURES[name]
+    if features not in cls.FEATURES:  # type: ignore[attr-defined]
+        raise InvalidOptionError(f"curvature {name!r} does not work on features={features!r}; it takes "
+                                 f"features {', '.join(map(repr, cls.FEATURES))}")  # type: ignore[attr-defined]
+    accepted = _accepted(cls)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise InvalidOptionError(f"curvature {name!r} has no option {unknown[0]!r}{hint}; its options are: "
+                                 f"{', '.join(sorted(accepted)) or 'none'}")
+    return cls(**options)
+
+
+def _accepted(cls: Any) -> set[str]:
+    """Keyword arguments of the class's constructor, following **kwargs up the class chain."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params
+                  if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+    return names
 
 
 def _load_builtins() -> None:
@@ -32,4 +62,5 @@ def _load_builtins() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-__all__ = ["CURVATURES", "Curvature", "CurvatureContext", "build_curvature", "register_curvature"]
+__all__ = ["CURVATURES", "CurvatureContext", "Preconditioner", "available_curvatures", "build_curvature",
+           "register_curvature"]

@@ -1,8 +1,9 @@
-"""What a curvature (a preconditioner) is: fitted on the training data, applied to flat gradient rows.
+"""The Preconditioner protocol: `fit` on the training stream at one checkpoint, then `apply` to feature rows.
 
-Every curvature works in the flat layout of `GradientCapture.flat`: parameters in `capture.params` order,
-each flattened row-major. `apply(v)` returns approximately `(C + λI)⁻¹ v` for each row v, where C is the
-curvature of the *mean* training loss (Hessian, Gauss-Newton or Fisher) and λ the damping.
+`apply(v)` returns approximately `(C + λI)⁻¹ v` for each row v, where C is the curvature of the *mean*
+training loss (Hessian, Gauss-Newton or Fisher) in the space of the stored features and λ the damping.
+`FEATURES` lists the feature maps (`grads.features`) a preconditioner works on; the Attributor refuses any
+other pairing before a pass over the data.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from ..tasks import Task, collate
 
 @dataclass
 class CurvatureContext:
-    """The model at one checkpoint, its task, its training data and where to cache what is fitted."""
+    """The model at one checkpoint, its task, its training data, the stored features and a cache folder."""
 
     model: nn.Module
     task: Task
@@ -33,7 +34,9 @@ class CurvatureContext:
     folder: Path | None = None
     progress: bool = True
     seed: int = 0
-    store: Any = None  # the method's GradientStore of training-loss gradients, when it has one
+    store: Any = None  # the GradientStore of the training rows, when the method has one
+    features: Any = None  # the bound feature map of those rows (None: the flat gradient)
+    row_weights: torch.Tensor | None = None  # ∂²L_i/∂f_i² when the rows are gradients of an output f (TRAK)
 
     def batches(self, examples: Examples | None = None) -> Iterator[Any]:
         """Collated batches of the training data (or of `examples`), on the model's device."""
@@ -52,13 +55,17 @@ class CurvatureContext:
             start += size
         return out
 
+    def feature_kind(self) -> str:
+        return "identity" if self.features is None else self.features.feature_kind
 
-class Curvature:
-    """Base of the curvature approximations; subclasses register themselves in CURVATURES."""
 
-    def __init__(self, damping: float | None = None, **options: Any):
+class Preconditioner:
+    """Base of the preconditioners; subclasses register themselves in CURVATURES."""
+
+    FEATURES: ClassVar[tuple[str, ...]] = ("identity",)
+
+    def __init__(self, damping: float | None = None):
         self.damping = damping
-        self.options = options
 
     def fit(self, ctx: CurvatureContext) -> None:
         raise NotImplementedError
@@ -68,12 +75,28 @@ class Curvature:
         raise NotImplementedError
 
 
-CURVATURES: dict[str, Callable[..., Curvature]] = {}
+CURVATURES: dict[str, Callable[..., Preconditioner]] = {}
 
 
-def register_curvature(name: str) -> Callable[[type[Curvature]], type[Curvature]]:
-    def wrap(cls: type[Curvature]) -> type[Curvature]:
+def register_curvature(name: str) -> Callable[[type[Preconditioner]], type[Preconditioner]]:
+    def wrap(cls: type[Preconditioner]) -> type[Preconditioner]:
         CURVATURES[name] = cls
         return cls
 
     return wrap
+
+
+@register_curvature("identity")
+class Identity(Preconditioner):
+    """No preconditioning (grad-dot, TracIn)."""
+
+    FEATURES = ("identity", "random", "kronecker")
+
+    def __init__(self) -> None:
+        super().__init__(None)
+
+    def fit(self, ctx: CurvatureContext) -> None:
+        pass
+
+    def apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors

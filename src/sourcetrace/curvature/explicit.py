@@ -10,23 +10,24 @@ With `ctx.folder`, the eigendecomposition is cached there, keyed by the paramete
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
+from ..artifacts import load_tensors, save_tensors
 from ..data import state_fingerprint
 from ..errors import InvalidOptionError
-from .base import Curvature, CurvatureContext, register_curvature
-from .damping import resolve_damping
+from .base import CurvatureContext, Preconditioner, register_curvature
+from .damping import check_damping, resolve_damping
 from .iterative import KINDS, CurvatureOperator
 
 MAX_DIM = 30_000
 
 
 @register_curvature("explicit")
-class ExplicitCurvature(Curvature):
+class ExplicitCurvature(Preconditioner):
     """Exact Hessian or GGN, eigendecomposed in float64.
 
     Options: kind ("ggn" | "hessian"); clip (negative eigenvalues of the Hessian, from a non-convex point,
@@ -35,11 +36,11 @@ class ExplicitCurvature(Curvature):
     damping / damping_factor (see `damping.py`).
     """
 
-    def __init__(self, damping: float | None = None, kind: str = "ggn", clip: bool = True, block: int = 256,
-                 max_dim: int = MAX_DIM, damping_factor: float | None = None, chunk: int = 32,
-                 batch_size: int | None = None, **options: Any):
-        super().__init__(damping, kind=kind, clip=clip, block=block, max_dim=max_dim,
-                         damping_factor=damping_factor, chunk=chunk, batch_size=batch_size, **options)
+    def __init__(self, damping: float | None = None, damping_factor: float | None = None, kind: str = "ggn",
+                 clip: bool = True, block: int = 256, max_dim: int = MAX_DIM, chunk: int = 32,
+                 batch_size: int | None = None):
+        check_damping(damping, damping_factor)
+        super().__init__(damping)
         if kind not in KINDS:
             raise InvalidOptionError(f"kind must be one of {KINDS} (got {kind!r})")
         self.kind, self.clip, self.block, self.max_dim = kind, bool(clip), int(block), int(max_dim)
@@ -58,15 +59,12 @@ class ExplicitCurvature(Curvature):
         op = CurvatureOperator(ctx, self.kind, self.chunk, self.batch_size)
         self.device = op.device
         cache = None if ctx.folder is None else Path(ctx.folder) / f"explicit-{self.kind}.safetensors"
-        key = _key(ctx, self.kind)
-        if cache is not None and cache.exists():
-            from safetensors import safe_open
-
-            with safe_open(str(cache), "pt") as fh:
-                if fh.metadata().get("key") == key:
-                    self._finish(fh.get_tensor("eigenvalues"), fh.get_tensor("eigenvectors_t").T,
-                                 float(fh.metadata()["trace"]))
-                    return
+        params = {n: p.detach() for n, p in ctx.capture.params.items()}  # what the cache depends on
+        key = [self.kind, state_fingerprint(params), ctx.train.fingerprint()]
+        cached = load_tensors(cache, key)
+        if cached is not None:
+            self._finish(cached["eigenvalues"], cached["eigenvectors_t"].T, float(cached["trace"]))
+            return
         matrix = np.empty((dim, dim), dtype=np.float64)
         for lo in range(0, dim, self.block):
             hi = min(lo + self.block, dim)
@@ -83,14 +81,9 @@ class ExplicitCurvature(Curvature):
         values, vectors = scipy.linalg.eigh(matrix.T, overwrite_a=True, check_finite=False, driver="evr")
         del matrix
         values_t, vectors_t = torch.from_numpy(values), torch.from_numpy(vectors)
-        if cache is not None:
-            from safetensors.torch import save_file
-
-            from ..artifacts import atomic_write
-
-            tensors = {"eigenvalues": values_t, "eigenvectors_t": vectors_t.T}  # row-major as stored
-            atomic_write(cache, lambda tmp: save_file(tensors, tmp, metadata={"key": key,
-                                                                              "trace": repr(self.trace)}))
+        if cache is not None:  # eigenvectors row-major as stored
+            save_tensors(cache, {"eigenvalues": values_t, "eigenvectors_t": vectors_t.T,
+                                 "trace": torch.tensor(self.trace, dtype=torch.float64)}, key)
         self._finish(values_t, vectors_t, self.trace)
 
     def _finish(self, values: torch.Tensor, vectors: torch.Tensor, trace: float) -> None:
@@ -117,13 +110,31 @@ class ExplicitCurvature(Curvature):
         shifted = self.eigenvalues + self.lam
         if float(shifted.abs().min()) <= 1e-12 * max(float(shifted.abs().max()), 1e-300):
             raise InvalidOptionError("C + λI is singular; pass a positive damping (or clip=True)")
-        v = vectors.to(torch.float64).cpu()
+        return self.apply_fn(vectors, lambda eig: 1.0 / (eig + self.lam))
+
+    def apply_fn(self, vectors: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """f(C) v per row, for an elementwise function f of the eigenvalues (SOURCE's segment flows)."""
         u = self.eigenvectors
-        out = ((v @ u) / (self.eigenvalues + self.lam)) @ u.T
+        out = ((vectors.double().cpu() @ u) * fn(self.eigenvalues)) @ u.T
         return out.to(device=vectors.device, dtype=vectors.dtype)
 
-
-def _key(ctx: CurvatureContext, kind: str) -> str:
-    """What the cached eigendecomposition depends on: the parameters, the data, the kind of curvature."""
-    params = {n: p.detach() for n, p in ctx.capture.params.items()}
-    return f"{kind}:{state_fingerprint(params)}:{ctx.train.fingerprint()}"
+    def fit_average(self, contexts: Sequence[CurvatureContext], scale: dict[str, torch.Tensor] | None = None
+                    ) -> None:
+        """C averaged over several models (SOURCE's segment average), or with `scale` s ({parameter:
+        tensor}) diag(s) C diag(s); eigendecomposed once, `scales` holding s flat per parameter."""
+        total = None
+        for ctx in contexts:
+            one = ExplicitCurvature(self.damping, self.damping_factor, self.kind, self.clip, self.block,
+                                    self.max_dim, self.chunk, self.batch_size)
+            one.fit(ctx)
+            total = one.matrix() if total is None else total + one.matrix()
+        assert total is not None
+        total = total / len(contexts)
+        self.scales = None
+        if scale is not None:
+            names = [n for n, _, _ in contexts[0].layout()]
+            self.scales = {n: scale[n].detach().double().reshape(-1).cpu() for n in names}
+            flat = torch.cat(list(self.scales.values()))
+            total = flat[:, None] * total * flat[None, :]
+        values, vectors = torch.linalg.eigh(total)
+        self._finish(values, vectors, float(values.sum()))

@@ -28,10 +28,10 @@ import torch
 from torch.func import grad, jvp, vjp, vmap
 
 from ..errors import InvalidOptionError, NonFiniteError
-from ..grads.capture import _call
+from ..grads.capture import call_with
 from ..tasks import OutputTask, has_outputs
-from .base import Curvature, CurvatureContext, register_curvature
-from .damping import hutchinson_trace, resolve_damping
+from .base import CurvatureContext, Preconditioner, register_curvature
+from .damping import check_damping, hutchinson_trace, resolve_damping
 
 KINDS = ("ggn", "hessian")
 CACHE_BYTES = 256 * 2**20  # training batches up to this size stay in memory between passes
@@ -103,7 +103,7 @@ class CurvatureOperator:
             return None
         task = self._ggn_task()
         with torch.no_grad():
-            out = _call(self.model, self.params, task.outputs, batch)
+            out = call_with(self.model, self.params, task.outputs, batch)
         b, k = out.shape[0], out[0].numel()
         if k > 64:
             return None
@@ -130,7 +130,7 @@ class CurvatureOperator:
         v = vectors.to(self.dtype)
         if self.kind == "hessian":
             def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
-                return _call(model, p, task.train_loss, batch).mean()
+                return call_with(model, p, task.train_loss, batch).mean()
 
             def one(x: torch.Tensor) -> torch.Tensor:
                 return self._flat(jvp(grad(loss), (params,), (self._unflat(x),))[1])
@@ -138,7 +138,7 @@ class CurvatureOperator:
             out_task = self._ggn_task()
 
             def outputs(p: dict[str, torch.Tensor]) -> torch.Tensor:
-                return _call(model, p, out_task.outputs, batch)
+                return call_with(model, p, out_task.outputs, batch)
 
             # torch annotates vjp's result as a union that covers has_aux=True; without aux it is a pair
             out, pullback = cast("tuple[torch.Tensor, Callable[..., Any]]", vjp(outputs, params))
@@ -222,35 +222,65 @@ def lanczos(op: CurvatureOperator, steps: int, seed: int = 0, tol: float = 1e-10
     return theta, s.T @ basis[:m]
 
 
-class _Iterative(Curvature):
-    """Shared fit: the curvature operator and the damping (rule or override)."""
+class ProjectedOperator:
+    """`V ↦ ((V Pᵀ) C) P`: the model's curvature seen in a random feature space (rows x ↦ x P)."""
 
-    def __init__(self, damping: float | None = None, kind: str = "ggn", damping_factor: float | None = None,
-                 chunk: int = 32, batch_size: int | None = None, probes: int = 32, **options: Any):
-        super().__init__(damping, kind=kind, damping_factor=damping_factor, chunk=chunk,
-                         batch_size=batch_size, probes=probes, **options)
+    def __init__(self, op: CurvatureOperator, features: Any):
+        self.op, self.features = op, features
+        self.dim, self.device, self.n = features.dim, op.device, op.n
+
+    def _project(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.features.projection(rows).to(torch.float64)
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        return self._project(self.op(self.features.back(vectors.double())))
+
+    def batches(self) -> Any:
+        return self.op.batches()
+
+    def batch_product(self, vectors: torch.Tensor, batch: Any, hout: Any = None) -> torch.Tensor:
+        return self._project(self.op.batch_product(self.features.back(vectors.double()), batch, hout))
+
+    def mean_eigenvalue(self, probes: int = 32, seed: int = 0) -> float:
+        return hutchinson_trace(self, self.dim, probes=probes, seed=seed) / self.dim
+
+
+class Iterative(Preconditioner):
+    """Shared fit of CG, LiSSA and Arnoldi: the curvature operator (in feature space for random features)
+    and the damping (rule or override)."""
+
+    FEATURES = ("identity", "random")
+
+    def __init__(self, damping: float | None = None, damping_factor: float | None = None, kind: str = "ggn",
+                 chunk: int = 32, batch_size: int | None = None, probes: int = 32):
+        check_damping(damping, damping_factor)
+        super().__init__(damping)
         if kind not in KINDS:
             raise InvalidOptionError(f"kind must be one of {KINDS} (got {kind!r})")
         self.kind, self.damping_factor, self.chunk, self.probes = kind, damping_factor, chunk, probes
         self.batch_size = batch_size
 
+    def _operator(self, ctx: CurvatureContext) -> Any:
+        op = CurvatureOperator(ctx, self.kind, self.chunk, self.batch_size)
+        return op if ctx.feature_kind() == "identity" else ProjectedOperator(op, ctx.features)
+
     def _fit_operator(self, ctx: CurvatureContext) -> None:
-        self.op = CurvatureOperator(ctx, self.kind, self.chunk, self.batch_size)
+        self.op = self._operator(ctx)
         self.mean_eigenvalue = None if self.damping is not None else self.op.mean_eigenvalue(self.probes,
                                                                                             ctx.seed)
         self.lam = resolve_damping(self.damping, self.mean_eigenvalue, self.damping_factor)
 
 
 @register_curvature("cg")
-class ConjugateGradient(_Iterative):
+class ConjugateGradient(Iterative):
     """`(C + λI)⁻¹ v` by conjugate gradients, every query row at once (one batched product per step).
 
     Options: kind ("ggn" | "hessian"), tol (relative residual ‖r‖/‖v‖ at which a row stops, 1e-5),
     max_iter (500), damping / damping_factor (see `damping.py`).
     """
 
-    def __init__(self, damping: float | None = None, tol: float = 1e-5, max_iter: int = 500, **options: Any):
-        super().__init__(damping, **options)
+    def __init__(self, damping: float | None = None, tol: float = 1e-5, max_iter: int = 500, **common: Any):
+        super().__init__(damping, **common)
         if tol <= 0 or max_iter < 1:
             raise InvalidOptionError("cg needs tol > 0 and max_iter >= 1")
         self.tol, self.max_iter = float(tol), int(max_iter)
@@ -297,7 +327,7 @@ class ConjugateGradient(_Iterative):
 
 
 @register_curvature("lissa")
-class LiSSA(_Iterative):
+class LiSSA(Iterative):
     """`(C + λI)⁻¹ v` by the LiSSA recursion `x ← v + (I - (C_b + λI)/s) x`, `x/s` at the end.
 
     C_b is the curvature of one training mini-batch (batches drawn in a shuffled cycle). Defaults that
@@ -307,8 +337,8 @@ class LiSSA(_Iterative):
     """
 
     def __init__(self, damping: float | None = None, scale: float | None = None, depth: int | None = None,
-                 tol: float = 1e-3, max_depth: int = 5000, **options: Any):
-        super().__init__(damping, **options)
+                 tol: float = 1e-3, max_depth: int = 5000, **common: Any):
+        super().__init__(damping, **common)
         self.scale, self.depth, self.tol, self.max_depth = scale, depth, float(tol), int(max_depth)
 
     def fit(self, ctx: CurvatureContext) -> None:
@@ -329,12 +359,15 @@ class LiSSA(_Iterative):
             self.steps = min(need, self.max_depth)
         else:
             self.steps = int(self.depth)
-        self.gen = torch.Generator().manual_seed(ctx.seed)
+        self.seed = ctx.seed
 
     def _cycle(self) -> Iterator[Any]:
+        """Mini-batches in a shuffled cycle, the same sequence on every call: a row's result does not
+        depend on the rows it is solved with."""
         batches = list(self.op.batches())
+        gen = torch.Generator().manual_seed(self.seed)
         while True:
-            for i in torch.randperm(len(batches), generator=self.gen).tolist():
+            for i in torch.randperm(len(batches), generator=gen).tolist():
                 yield batches[i][1:]
 
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -355,7 +388,7 @@ class LiSSA(_Iterative):
 
 
 @register_curvature("arnoldi")
-class Arnoldi(_Iterative):
+class Arnoldi(Iterative):
     """`(C + λI)⁻¹` on the top eigenpairs of C found by Lanczos (Arnoldi for a symmetric C).
 
     Ritz values ≤ `min_eigenvalue` × the largest are dropped (spurious or negative curvature). On the
@@ -366,8 +399,8 @@ class Arnoldi(_Iterative):
     """
 
     def __init__(self, damping: float | None = None, rank: int = 100, iterations: int | None = None,
-                 residual: str = "zero", min_eigenvalue: float = 1e-10, **options: Any):
-        super().__init__(damping, **options)
+                 residual: str = "zero", min_eigenvalue: float = 1e-10, **common: Any):
+        super().__init__(damping, **common)
         if rank < 1:
             raise InvalidOptionError("rank must be at least 1")
         if residual not in ("drop", "zero", "mean"):
@@ -376,7 +409,7 @@ class Arnoldi(_Iterative):
         self.min_eigenvalue = float(min_eigenvalue)
 
     def fit(self, ctx: CurvatureContext) -> None:
-        self.op = CurvatureOperator(ctx, self.kind, self.chunk, self.batch_size)
+        self.op = self._operator(ctx)
         steps = self.iterations if self.iterations is not None else 2 * self.rank
         theta, vecs = lanczos(self.op, max(steps, self.rank), seed=ctx.seed)
         top = float(theta.max()) if theta.numel() else 0.0

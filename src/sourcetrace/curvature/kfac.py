@@ -17,7 +17,6 @@ generator seeded per batch), or the empirical Fisher (`fisher="empirical"`, the 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from collections import Counter
@@ -30,18 +29,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..artifacts import load_tensors, save_tensors
 from ..errors import InvalidOptionError, NonFiniteError
 from ..grads.capture import PerExampleFn
-from .base import Curvature, CurvatureContext, register_curvature
+from .base import CurvatureContext, Preconditioner, register_curvature
+from .damping import check_damping
 
 FISHERS = ("true", "empirical")
 
-#: Default damping λ = RELATIVE_DAMPING[curvature] × the mean eigenvalue of each block (one layer's Kronecker
+#: Default damping λ = DAMPING_FACTOR[curvature] × the mean eigenvalue of each block (one layer's Kronecker
 #: block, or one parameter tensor's diagonal): λ = trace/dim, the block's average curvature, so directions
 #: flatter than average are left near the identity. Chosen on digits-mlp (LDS vs 100 subsets × 3 seeds, true
 #: Fisher): EK-FAC 0.61 at kronfluence's 0.1, 0.71 at 1, 0.72 at 2-3, 0.71 at 10 (empirical Fisher: best at
 #: 1); the diagonal Fisher is flat at ≤1e-3 (0.52) and falls above.
-RELATIVE_DAMPING = {"kfac": 1.0, "ekfac": 1.0, "diagonal": 1e-3}
+DAMPING_FACTOR = {"kfac": 1.0, "ekfac": 1.0, "diagonal": 1e-3}
 
 
 def _kind(module: nn.Module) -> str:
@@ -79,10 +80,16 @@ class _Block:
     damp: float = 0.0
     scale_in: torch.Tensor | None = None  # a diagonal preconditioner's square root ≈ scale_out scale_inᵀ
     scale_out: torch.Tensor | None = None
+    kron: Any = None  # Kronecker features: the block is P_gᵀ G P_a, out = k_g and inp = k_a (bias folded in)
+    kron_block: Any = None
+    a_first: bool = False  # Kronecker features: the input side is the weight's first axis (Conv1D, Embedding)
 
     def matrix(self, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         """Rows of flat weight (and bias) entries [n, ...] as gradient matrices [n, out, in']."""
         n = w.shape[0]
+        if self.kind == "projected":
+            return w.reshape(n, self.inp, self.out).transpose(1, 2) if self.a_first else \
+                w.reshape(n, self.out, self.inp)
         if self.kind in ("linear", "conv2d"):
             m = w.reshape(n, self.out, self.inp)
         else:  # Conv1D weight [in, out]; Embedding weight [V, d] with V the "inputs"
@@ -94,6 +101,8 @@ class _Block:
     def unmatrix(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inverse of `matrix`: flat weight rows [n, out*in] and bias rows [n, out] (or None)."""
         n = m.shape[0]
+        if self.kind == "projected":
+            return (m.transpose(1, 2) if self.a_first else m).reshape(n, -1), None
         b = m[:, :, self.inp] if self.bias is not None else None
         w = m[:, :, : self.inp]
         if self.kind not in ("linear", "conv2d"):
@@ -105,6 +114,9 @@ class _Block:
         per example and position P, and whether the layer has positions (sequence or spatial)."""
         m = self.module
         b = g.shape[0]
+        if self.kind == "projected":
+            pa, pg = self.kron.layer_rows(self.kron_block, self.layer, self.bias, self.a_first, a, g.double())
+            return pa, pg, a.dim() > (2 if isinstance(m, nn.Linear) or _kind(m) == "conv1d" else 1)
         if self.kind == "conv2d":
             conv = cast(nn.Conv2d, m)
             # never a string here: hookable() sends string padding to the fallback
@@ -161,7 +173,7 @@ class _Block:
         of an outer product is the outer product of squares, a single matmul.
         """
         assert self.qs is not None
-        width = self.inp + (self.bias is not None)
+        width = self.inp + (self.bias is not None and self.kind != "projected")
         rotated = [(a3, g3 @ self.qs) for a3, g3, _ in (self.per_example(a, g) for a, g in calls)]
         if self.kind == "embedding":
             return self._embedding_squares(rotated, n)
@@ -209,29 +221,38 @@ def _batch_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index) % (2**63 - 1)
 
 
-class _Fisher(Curvature):
-    """Shared parts of the Fisher curvatures: the per-example loss, the streaming passes, damping.
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        raise NonFiniteError(f"the Fisher statistics of {name} are NaN or infinite; check the model and the "
+                             "data (e.g. a diverged checkpoint or inputs with NaN)")
 
-    damping: λ added to every eigenvalue; None (default) uses `relative_damping` × the mean eigenvalue of
-    each block (kronfluence's per-layer heuristic, with its scale re-chosen: see RELATIVE_DAMPING).
-    fisher: "true" (labels sampled from the model) or "empirical" (training labels).
+
+@register_curvature("kfac")
+class KFAC(Preconditioner):
+    """K-FAC: each hooked layer's Fisher block ≈ A ⊗ S, inverted in the Kronecker eigenbasis.
+
+    (A ⊗ S + λI)⁻¹ v = Q (diag(e_S e_Aᵀ) + λ)⁻¹ Qᵀ v with Q = Q_A ⊗ Q_S (Martens & Grosse 2015). Parameters
+    outside hooked layers get a diagonal Fisher. damping: λ added to every eigenvalue, or damping_factor ×
+    each block's mean eigenvalue (see DAMPING_FACTOR). fisher: "true" (labels sampled from the model) or
+    "empirical" (training labels).
     """
 
-    name = "fisher"
+    name = "kfac"
+    FEATURES = ("identity", "kronecker")
+    corrected = False
+    features: Any = None  # Kronecker features, when the blocks live in projected space
+    diag_sum: dict[str, torch.Tensor]  # running Σ g² of the parameters outside hooked layers
+    diag_count: float
+    scales: dict[str, torch.Tensor] | None = None  # a preconditioner's square root (fit_average's scale)
 
-    def __init__(self, damping: float | None = None, fisher: str = "true",
-                 relative_damping: float | None = None, **options: Any):
+    def __init__(self, damping: float | None = None, damping_factor: float | None = None,
+                 fisher: str = "true"):
         if fisher not in FISHERS:
             raise InvalidOptionError(f"fisher must be one of {FISHERS}; got {fisher!r}")
-        if damping is not None and not damping >= 0:
-            raise InvalidOptionError(f"damping must be None (automatic) or >= 0; got {damping}")
-        if relative_damping is None:
-            relative_damping = RELATIVE_DAMPING[self.name]
-        if not relative_damping > 0:
-            raise InvalidOptionError(f"relative_damping must be > 0; got {relative_damping}")
-        super().__init__(damping, fisher=fisher, relative_damping=relative_damping, **options)
+        check_damping(damping, damping_factor)
+        super().__init__(damping)
         self.fisher = fisher
-        self.relative_damping = float(relative_damping)
+        self.damping_factor = float(DAMPING_FACTOR[self.name] if damping_factor is None else damping_factor)
         self.fit_seconds = 0.0
 
     def _loss(self, ctx: CurvatureContext, index: int) -> PerExampleFn:
@@ -253,98 +274,45 @@ class _Fisher(Curvature):
         capture's switch to its per-example loop must not stay on for the caller's later gradients."""
         return replace(ctx, capture=copy.copy(ctx.capture))
 
-    def _passes(self, ctx: CurvatureContext, desc: str) -> Iterator[tuple[int, Any]]:
+    def _passes(self, ctxs: Sequence[CurvatureContext], desc: str
+                ) -> Iterator[tuple[CurvatureContext, int, Any]]:
+        """(context, batch index, batch) over every model's training data in turn."""
         from tqdm.auto import tqdm
 
-        total = math.ceil(len(ctx.train) / ctx.batch_size)
-        yield from enumerate(tqdm(ctx.batches(), total=total, desc=desc, disable=not ctx.progress,
-                                  leave=False))
+        for ctx in ctxs:
+            total = math.ceil(len(ctx.train) / ctx.batch_size)
+            for index, batch in enumerate(tqdm(ctx.batches(), total=total, desc=desc, leave=False,
+                                               disable=not ctx.progress)):
+                yield ctx, index, batch
 
     def _mean_damping(self, eig: torch.Tensor) -> float:
         if self.damping is not None:
             return float(self.damping)
         mean = float(eig.mean()) if eig.numel() else 0.0
-        return self.relative_damping * mean if mean > 0 else 1e-8
+        return self.damping_factor * mean if mean > 0 else 1e-8
 
     def _key(self, ctx: CurvatureContext) -> dict[str, Any]:
         from ..data import model_fingerprint
         from ..tasks import task_config
 
+        kron = ctx.features if ctx.feature_kind() == "kronecker" else None
         return {"curvature": self.name, "fisher": self.fisher, "seed": ctx.seed,
                 "model": model_fingerprint(ctx.model), "data": ctx.train.fingerprint(),
-                "task": task_config(ctx.task), "params": list(ctx.capture.params)}
+                "task": task_config(ctx.task), "params": list(ctx.capture.params),
+                "features": None if kron is None else [kron.rank, kron.kind, kron.seed, sorted(kron.slices)]}
 
-    def _cached(self, ctx: CurvatureContext) -> dict[str, torch.Tensor] | None:
-        if ctx.folder is None:
-            return None
-        meta, data = Path(ctx.folder) / f"{self.name}.json", Path(ctx.folder) / f"{self.name}.safetensors"
-        if not (meta.exists() and data.exists()):
-            return None
-        if json.loads(meta.read_text()) != json.loads(json.dumps(self._key(ctx), default=str)):
-            return None  # fitted for another model, data or option: fit again
-        from safetensors.torch import load_file
+    def _cache(self, ctx: CurvatureContext) -> Path | None:
+        return None if ctx.folder is None else Path(ctx.folder) / f"{self.name}.safetensors"
 
-        return load_file(str(data))
-
-    def _save(self, ctx: CurvatureContext, tensors: dict[str, torch.Tensor]) -> None:
-        if ctx.folder is None:
-            return
-        from safetensors.torch import save_file
-
-        from ..artifacts import atomic_write, atomic_write_json
-
-        folder = Path(ctx.folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        atomic_write(folder / f"{self.name}.safetensors", lambda tmp: save_file(cpu, tmp))
-        atomic_write_json(folder / f"{self.name}.json", self._key(ctx))
-
-
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not torch.isfinite(t).all():
-        raise NonFiniteError(f"the Fisher statistics of {name} are NaN or infinite; check the model and the "
-                             "data (e.g. a diverged checkpoint or inputs with NaN)")
-
-
-@register_curvature("kfac")
-class KFAC(_Fisher):
-    """K-FAC: each hooked layer's Fisher block ≈ A ⊗ S, inverted in the Kronecker eigenbasis.
-
-    (A ⊗ S + λI)⁻¹ v = Q (diag(e_S e_Aᵀ) + λ)⁻¹ Qᵀ v with Q = Q_A ⊗ Q_S (Martens & Grosse 2015). Parameters
-    outside hooked layers get a diagonal Fisher. EK-FAC (`corrected=True`) replaces e_S e_Aᵀ by the
-    per-example second moments in that basis.
-    """
-
-    name = "kfac"
-    corrected = False
-    diag_sum: dict[str, torch.Tensor]  # running Σ g² of the parameters outside hooked layers
-    diag_count: float
-    scales: dict[str, torch.Tensor] | None = None  # a preconditioner's square root (fit_average's scale)
 
     def fit(self, ctx: CurvatureContext) -> None:
-        start = time.perf_counter()
-        ctx = self._own_capture(ctx)
-        self.layout = {name: sl for name, _, sl in ctx.layout()}
-        first = next(ctx.batches())
-        ctx.capture.per_example(ctx.task.train_loss, first)  # settles which parameters need the fallback
-        self._plan(ctx)
-        cached = self._cached(ctx)
-        if cached is not None:
-            self._load(cached)
-        else:
-            self._covariances(ctx)
-            self._eigen()
-            if self.corrected or self.diag_names:
-                self._second_moments(ctx)
-            self._save(ctx, self._tensors())
-        self._finish()
-        self.fit_seconds = time.perf_counter() - start
+        self.fit_average([ctx], cache=True)
 
-    def fit_average(self, contexts: Sequence[CurvatureContext], scale: dict[str, torch.Tensor] | None = None
-                    ) -> None:
+    def fit_average(self, contexts: Sequence[CurvatureContext], scale: dict[str, torch.Tensor] | None = None,
+                    cache: bool = False) -> None:
         """Fit to the Fisher averaged over several models of one architecture (e.g. checkpoints): A and S
         averaged over them, one eigenbasis, eigenvalues (EK-FAC) averaged in it (SOURCE's segment
-        curvature, Bae et al. 2024 §3.3). Not cached: each model's data pass is redone on a rerun.
+        curvature, Bae et al. 2024 §3.3). One model with `cache`: kept in and reused from `ctx.folder`.
 
         scale: {parameter name: positive tensor of its shape} s: fit the preconditioned Fisher
         diag(s) F diag(s) instead (SOURCE under Adam, s² the preconditioner), each block's s taken as its
@@ -355,49 +323,25 @@ class KFAC(_Fisher):
             raise InvalidOptionError("fit_average needs at least one model")
         ctxs = [self._own_capture(c) for c in contexts]
         self.layout = {name: sl for name, _, sl in ctxs[0].layout()}
-        for c in ctxs:
+        for c in ctxs:  # settles which parameters need the fallback
             c.capture.per_example(c.task.train_loss, next(c.batches()))
         self._plan(ctxs[0])
+        self.features = None
+        if ctxs[0].feature_kind() == "kronecker":
+            self._plan_projected(ctxs[0].features)
         self.scales = None
         if scale is not None:
             self._set_scales(scale)
-        a_tot: dict[str, torch.Tensor] = {}
-        s_tot: dict[str, torch.Tensor] = {}
-        counts = {b.layer: [0.0, 0.0] for b in self.blocks}
-        for c in ctxs:
-            for b in self.blocks:
-                b.a_count = b.s_count = 0.0
-            self._covariances(c)
-            for b in self.blocks:
-                assert b.a_sum is not None and b.s_sum is not None
-                a_tot[b.layer] = a_tot[b.layer] + b.a_sum if b.layer in a_tot else b.a_sum
-                s_tot[b.layer] = s_tot[b.layer] + b.s_sum if b.layer in s_tot else b.s_sum
-                counts[b.layer][0] += b.a_count
-                counts[b.layer][1] += b.s_count
-        for b in self.blocks:
-            b.a_sum, b.s_sum = a_tot[b.layer], s_tot[b.layer]
-            b.a_count, b.s_count = counts[b.layer]
-        self._eigen()
-        if self.corrected or self.diag_names:
-            lam_tot: dict[str, torch.Tensor] = {}
-            lam_count = {b.layer: 0.0 for b in self.blocks}
-            diag_tot: dict[str, torch.Tensor] = {}
-            diag_count = 0.0
-            for c in ctxs:
-                for b in self.blocks:
-                    b.lam_count = 0.0
-                self._second_moments(c)
-                for b in self.blocks:
-                    if b.lam_sum is not None:
-                        lam_tot[b.layer] = lam_tot[b.layer] + b.lam_sum if b.layer in lam_tot else b.lam_sum
-                        lam_count[b.layer] += b.lam_count
-                for n, d in self.diag_sum.items():
-                    diag_tot[n] = diag_tot[n] + d if n in diag_tot else d
-                diag_count += self.diag_count
-            for b in self.blocks:
-                if b.layer in lam_tot:
-                    b.lam_sum, b.lam_count = lam_tot[b.layer], lam_count[b.layer]
-            self.diag_sum, self.diag_count = diag_tot, diag_count
+        cached = load_tensors(self._cache(ctxs[0]), self._key(ctxs[0])) if cache else None
+        if cached is not None:
+            self._load(cached)
+        else:
+            self._covariances(ctxs)
+            self._eigen()
+            if self.corrected or self.diag_names:
+                self._second_moments(ctxs)
+            if cache and self._cache(ctxs[0]) is not None:
+                save_tensors(self._cache(ctxs[0]), self._tensors(), self._key(ctxs[0]))
         self._finish()
         self.fit_seconds = time.perf_counter() - start
 
@@ -427,6 +371,22 @@ class KFAC(_Fisher):
         self.diag_sum = {}
         self.diag_count = 0.0
 
+    def _plan_projected(self, kron: Any) -> None:
+        """Blocks in Kronecker-projected space: the factors of P_gᵀ G P_a are P_aᵀ A P_a and P_gᵀ S P_g, and
+        EK-FAC's eigenvalues the second moments of projected gradients; a weight used by several layers
+        (tied embeddings) gets a diagonal in feature space."""
+        self.features = kron
+        self.layout = dict(kron.slices)
+        self.blocks, self.diag_names = [], []
+        for kb in kron.blocks:
+            if len(kb.layers) != 1:
+                self.diag_names.append(kb.weight)
+                continue
+            layer, bias, a_first = kb.layers[0]
+            a_side, g_side = (kb.axes[0], kb.axes[1]) if a_first else (kb.axes[1], kb.axes[0])
+            self.blocks.append(_Block(layer, "projected", kron.capture.layers[layer], kb.weight, bias,
+                                      g_side.k, a_side.k, kron=kron, kron_block=kb, a_first=a_first))
+
     def _set_scales(self, scale: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.layout if n not in scale]
         if missing:
@@ -447,13 +407,14 @@ class KFAC(_Fisher):
             self.scales[name] = flat[name][0]
 
     # ---- pass 1: covariances -------------------------------------------------------------------------
-    def _covariances(self, ctx: CurvatureContext) -> None:
+    def _covariances(self, ctxs: Sequence[CurvatureContext]) -> None:
         for b in self.blocks:
-            width = b.inp + (b.bias is not None)
+            width = b.inp + (b.bias is not None and b.kind != "projected")
             b.a_sum = torch.zeros(b.inp if b.kind == "embedding" else (width, width), dtype=torch.float64,
                                   device=self.device)
             b.s_sum = torch.zeros(b.out, b.out, dtype=torch.float64, device=self.device)
-        for index, batch in self._passes(ctx, f"{self.name} covariances"):
+            b.a_count = b.s_count = 0.0
+        for ctx, index, batch in self._passes(ctxs, f"{self.name} covariances"):
             io, values = ctx.capture.layer_io(self._loss(ctx, index), batch)
             n = values.shape[0]
             for b in self.blocks:
@@ -488,16 +449,16 @@ class KFAC(_Fisher):
             b.es, b.qs = es.clamp_min(0), qs
 
     # ---- pass 2: per-example second moments (EK-FAC eigenvalues, diagonal blocks) ---------------------
-    def _second_moments(self, ctx: CurvatureContext) -> None:
+    def _second_moments(self, ctxs: Sequence[CurvatureContext]) -> None:
         for b in self.blocks:
-            if self.corrected:
-                b.lam_sum = torch.zeros(b.out, b.inp + (b.bias is not None), dtype=torch.float64,
-                                        device=self.device)
-        self.diag_sum = {n: torch.zeros(ctx.capture.shapes[n], dtype=torch.float64, device=self.device)
-                         for n in self.diag_names}
+            width = b.inp + (b.bias is not None and b.kind != "projected")
+            b.lam_sum, b.lam_count = torch.zeros(b.out, width, dtype=torch.float64, device=self.device), 0.0
+        projected = self.features is not None
+        self.diag_sum = {n: torch.zeros(self.layout[n].stop - self.layout[n].start, dtype=torch.float64,
+                                        device=self.device) for n in self.diag_names}
         self.diag_count = 0.0
         desc = f"{self.name} eigenvalue correction" if self.corrected else f"{self.name} diagonal blocks"
-        for index, batch in self._passes(ctx, desc):
+        for ctx, index, batch in self._passes(ctxs, desc):
             if self.corrected:
                 io, values = ctx.capture.layer_io(self._loss(ctx, index), batch)
                 n = values.shape[0]
@@ -506,13 +467,17 @@ class KFAC(_Fisher):
                     calls = [(a, g) for a, g in io[b.layer] if a.shape[0] == n and g.shape[0] == n]
                     b.lam_sum += b.rotated_squares(calls, n)
                     b.lam_count += n
-            if self.diag_names:  # the same labels: the loss of a batch is seeded by its index
+            if self.diag_names and projected:  # rows of projected gradients, sliced per weight
+                rows = self.features(self._loss(ctx, index), batch).double()
+                grads = {name: rows[:, self.layout[name]] for name in self.diag_names}
+            elif self.diag_names:  # the same labels: the loss of a batch is seeded by its index
                 grads = ctx.capture.per_example(self._loss(ctx, index), batch)
-                for name in self.diag_names:
-                    g = grads[name].detach().double()
-                    if self.scales is not None:
-                        g = g * self.scales[name].reshape(g.shape[1:])
-                    self.diag_sum[name] += g.pow(2).sum(0)
+            for name in self.diag_names:
+                g = grads[name].detach().double().reshape(grads[name].shape[0], -1)
+                if self.scales is not None:
+                    g = g * self.scales[name].reshape(-1)
+                self.diag_sum[name] += g.pow(2).sum(0)
+            if self.diag_names:
                 self.diag_count += next(iter(grads.values())).shape[0]
 
     # ---- damping and application --------------------------------------------------------------------
@@ -555,7 +520,7 @@ class KFAC(_Fisher):
         for b in self.blocks:
             assert b.eig is not None
             ws = self.layout[b.weight]
-            bs = self.layout[b.bias] if b.bias is not None else None
+            bs = self.layout[b.bias] if b.bias is not None and b.kind != "projected" else None
             m = b.matrix(v[:, ws], v[:, bs] if bs is not None else None)
             w, bias = b.unmatrix(b.unrotate(b.rotate(m) * scale(b.eig, b.damp)))
             out[:, ws] = w
@@ -604,120 +569,12 @@ class EKFAC(KFAC):
 
 
 @register_curvature("diagonal")
-class DiagonalFisher(_Fisher):
+class DiagonalFisher(KFAC):
     """Diagonal Fisher: (diag E[g²] + λ)⁻¹ v, from per-example gradients of every selected parameter."""
 
     name = "diagonal"
+    FEATURES = ("identity",)
 
-    def fit(self, ctx: CurvatureContext) -> None:
-        start = time.perf_counter()
-        ctx = self._own_capture(ctx)
-        self.layout = {name: sl for name, _, sl in ctx.layout()}
-        self.device = next(iter(ctx.capture.params.values())).device
-        cached = self._cached(ctx)
-        if cached is not None:
-            self.diag = {n: cached[n].to(self.device) for n in ctx.capture.params}
-        else:
-            sums = {n: torch.zeros(s, dtype=torch.float64, device=self.device)
-                    for n, s in ctx.capture.shapes.items()}
-            count = 0
-            for index, batch in self._passes(ctx, "diagonal Fisher"):
-                grads = ctx.capture.per_example(self._loss(ctx, index), batch)
-                for n, g in grads.items():
-                    sums[n] += g.detach().double().pow(2).sum(0)
-                count += next(iter(grads.values())).shape[0]
-            self.diag = {n: s / max(count, 1) for n, s in sums.items()}
-            for n, d in self.diag.items():
-                _check_finite(n, d)
-            self._save(ctx, self.diag)
-        self.damp = {n: self._mean_damping(d) for n, d in self.diag.items()}
-        self.fit_seconds = time.perf_counter() - start
-
-    def apply(self, vectors: torch.Tensor) -> torch.Tensor:
-        """v / (E[g²] + λ), elementwise."""
-        v = vectors.to(device=self.device, dtype=torch.float64)
-        out = torch.empty_like(v)
-        for n, sl in self.layout.items():
-            out[:, sl] = v[:, sl] / (self.diag[n].reshape(-1) + self.damp[n])
-        return out.to(device=vectors.device, dtype=vectors.dtype)
-
-
-
-# ---- benchmark: EK-FAC memory and time against the number of training examples ----------------------
-
-def _scaling_child(n_train: int, batch_size: int = 64, repeats: int = 3) -> dict[str, Any]:
-    """Fit EK-FAC on `n_train` generated examples; peak-memory growth (ru_maxrss) and time of the fit."""
-    import resource
-
-    from ..data import Examples
-    from ..grads import GradientCapture
-    from ..tasks import ClassificationTask
-
-    torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    centers = torch.randn(10, 64, generator=gen) * 2
-    y = torch.randint(0, 10, (n_train,), generator=gen)
-    x = centers[y] + torch.randn(n_train, 64, generator=gen)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    task = ClassificationTask()
-    ctx = CurvatureContext(model=model, task=task, capture=GradientCapture(model), train=Examples((x, y)),
-                           batch_size=batch_size, progress=False)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    times, walls = [], []
-    for _ in range(repeats):  # CPU time of this one-thread process: other processes do not inflate it
-        start, wall = time.process_time(), time.perf_counter()
-        EKFAC().fit(ctx)
-        times.append(time.process_time() - start)
-        walls.append(time.perf_counter() - wall)
-    seconds = min(times)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"n_train": n_train, "fit_seconds": seconds, "wall_seconds": min(walls),
-            "peak_growth_mib": (after - before) / 1024,
-            "peak_rss_mib": after / 1024, "parameters": sum(p.numel() for p in model.parameters())}
-
-
-def scaling_benchmark(out_dir: str | Path = "benchmarks", sizes: tuple[int, ...] = (1000, 5000, 20000)
-                      ) -> dict[str, Any]:
-    """EK-FAC fit memory and time for each training-set size, each in a fresh process; writes
-    `ekfac-scaling.md` and `.json` into `out_dir`. Memory must stay flat and time grow linearly."""
-    import platform
-    import subprocess
-    import sys
-
-    rows = []
-    for n in sizes:
-        code = ("import json; from sourcetrace.curvature.kfac import _scaling_child; "
-                f"print(json.dumps(_scaling_child({int(n)})))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    base = rows[0]
-    for prev, r in zip([None, *rows[:-1]], rows):  # the slope between sizes: constant when time is linear
-        r["marginal_seconds_per_1k"] = (None if prev is None else
-                                        1000 * (r["fit_seconds"] - prev["fit_seconds"])
-                                        / (r["n_train"] - prev["n_train"]))
-        r["time_ratio"] = r["fit_seconds"] / base["fit_seconds"]
-        r["size_ratio"] = r["n_train"] / base["n_train"]
-        r["seconds_per_1k"] = 1000 * r["fit_seconds"] / r["n_train"]
-    result = {"benchmark": "ekfac-scaling", "rows": rows, "torch": torch.__version__,
-              "machine": platform.machine(), "threads": 1,
-              "model": "MLP 64-256-256-10 (85k parameters), 10-class Gaussian clusters, true Fisher, "
-                       "batch 64, CPU seconds of the best of 3 fits"}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    from ..artifacts import atomic_write_bytes, atomic_write_json
-
-    atomic_write_json(out / "ekfac-scaling.json", result)
-    lines = ["# EK-FAC scaling: memory and time against the number of training examples", "",
-             f"{result['model']}; each size fitted in a fresh process on one CPU thread (torch "
-             f"{result['torch']}). Peak growth = ru_maxrss after the fit minus before it: what the fit "
-             "added to the process's peak memory. Written by `sourcetrace.curvature.kfac.scaling_benchmark`.",
-             "", "| examples | fit CPU time (s) | s per 1k examples | marginal s per 1k | time ratio | "
-             "peak growth (MiB) |", "|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        slope = r["marginal_seconds_per_1k"]
-        lines.append(f"| {r['n_train']} | {r['fit_seconds']:.2f} | {r['seconds_per_1k']:.3f} | "
-                     f"{'–' if slope is None else f'{slope:.3f}'} | "
-                     f"{r['time_ratio']:.1f}× for {r['size_ratio']:.0f}× data | {r['peak_growth_mib']:.1f} |")
-    atomic_write_bytes(out / "ekfac-scaling.md", ("\n".join(lines) + "\n").encode())
-    return result
+    def _plan(self, ctx: CurvatureContext) -> None:
+        super()._plan(ctx)
+        self.blocks, self.diag_names = [], list(ctx.capture.params)

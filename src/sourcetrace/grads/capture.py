@@ -27,13 +27,13 @@ from ..errors import UnsupportedModuleError
 PerExampleFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
 
 
 def hookable(module: nn.Module) -> bool:
     """Whether hooks can form this layer's per-example gradients."""
-    if isinstance(module, nn.Linear) or _is_conv1d(module):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return True
     if isinstance(module, nn.Conv2d):
         return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
@@ -49,7 +49,7 @@ def _layer_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[st
         if module.bias is not None:
             out["bias"] = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
         return out
-    if _is_conv1d(module):  # y = x @ W + b with W of shape [in, out]
+    if is_conv1d(module):  # y = x @ W + b with W of shape [in, out]
         out = {"weight": torch.einsum("b...i,b...o->bio", a, g)}
         if module.bias is not None:
             out["bias"] = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
@@ -181,7 +181,7 @@ class GradientCapture:
         try:
             with torch.enable_grad():
                 values = fn(self.model, batch)
-                checked(values, _batch_size(batch), "the per-example function")
+                checked(values, batch_size(batch), "the per-example function")
                 batch_grads = torch.autograd.grad(values.sum(), wanted, allow_unused=True) if wanted else ()
         finally:
             for h in handles:
@@ -248,7 +248,7 @@ class GradientCapture:
 
         def one(p: dict[str, torch.Tensor], example: Any) -> torch.Tensor:
             single = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, example)
-            return _call(model, p, fn, single)[0]
+            return call_with(model, p, fn, single)[0]
 
         if self._vmap_ok:
             try:
@@ -258,19 +258,21 @@ class GradientCapture:
                 warnings.warn(f"vmap could not trace this model ({str(exc)[:120]}); using a per-example "
                               "loop for the fallback parameters (slower, same result)", stacklevel=3)
         rows = []
-        for i in range(_batch_size(batch)):
+        for i in range(batch_size(batch)):
             example = tree_map(lambda t, i=i: t[i] if isinstance(t, torch.Tensor) else t, batch)
             rows.append(grad(one)(params, example))
         return {n: torch.stack([r[n] for r in rows]) for n in names}
 
 
-def _call(model: nn.Module, params: dict[str, torch.Tensor], fn: PerExampleFn, batch: Any) -> torch.Tensor:
+def call_with(model: nn.Module, params: dict[str, torch.Tensor], fn: PerExampleFn, batch: Any
+              ) -> torch.Tensor:
+    """`fn(model, batch)` with the model's parameters replaced by `params` (for torch.func)."""
     from torch.nn.utils.stateless import _reparametrize_module
 
     with _reparametrize_module(model, params, tie_weights=True, strict=False):
         return fn(model, batch)
 
 
-def _batch_size(batch: Any) -> int:
+def batch_size(batch: Any) -> int:
     leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
     return int(leaves[0].shape[0])

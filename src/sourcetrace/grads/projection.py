@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import InvalidOptionError, ShapeError
-from .capture import GradientCapture, _is_conv1d
+from .capture import GradientCapture, is_conv1d
 
 KINDS = ("gaussian", "rademacher")
 
@@ -146,7 +146,7 @@ def _layer_axes(module: nn.Module) -> tuple[int, int, int] | None:
     """(rows, cols, axis of the input side) of the layer's weight seen as a matrix; None if unsupported."""
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features, 1
-    if _is_conv1d(module):  # transformers' Conv1D keeps W as [in, out]: y = x W + b
+    if is_conv1d(module):  # transformers' Conv1D keeps W as [in, out]: y = x W + b
         w = cast(torch.Tensor, module.weight)
         return w.shape[0], w.shape[1], 0
     if isinstance(module, nn.Conv2d):
@@ -166,6 +166,8 @@ class KroneckerProjection:
     their contributions, as its true gradient does. Parameters outside hooked layers (LayerNorm, position
     embeddings looked up once per batch) are left out and listed in `left_out`.
     """
+
+    feature_kind = "kronecker"  # which feature map it is (`grads.features`)
 
     def __init__(self, capture: GradientCapture, rank: int = 32, kind: str = "gaussian", seed: int = 0,
                  exclude: set[str] | frozenset[str] = frozenset()):
@@ -211,6 +213,16 @@ class KroneckerProjection:
         side = next(b for b in self.blocks if b.weight == weight).axes[axis]
         return torch.eye(side.rows, dtype=dtype) if side.matrix is None else side.matrix.to(dtype)
 
+    def layer_rows(self, block: _Block, layer: str, bias: str | None, a_first: bool, a: torch.Tensor,
+                   g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call of `layer`: projected inputs [B, T, k_a] (bias input folded in) and projected output
+        gradients [B, T, k_g], in the output gradients' precision."""
+        module = self.capture.layers[layer]
+        a_rows, g_rows = _tokens(module, a, g)
+        a_side, g_side = (block.axes[0], block.axes[1]) if a_first else (block.axes[1], block.axes[0])
+        pa = _project_inputs(module, a_rows, a_side, bias is not None, g_rows.dtype)
+        return pa, _project(g_rows, g_side)
+
     def __call__(self, fn: Callable[[nn.Module, Any], torch.Tensor], batch: Any) -> torch.Tensor:
         """Projected per-example gradients of `fn(model, batch)` [B, dim], from one forward/backward."""
         io, values = self.capture.layer_io(fn, batch)
@@ -219,17 +231,12 @@ class KroneckerProjection:
         for block in self.blocks:
             total = torch.zeros(b, block.axes[0].k, block.axes[1].k, dtype=values.dtype, device=values.device)
             for lname, bias, a_first in block.layers:
-                module = self.capture.layers[lname]
                 for a, g in io[lname]:
                     if a.shape[0] != b or g.shape[0] != b:
                         raise ShapeError(
                             f"layer {lname!r} ran on inputs without a batch axis (shape {tuple(a.shape)}); "
                             "its per-example gradient cannot be projected: leave it out with modules=[...]")
-                    a_rows, g_rows = _tokens(module, a, g)
-                    a_side = block.axes[0] if a_first else block.axes[1]
-                    g_side = block.axes[1] if a_first else block.axes[0]
-                    pa = _project_inputs(module, a_rows, a_side, bias is not None, g_rows.dtype)
-                    pg = _project(g_rows, g_side)
+                    pa, pg = self.layer_rows(block, lname, bias, a_first, a, g)
                     total += torch.einsum("btu,btv->buv", pa, pg) if a_first else \
                         torch.einsum("btu,btv->buv", pg, pa)
             parts.append(total.reshape(b, -1))

@@ -35,12 +35,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..data import Examples
 from ..errors import InvalidOptionError, ShapeError
 from ..scores import Scores
-from ..tasks import CausalLMTask, ClassificationTask, Task, collate
+from .gradient import reduce_blocks
+from .parts import fitting_errors
 
 #: the default: fitting-error-weighted mean of per-query standardized checkpoint scores, each training
 #: example's column then divided by its root-mean-square over the queries (train-side normalisation)
@@ -120,31 +120,6 @@ def normalize_train(scores: Scores) -> Scores:
     return _like(scores, column_rms_normalize(_dense(scores)), "normalize_train")
 
 
-@torch.no_grad()
-def fitting_errors(models: Sequence[nn.Module], task: Task, queries: Any, *, batch_size: int = 64
-                   ) -> torch.Tensor:
-    """How far each checkpoint is from fitting each query, [n_query, n_models], in [0, 1].
-
-    1 − p for a log-probability measurement (CausalLMTask), 1 − σ(margin) for a classification margin;
-    for other tasks 1 − exp(−max(0, −m)), i.e. 0 when the measurement is ≥ 0 (a fitted query).
-    """
-    examples = Examples(queries, None, name="queries")
-    cols = []
-    for model in models:
-        was = model.training
-        model.eval()
-        vals = torch.cat([task.measurement(model, collate(task, items)).double().cpu()
-                          for _, items in examples.batches(batch_size)])
-        model.train(was)
-        if isinstance(task, CausalLMTask):
-            cols.append(1 - vals.exp())
-        elif isinstance(task, ClassificationTask) and task.kind == "margin":
-            cols.append(torch.sigmoid(-vals))
-        else:
-            cols.append(1 - torch.exp(-(-vals).clamp_min(0)))
-    return torch.stack(cols, 1)
-
-
 def query_features(attr: Any, queries: Any) -> list[torch.Tensor]:
     """A fitted Attributor's preconditioned query gradients, one [n_query, dim] per checkpoint."""
     return attr.method.query_features(attr.ctx, Examples(queries, None, name="queries"))
@@ -153,10 +128,8 @@ def query_features(attr: Any, queries: Any) -> list[torch.Tensor]:
 def score_features(attr: Any, feats: list[torch.Tensor], query_ids: list[Any], what: str = "features"
                    ) -> Scores:
     """Scores of given (already preconditioned) query features against a fitted Attributor's store."""
-    from .gradient import reduce_blocks
-
     method = attr.method
-    parts = reduce_blocks(method._blocks(feats), feats[0].shape[0], len(method.train_ids), None)
+    parts = reduce_blocks(method.blocks(feats), feats[0].shape[0], len(method.train_ids), None)
     return Scores(train_ids=method.train_ids, query_ids=list(query_ids), method=f"dda:{what}:{method.name}",
                   metadata={"dda": what}, **parts)
 

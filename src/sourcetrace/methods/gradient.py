@@ -1,327 +1,329 @@
-"""Gradient similarity methods: grad-dot, grad-cos and TracIn.
+"""The one gradient pipeline: features × preconditioner × checkpoint combination × post-processing.
 
-All three are one computation: per-example training-loss gradients are collected into a GradientStore
-per checkpoint; a query's measurement gradient q is compared with every stored row g as
-`score = -Σ_c w_c · sim(q_c, g_c)`, where sim is the dot product (grad-dot, TracIn) or the cosine
-(grad-cos), and w_c is the learning rate of checkpoint c (TracIn) or 1 (the current model).
+Per checkpoint c, the training rows g_c(i) (per-example gradients through a `FeatureMap`) go to a
+`GradientStore`; a `Preconditioner` is fitted on them; a query's measurement rows q_c are preconditioned,
+and one streaming loop scores them against every shard:
+
+    score(q, i) = post_i · Σ_c w_c · std_c(-(P_c q_c)ᵀ g_c(i) · col_c(i))
+
+(`methods.parts`: w_c and col_c from the Combination, std_c a per-query z-score for DDA, post_i from the
+PostProcess). The same loop gives top-k, per-module scores and the DDA reference statistics; self-influence
+is Σ_c w_c col_c(i)² g_c(i)ᵀ P_c g_c(i). grad-dot is score(q, i) = -∇m(q)·∇L(i).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import os
+import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils._pytree import tree_map
 
+from ..curvature import CurvatureContext, build_curvature
+from ..curvature.base import Preconditioner
 from ..data import Examples, state_fingerprint
 from ..errors import InvalidOptionError, ShapeError
 from ..grads import GradientCapture
+from ..grads.features import FEATURE_MAPS, KINDS, FeatureMap
 from ..grads.store import GradientStore
 from ..scores import Scores
 from ..tasks import collate
-from ..trajectory import Trajectory, as_trajectory
+from ..trajectory import as_trajectory
 from . import register
-from .base import Context, Method, Options
+from .base import Context, Method, Options, at_checkpoint, example_shapes, to_device
+from .parts import COMBINATIONS, Cosine, DDANormalize, RelatIF
 
 SHARD_BYTES = 256 * 2**20  # a shard is read into memory whole while scoring
+#: which options belong to which part, and the values of that part they apply to
+APPLIES = {"proj_dim": ("features", ("random",)), "rank": ("features", ("kronecker",)),
+           "projection": ("features", ("random", "kronecker")), "query_rank": ("features", ("identity",)),
+           "out_to_loss": ("combination", ("ensemble",)), "dda_reference": ("dda", (True,))}
 
 
 @dataclass(frozen=True)
 class GradientOptions(Options):
-    """Options of the gradient methods.
+    """Options of the gradient methods, by part (each method sets its own defaults; see the README table).
 
-    modules: fnmatch patterns of module names to attribute through (default: every trainable parameter).
-    batch_size: examples per backward pass. fallback: use torch.func for parameters outside supported
-    layers. store_dtype: precision of the stored gradients. checkpoints / learning_rates: TracIn's saved
-    models (state_dicts or paths) and the learning rate in force at each. trajectory: instead of those, a
-    run recorded with `TrajectoryRecorder` (a `Trajectory` or its workdir): its checkpoints after the start
-    with their mean learning rates (with dda=True, every checkpoint from the start on).
-    dda: Debias and Denoise Attribution for fine-tuned models: give `checkpoints=[base, ..., fine-tuned]`;
-    each checkpoint's scores are standardized per query and weighted by how far that checkpoint is from
-    fitting the query (1 − p), so the base model, where a new fact is unfitted, carries the signal; each
-    training example's column is then divided by its root-mean-square over the queries scored together
-    (see `sourcetrace.methods.dda` and benchmarks/facts-lm.md; give checkpoints dense early in training).
-    relatif: divide each training example's scores by the square root of its self-influence (RelatIF,
-    Barshan et al. 2020), so that examples with large, unusual gradients do not dominate every query.
+    Data: modules (fnmatch patterns of module names; default every trainable parameter), batch_size,
+    fallback (torch.func for parameters outside supported layers), store_dtype.
+    features: "identity", "random" (proj_dim, projection 'gaussian' | 'rademacher' | 'none', seed) or
+    "kronecker" (rank per side, projection, seed). query_rank: keep the top singular directions of each
+    weight block of the preconditioned query (identity features).
+    curvature: a name from `sourcetrace.curvature` ("identity", "ekfac", "cg", "gauss-newton", ...);
+    damping (λ added to the mean-loss curvature) or damping_factor (× the preconditioner's scale);
+    curvature_options: the preconditioner's own options (e.g. {"rank": 50} for arnoldi).
+    combination: "single", "tracin" (checkpoints, learning_rates), "ensemble" (checkpoints, out_to_loss
+    'mean' | 'per-model'); trajectory: a run recorded with `TrajectoryRecorder` instead of checkpoints.
+    cosine: grad-cos. relatif: divide by √self-influence. dda: Debias and Denoise Attribution (checkpoints
+    from the base model on, fitting-error weights, train-side normalisation over `dda_reference` training
+    examples; this project's reading of the paper, see `methods.dda`).
     """
 
     modules: tuple[str, ...] | list[str] | None = None
     batch_size: int = 64
     fallback: bool = True
     store_dtype: str = "float32"
+    features: str = "identity"
+    proj_dim: int = 2048
+    projection: str = "gaussian"
+    rank: int = 32
+    seed: int = 0
+    query_rank: int | None = None
+    curvature: str = "identity"
+    damping: float | None = None
+    damping_factor: float | None = None
+    curvature_options: dict[str, Any] = field(default_factory=dict)
+    combination: str = "single"
     checkpoints: tuple[Any, ...] | list[Any] | None = None
     learning_rates: tuple[float, ...] | list[float] | None = None
-    dda: bool = False
-    relatif: bool = False
     trajectory: Any = None
+    out_to_loss: str = "mean"
+    cosine: bool = False
+    relatif: bool = False
+    dda: bool = False
+    dda_reference: int = 256
 
     def __post_init__(self) -> None:
         if self.trajectory is not None:
             if self.checkpoints is not None:
                 raise InvalidOptionError("give trajectory=... or checkpoints=[...], not both")
             object.__setattr__(self, "trajectory", as_trajectory(self.trajectory))
-        if self.batch_size < 1:
-            raise InvalidOptionError("batch_size must be at least 1")
-        if self.store_dtype not in ("float32", "float64", "float16"):
-            raise InvalidOptionError("store_dtype must be 'float32', 'float64' or 'float16'")
-        if self.learning_rates is not None and (
-                self.checkpoints is None or len(self.learning_rates) != len(self.checkpoints)):
-            raise InvalidOptionError("give one learning rate per checkpoint")
+        checks = [
+            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1"),
+            (self.store_dtype in ("float32", "float64", "float16"),
+             "store_dtype must be 'float32', 'float64' or 'float16'"),
+            (self.features in FEATURE_MAPS, f"features must be one of {', '.join(FEATURE_MAPS)}"),
+            (self.proj_dim >= 1 and self.rank >= 1, "proj_dim and rank must be at least 1"),
+            (self.projection in (*KINDS, "none"), f"projection must be one of {', '.join((*KINDS, 'none'))}"),
+            (self.query_rank is None or self.query_rank >= 1, "query_rank must be at least 1"),
+            (self.combination in (*COMBINATIONS, "segments"),
+             f"combination must be one of {', '.join(COMBINATIONS)}"),
+            (self.out_to_loss in ("mean", "per-model"), "out_to_loss must be 'mean' or 'per-model'"),
+            (self.dda_reference >= 1, "dda_reference must be at least 1"),
+            (self.learning_rates is None or (self.checkpoints is not None and len(self.learning_rates)
+                                             == len(self.checkpoints)),
+             "give one learning rate per checkpoint"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidOptionError(f"{message}; got {self!r}"[:400])
 
 
-@register("grad-dot", "grad-cos", "tracin")
-class GradientSimilarity(Method):
-    """grad-dot / grad-cos on the current model; TracIn summed over checkpoints weighted by learning rate."""
+class GradientMethod(Method):
+    """A composition of the four parts, scored by one streaming loop."""
 
     Options = GradientOptions
     options: GradientOptions
 
     def __init__(self, name: str, options: GradientOptions):
         super().__init__(name, options)
-        if name == "tracin" and not options.checkpoints and options.trajectory is None:
-            raise InvalidOptionError("tracin needs checkpoints=[state_dict or path, ...] saved during "
-                                     "training and learning_rates=[...] in force at each, or trajectory=... "
-                                     "recorded with sourcetrace.TrajectoryRecorder")
-        if options.trajectory is not None and not self.multi_checkpoint(name):
-            raise InvalidOptionError(f"{name} uses one model; trajectory= is for tracin, source, replay "
-                                     "and dda=True")
-        if not self.multi_checkpoint(name) and options.checkpoints and len(options.checkpoints) > 1:
-            raise InvalidOptionError(f"{name} uses one model; for several checkpoints use method='tracin'")
-        self.normalize = name == "grad-cos"
-        self.stores: list[GradientStore] = []
+        o = options
+        combination = "fitting-error" if o.dda else o.combination
+        if o.dda and o.combination not in ("single", "tracin"):
+            raise InvalidOptionError(f"dda=True replaces the checkpoint combination; {name!r} combines "
+                                     f"checkpoints as {o.combination!r}")
+        self.combination = COMBINATIONS[combination](o) if combination in COMBINATIONS else None
+        if self.combination is not None:
+            self.combination.check()
+        self.featuremap = FeatureMap(o.features, o.proj_dim, o.projection, o.rank, o.seed)
+        self.new_preconditioner()  # unknown names and options, and impossible pairings, fail here
+        if o.relatif and (o.cosine or not (self.combination is None or self.combination.has_self_influence)):
+            raise InvalidOptionError(f"relatif=True needs a self-influence, which {name!r} with these "
+                                     "options does not define")
 
-    # ---- checkpoints ---------------------------------------------------------------------------------
-    def multi_checkpoint(self, name: str) -> bool:
-        """Whether the method `name` combines several checkpoints (TracIn sums them; DDA weighs them)."""
-        return name == "tracin" or self.options.dda
-
-    def _states(self) -> list[tuple[dict[str, torch.Tensor] | None, float]]:
+    def check_given(self, given: set[str]) -> None:
+        """Refuse options given for a part this composition does not use."""
         o = self.options
-        if not o.checkpoints:
-            return [(None, 1.0)]
-        rates = o.learning_rates or [1.0] * len(o.checkpoints)
-        return [(_load_state(c), float(lr)) for c, lr in zip(o.checkpoints, rates)]
+        values = {"features": o.features, "combination": o.combination, "dda": o.dda}
+        for key in sorted(given):
+            if key in APPLIES and values[APPLIES[key][0]] not in APPLIES[key][1]:
+                part, uses = APPLIES[key]
+                raise InvalidOptionError(f"{key}= applies to {part}={' or '.join(map(repr, uses))}; method "
+                                         f"{self.name!r} has {part}={values[part]!r}")
 
-    @contextlib.contextmanager
-    def _at(self, ctx: Context, state: dict[str, torch.Tensor] | None) -> Iterator[nn.Module]:
-        """The model at a checkpoint, in eval mode (the user's model is left as it was)."""
-        model = ctx.model if state is None else copy.deepcopy(ctx.model)
-        if state is not None:
-            model.load_state_dict(state)
-        was_training = model.training
-        model.eval()
-        try:
-            yield model
-        finally:
-            model.train(was_training)
+    def new_preconditioner(self) -> Preconditioner:
+        o = self.options
+        damping = {k: v for k, v in (("damping", o.damping), ("damping_factor", o.damping_factor))
+                   if v is not None}
+        return build_curvature(o.curvature, o.features, **damping, **o.curvature_options)
 
-
-    # ---- fit and score -------------------------------------------------------------------------------
-    def trajectory_options(self, trajectory: Trajectory, train: Examples) -> dict[str, Any]:
-        """The options that `trajectory=` stands for."""
-        if self.options.dda:  # from the base model (the start of the run) on
-            return {"checkpoints": trajectory.checkpoint_states()}
-        return trajectory.checkpoint_options("tracin")
-
+    # ---- fit ----------------------------------------------------------------------------------------
     def resolve_trajectory(self, train: Examples) -> None:
-        """Replace `trajectory=` by the options it stands for (done when fitting: SOURCE needs the data)."""
+        """Replace `trajectory=` by the options it stands for (when fitting: SOURCE needs the data)."""
         if self.options.trajectory is not None:
-            self.options = replace(self.options, trajectory=None,
-                                   **self.trajectory_options(self.options.trajectory, train))
+            extra = self.combination.trajectory_options(self.options.trajectory, train)
+            self.options = dataclasses.replace(self.options, trajectory=None, **extra)
+            self.combination.options = self.options
 
     def fit(self, ctx: Context, train: Examples) -> None:
         self.resolve_trajectory(train)
-        o = self.options
+        o, comb = self.options, self.combination
         self.train_ids = train.ids
-        self.train_shapes = _shapes(collate(ctx.task, [train[0]]))
-        self.stores, self.weights, self.states = [], [], []
-        self.shapes: dict[str, tuple[int, ...]] = {}  # parameter layout of a stored row
-        for c, (state, weight) in enumerate(self._states()):
-            with self._at(ctx, state) as model:
+        self.train_shapes = example_shapes(collate(ctx.task, [train[0]]))
+        self.states = comb.states()
+        with at_checkpoint(ctx.model, self.states[-1]) as model:
+            probe = to_device(collate(ctx.task, [train[i] for i in range(min(2, len(train)))]), model)
+            self.featuremap.prepare(model, o.modules, ctx.task.train_loss, probe)
+        fn = comb.train_function(ctx.task)
+        self.stores: list[GradientStore] = []
+        self.preconditioners: list[Preconditioner] = []
+        self.bound: list[Any] = []  # the feature map bound at each checkpoint
+        for c, state in enumerate(self.states):
+            with at_checkpoint(ctx.model, state) as model:
                 capture = GradientCapture(model, o.modules, fallback=o.fallback)
-                self.shapes = dict(capture.shapes)
-                dim = self.feature_dim(c, capture)
+                features = self.featuremap.bind(capture, c)
                 itemsize = 8 if o.store_dtype == "float64" else 4
-                shard = max(1, min(8192, SHARD_BYTES // (dim * itemsize)))
-                key = {"checkpoint": state_fingerprint(model.state_dict()), "modules": o.modules}
-                store = GradientStore(ctx.workdir / f"train-grads-{c}", len(train), dim,
+                shard = max(1, min(8192, SHARD_BYTES // max(1, features.dim * itemsize)))
+                key = {"checkpoint": state_fingerprint(model.state_dict()), "modules": o.modules,
+                       "features": [o.features, o.proj_dim, o.projection, o.rank, o.seed]}
+                store = GradientStore(ctx.workdir / f"train-grads-{c}", len(train), features.dim,
                                       dtype=o.store_dtype, shard_size=shard, key=key, overwrite=ctx.overwrite,
                                       persist=ctx.persist)
 
-                def rows(lo: int, hi: int, c: int = c, model: nn.Module = model,
-                         capture: GradientCapture = capture) -> torch.Tensor:
-                    batch = _to(collate(ctx.task, [train[i] for i in range(lo, hi)]), _device(model))
-                    return self.train_rows(ctx, c, capture, batch)
+                def rows(lo: int, hi: int, model: Any = model, features: Any = features) -> torch.Tensor:
+                    batch = collate(ctx.task, [train[i] for i in range(lo, hi)])
+                    return features(fn, to_device(batch, model))
 
-                desc = "train gradients" + (f" (checkpoint {c + 1})" if o.checkpoints else "")
+                desc = "train gradients" + (f" (checkpoint {c + 1})" if len(self.states) > 1 else "")
                 store.fill(rows, batch_size=o.batch_size, progress=ctx.progress, desc=desc)
-                self.fit_curvature(ctx, c, model, capture, train, store)
+                row_weights = comb.fit_checkpoint(ctx, c, model, train)
+                pre = self.new_preconditioner()
+                if comb.preconditions:
+                    pre.fit(CurvatureContext(model, ctx.task, capture, train, batch_size=o.batch_size,
+                                             folder=ctx.workdir / f"curvature-{c}", progress=ctx.progress,
+                                             store=store, features=features, row_weights=row_weights))
             self.stores.append(store)
-            self.weights.append(weight)
-            self.states.append(state)
+            self.preconditioners.append(pre)
+            self.bound.append(features)
+        self.shapes, self.slices = dict(capture.shapes), dict(features.slices)
+        comb.fit(self, ctx, train)
+        self.post: list[Any] = [Cosine()] if o.cosine else []
+        self.columns = [col for col in comb.columns]
+        for p in self.post:
+            self.columns = [p.checkpoint_column(self, c) * (1 if col is None else col)
+                            for c, col in enumerate(self.columns)]
+        self._self_influence: torch.Tensor | None = None
+        self.final: torch.Tensor | None = None
+        finals = ([RelatIF()] if o.relatif else []) + ([DDANormalize()] if o.dda else [])
+        scale = [p.fit(self, ctx, train) for p in finals]
+        self.final = torch.stack(scale).prod(0) if scale else None
 
-    def query_features(self, ctx: Context, queries: Examples) -> list[torch.Tensor]:
-        """Measurement gradients of the queries at each checkpoint, [n_query, dim] each."""
-        feats: list[torch.Tensor] = []
-        for store, state in zip(self.stores, self.states):
-            with self._at(ctx, state) as model:
-                capture = GradientCapture(model, self.options.modules, fallback=self.options.fallback)
-                c = len(feats)
-                if self.feature_dim(c, capture) != store.dim:
-                    raise ShapeError(f"query features have {self.feature_dim(c, capture)} entries but the "
-                                     f"training store has {store.dim}; queries must go through the same "
-                                     "model")
-                try:
-                    rows = [self.query_rows(ctx, c, capture, _to(collate(ctx.task, items), _device(model)))
-                            for _, items in queries.batches(self.options.batch_size)]
-                except torch.OutOfMemoryError:
+    # ---- queries ------------------------------------------------------------------------------------
+    def query_rows(self, ctx: Context, c: int, queries: Examples) -> torch.Tensor:
+        """The queries' measurement rows at checkpoint c, [n_query, dim], in the store's precision."""
+        o, store = self.options, self.stores[c]
+        with at_checkpoint(ctx.model, self.states[c]) as model:
+            features = self.featuremap.bind(GradientCapture(model, o.modules, fallback=o.fallback), c)
+            if features.dim != store.dim:
+                raise ShapeError(f"query features have {features.dim} entries but the training store has "
+                                 f"{store.dim}; queries must go through the same model")
+            try:
+                rows = [features(ctx.task.measurement, to_device(collate(ctx.task, items), model))
+                        for _, items in queries.batches(o.batch_size)]
+            except RuntimeError as exc:  # a shape error only when the queries' shapes differ from training's
+                shapes = example_shapes(collate(ctx.task, [queries[0]]))
+                if shapes == self.train_shapes:
                     raise
-                except RuntimeError as exc:  # torch's own shape errors, e.g. "mat1 and mat2 shapes ..."
-                    raise ShapeError(
-                        f"the model failed on the queries ({str(exc).splitlines()[0]}); queries must have "
-                        f"the training data's shape: a training example has {self.train_shapes}, a query has "
-                        f"{_shapes(collate(ctx.task, [queries[0]]))}") from exc
-            q = torch.cat(rows).to(torch.float64 if store.dtype == "float64" else torch.float32)
-            feats.append(self.precondition(c, q))
-        return feats
-
-    # ---- what other methods override: features, curvature, preconditioning ---------------------------
-    cheap_self_influence = True  # self-influence is attached to every dense Scores
-
-    def feature_dim(self, c: int, capture: GradientCapture) -> int:
-        """Width of a stored row at checkpoint `c` (the number of parameters, unless projected)."""
-        return capture.dim
-
-    def train_rows(self, ctx: Context, c: int, capture: GradientCapture, batch: Any) -> torch.Tensor:
-        """Stored rows of a training batch: per-example training-loss gradients [B, feature_dim]."""
-        return capture.flat(ctx.task.train_loss, batch)
-
-    def query_rows(self, ctx: Context, c: int, capture: GradientCapture, batch: Any) -> torch.Tensor:
-        """Rows of a query batch: per-example measurement gradients [B, feature_dim]."""
-        return capture.flat(ctx.task.measurement, batch)
-
-    def fit_curvature(self, ctx: Context, c: int, model: nn.Module, capture: GradientCapture,
-                      train: Examples, store: GradientStore) -> None:
-        """Fit what `precondition` needs at checkpoint `c` (nothing for plain gradient similarity)."""
+                raise ShapeError(f"the model failed on the queries ({str(exc).splitlines()[0]}); queries "
+                                 "must have the training data's shape: a training example has "
+                                 f"{self.train_shapes}, a query has {shapes}") from exc
+        return torch.cat(rows).to(torch.float64 if store.dtype == "float64" else torch.float32)
 
     def precondition(self, c: int, rows: torch.Tensor) -> torch.Tensor:
-        """Rows [n, dim] times the inverse curvature at checkpoint `c` (the identity here)."""
-        return rows
+        """Rows [n, dim] times the inverse curvature of checkpoint c."""
+        return self.preconditioners[c].apply(rows).to(rows.dtype)
 
-    def _blocks(self, feats: list[torch.Tensor], only: int | None = None
-                ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Scores against each shard of the training stores, in order: (lo, hi, [n_query, hi-lo]).
+    def query_features(self, ctx: Context, queries: Examples) -> list[torch.Tensor]:
+        """Each checkpoint's preconditioned query rows (cut to query_rank, unit length for cosine)."""
+        feats = self.combination.query_features(self, ctx, queries)
+        if self.options.query_rank is not None:
+            feats = [low_rank(q, self.shapes, self.options.query_rank) for q in feats]
+        for p in self.post:
+            feats = [p.query(q) for q in feats]
+        return feats
 
-        Summed over checkpoints with their weights, or of checkpoint `only` alone (unweighted).
-        """
-        chosen = range(len(self.stores)) if only is None else [only]
-        stores = [self.stores[c] for c in chosen]
-        weights = [self.weights[c] if only is None else 1.0 for c in chosen]
-        feats = [feats[c] for c in chosen]
-        if self.normalize:
-            feats = [q / q.norm(dim=1, keepdim=True).clamp_min(1e-12) for q in feats]
-            norms = [s.sqnorms().sqrt().clamp_min(1e-12) for s in stores]
-        for parts in zip(*(s.shards() for s in stores)):
-            lo, hi = parts[0][0], parts[0][1]
-            total = None
-            for c, (q, w, (_, _, g)) in enumerate(zip(feats, weights, parts)):
-                block = q @ g.to(q.dtype).T
-                if self.normalize:
-                    block /= norms[c][lo:hi].to(q.dtype)
-                block *= -w
-                total = block if total is None else total + block
+    # ---- the scoring loop ---------------------------------------------------------------------------
+    def blocks(self, feats: list[torch.Tensor], query_weights: torch.Tensor | None = None,
+               cols: torch.Tensor | None = None, final: bool = True
+               ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Score blocks (lo, hi, [n_query, hi - lo]) shard by shard; `cols`: only these feature columns."""
+        if cols is not None:
+            feats = [q[:, cols] for q in feats]
+        stats = self._row_stats(feats) if self.combination.standardize else None
+        for parts in zip(*(s.shards() for s in self.stores)):
+            lo, hi, total = parts[0][0], parts[0][1], None
+            for c, (q, (_, _, g)) in enumerate(zip(feats, parts)):
+                s = self._block(c, q, g if cols is None else g[:, cols], lo, hi)
+                if stats is not None:
+                    s = (s.double() - stats[c][0]) / stats[c][1]
+                w = self.combination.weights[c] if query_weights is None else query_weights[:, c:c + 1]
+                s = s * (w if isinstance(w, float) else w.to(s.dtype))
+                total = s if total is None else total + s
             assert total is not None
+            if final and self.final is not None:
+                total = total * self.final[lo:hi].to(total.dtype)
             yield lo, hi, total
+
+    def _block(self, c: int, q: torch.Tensor, g: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        block = -(q @ g.to(q.dtype).T)
+        col = self.columns[c]
+        return block if col is None else block * col[lo:hi].to(block.dtype)
+
+    def _row_stats(self, feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per checkpoint, each query's mean and standard deviation over the training set (two passes)."""
+        out = []
+        for c, q in enumerate(feats):
+            n = self.stores[c].n
+            mean = sum(self._block(c, q, g, lo, hi).double().sum(1)
+                       for lo, hi, g in self.stores[c].shards()) / n
+            var = sum((self._block(c, q, g, lo, hi).double() - mean[:, None]).pow(2).sum(1)
+                      for lo, hi, g in self.stores[c].shards()) / n
+            out.append((mean[:, None], var.sqrt().clamp_min(1e-300)[:, None]))
+        return out
 
     def score(self, ctx: Context, queries: Examples, top_k: int | None = None) -> Scores:
         feats = self.query_features(ctx, queries)
-        blocks = self._dda_blocks(ctx, queries, feats) if self.options.dda else self._blocks(feats)
-        if self.options.relatif:
-            blocks = self._relatif(ctx, blocks)
-        parts = reduce_blocks(blocks, len(queries), len(self.train_ids), top_k)
-        meta = {"options": self.options.manifest()}
-        attach = top_k is None and self.cheap_self_influence
-        return Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name, metadata=meta,
+        weights = self.combination.query_weights(self, ctx, queries)
+        parts = reduce_blocks(self.blocks(feats, weights), len(queries), len(self.train_ids), top_k)
+        attach = top_k is None and self.options.curvature == "identity" and not self.options.cosine
+        return Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name,
+                      metadata={"options": self.options.manifest()},
                       self_influence=self.self_influence(ctx) if attach else None, **parts)
 
     def score_by_module(self, ctx: Context, queries: Examples) -> dict[str, Scores]:
-        """Scores split by module: Σ over modules of -(P q)_module · g_module equals the total score."""
-        if self.options.dda or self.options.relatif or type(self)._blocks is not GradientSimilarity._blocks \
-                or any(s.dim != sum(int(torch.Size(v).numel()) for v in self.shapes.values())
-                       for s in self.stores):
-            raise InvalidOptionError(f"per-module scores need unprojected gradients; {self.name!r} with "
-                                     "these options stores other features")
+        """Scores split by module (by feature block: a parameter, or a projected weight); they add up."""
+        if self.combination.standardize or self.options.features == "random":
+            raise InvalidOptionError(f"per-module scores need features that keep modules apart and no "
+                                     f"per-query standardisation; {self.name!r} with these options lacks one")
         feats = self.query_features(ctx, queries)
         spans: dict[str, list[slice]] = {}
-        start = 0
-        for name, shape in self.shapes.items():
-            size = int(torch.Size(shape).numel())
-            module = name.rsplit(".", 1)[0] if "." in name else ""
-            spans.setdefault(module, []).append(slice(start, start + size))
-            start += size
+        for name, sl in self.slices.items():
+            spans.setdefault(name.rsplit(".", 1)[0] if "." in name else "", []).append(sl)
         out = {}
         for module, slices in spans.items():
             cols = torch.cat([torch.arange(s.start, s.stop) for s in slices])
-            parts = {"matrix": torch.zeros(len(queries), len(self.train_ids), dtype=feats[0].dtype)}
-            for c, (q, w) in enumerate(zip(feats, self.weights)):
-                for lo, hi, g in self.stores[c].shards():
-                    parts["matrix"][:, lo:hi] -= w * (q[:, cols] @ g[:, cols].to(q.dtype).T)
+            parts = reduce_blocks(self.blocks(feats, cols=cols), len(queries), len(self.train_ids), None)
             out[module] = Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name,
                                  metadata={"module": module, "options": self.options.manifest()}, **parts)
         return out
 
-    def _relatif(self, ctx: Context, blocks: Iterator[tuple[int, int, torch.Tensor]]
-                 ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Blocks divided column-wise by √(self-influence) of their training examples."""
-        influence = self.self_influence(ctx)
-        if influence is None:
-            raise InvalidOptionError(f"relatif=True needs a self-influence, which {self.name!r} does not "
-                                     "define")
-        scale = influence.double().clamp_min(1e-30).sqrt()
-        for lo, hi, block in blocks:
-            yield lo, hi, block / scale[lo:hi].to(block.dtype)
-
-    def _dda_blocks(self, ctx: Context, queries: Examples, feats: list[torch.Tensor]
-                    ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """DDA's default (`dda.dda`): per-checkpoint scores, z-scored per query, weighted by the query's
-        fitting error, then each training column divided by its root-mean-square over the queries."""
-        from .dda import column_rms_normalize, fitting_errors, zscore
-
-        if type(self)._blocks is not GradientSimilarity._blocks:
-            raise InvalidOptionError(f"dda=True is not available for method {self.name!r}; use it with "
-                                     "grad-dot, grad-cos, tracin or an influence method")
-        errors = []
-        for state in self.states:
-            with self._at(ctx, state) as model:
-                errors.append(fitting_errors([model], ctx.task, queries.items,
-                                             batch_size=self.options.batch_size)[:, 0])
-        weights = torch.stack(errors, 1)  # [n_query, C]
-        total = torch.zeros(len(queries), len(self.train_ids), dtype=torch.float64)
-        for c in range(len(self.stores)):
-            matrix = reduce_blocks(self._blocks(feats, only=c), len(queries), len(self.train_ids), None)
-            total += weights[:, c:c + 1] * zscore(matrix["matrix"].double())  # type: ignore[union-attr]
-        yield 0, len(self.train_ids), column_rms_normalize(total)  # train-side normalisation
-
     def self_influence(self, ctx: Context) -> torch.Tensor | None:
-        """Σ_c w_c ∇L_c(i)ᵀ P_c ∇L_c(i) (P = I for grad-dot and TracIn); undefined for grad-cos (always 1)."""
-        if self.normalize:
+        """Σ_c w_c col_c(i)² g_c(i)ᵀ P_c g_c(i); undefined for cosine and per-query weights."""
+        if self.options.cosine or not self.combination.has_self_influence:
             return None
-        total = torch.zeros(len(self.train_ids), dtype=torch.float64)
-        if type(self).precondition is GradientSimilarity.precondition:  # gᵀg was saved with the store
-            for store, w in zip(self.stores, self.weights):
-                total += w * store.sqnorms()
-            return total if self.stores[0].dtype == "float64" else total.float()
-        for c, (store, w) in enumerate(zip(self.stores, self.weights)):
-            for lo, hi, g in store.shards():
-                g = g.double()
-                total[lo:hi] += w * (self.precondition(c, g).double() * g).sum(1)
-        return total if self.stores[0].dtype == "float64" else total.float()
+        if self._self_influence is None:
+            total = torch.zeros(len(self.train_ids), dtype=torch.float64)
+            for c, (store, w, col) in enumerate(zip(self.stores, self.combination.weights,
+                                                    self.combination.columns)):
+                if self.options.curvature == "identity":  # gᵀg was saved with the store
+                    values = store.sqnorms()
+                else:
+                    values = torch.cat([(self.precondition(c, g.double()).double() * g.double()).sum(1)
+                                        for _, _, g in store.shards()])
+                total += w * (values if col is None else col.double() ** 2 * values)
+            self._self_influence = total if self.stores[0].dtype == "float64" else total.float()
+        return self._self_influence
 
 
 def reduce_blocks(blocks: Iterator[tuple[int, int, torch.Tensor]], n_query: int, n_train: int,
@@ -334,43 +336,36 @@ def reduce_blocks(blocks: Iterator[tuple[int, int, torch.Tensor]], n_query: int,
                 matrix = torch.empty(n_query, n_train, dtype=block.dtype)
             matrix[:, lo:hi] = block
         return {"matrix": matrix}
-    if top_k < 1:
-        raise InvalidOptionError("top_k must be at least 1")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise InvalidOptionError(f"top_k must be an integer >= 1; got {top_k!r}")
     k = min(top_k, n_train)
     empty = torch.empty(n_query, 0)
     top_v, top_i, bot_v, bot_i = empty, empty.long(), empty, empty.long()
     for lo, hi, block in blocks:
         idx = torch.arange(lo, hi).expand(n_query, -1)
-        top_v, j = torch.cat([top_v, block], 1).topk(min(k, top_v.shape[1] + hi - lo), dim=1)
+        top_v, j = torch.cat([top_v.to(block.dtype), block], 1).topk(min(k, top_v.shape[1] + hi - lo), dim=1)
         top_i = torch.cat([top_i, idx], 1).gather(1, j)
-        bot_v, j = torch.cat([bot_v, block], 1).topk(min(k, bot_v.shape[1] + hi - lo), dim=1,
-                                                     largest=False)
+        bot_v, j = torch.cat([bot_v.to(block.dtype), block], 1).topk(min(k, bot_v.shape[1] + hi - lo), dim=1,
+                                                                     largest=False)
         bot_i = torch.cat([bot_i, idx], 1).gather(1, j)
     return {"matrix": None, "top_values": top_v, "top_indices": top_i, "bottom_values": bot_v,
             "bottom_indices": bot_i}
 
 
-def _load_state(checkpoint: Any) -> dict[str, torch.Tensor]:
-    if isinstance(checkpoint, (str, os.PathLike)):
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if isinstance(checkpoint, nn.Module):
-        checkpoint = checkpoint.state_dict()
-    if not isinstance(checkpoint, dict):
-        raise InvalidOptionError("a checkpoint is a state_dict, a model, or the path of a saved state_dict")
-    return checkpoint
+def low_rank(rows: torch.Tensor, shapes: dict[str, tuple[int, ...]], rank: int) -> torch.Tensor:
+    """Each row with every weight's block (as a [shape[0], rest] matrix) cut to its top `rank` SVD terms."""
+    out, start = rows.clone(), 0
+    for shape in shapes.values():
+        size = int(torch.Size(shape).numel())
+        if len(shape) >= 2 and min(shape[0], size // shape[0]) > rank:
+            block = rows[:, start:start + size].reshape(rows.shape[0], shape[0], -1)
+            u, s, vh = torch.linalg.svd(block, full_matrices=False)
+            out[:, start:start + size] = ((u[..., :rank] * s[:, None, :rank]) @ vh[:, :rank]).reshape(
+                rows.shape[0], -1)
+        start += size
+    return out
 
 
-def _shapes(batch: Any) -> Any:
-    """The shapes of a one-example batch without its batch axis, for error messages."""
-    return tree_map(lambda t: tuple(t.shape[1:]) if isinstance(t, torch.Tensor) else type(t).__name__, batch)
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-def _to(batch: Any, device: torch.device) -> Any:
-    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, batch)
+register("grad-dot", GradientMethod, fixed=("curvature", "cosine"), curvature="identity", cosine=False)
+register("grad-cos", GradientMethod, fixed=("curvature", "cosine"), curvature="identity", cosine=True)
+register("tracin", GradientMethod, fixed=("combination",), combination="tracin")

@@ -407,7 +407,6 @@ def _optimizer_step(spec: OptimizerSpec, group_of: dict[str, int], rates: list[f
     return {"params": new_p, "opt": new_o}
 
 
-@register("replay")
 class Replay(Method):
     """Exact derivative of each query's measurement w.r.t. each training example's weight in a recorded
     run."""
@@ -486,3 +485,6 @@ class Replay(Method):
                           "the scores are derivatives at the replayed end point. Record the run that trained "
                           "this model, with a fixed data order and the loss the task computes",
                           RuntimeWarning, stacklevel=3)
+
+
+register("replay", Replay)

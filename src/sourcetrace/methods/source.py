@@ -27,23 +27,22 @@ AdamW's decoupled weight decay λ shifts H̃ by λ exactly; Adam's L2 term λP i
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..curvature import build_curvature
-from ..curvature.base import CurvatureContext
-from ..curvature.explicit import ExplicitCurvature
+from ..curvature import CurvatureContext
 from ..data import Examples
-from ..errors import InvalidOptionError, ShapeError
+from ..errors import InvalidOptionError
 from ..grads import GradientCapture
-from ..tasks import collate
+from ..trajectory import adam_preconditioner, source_options
 from . import register
-from .base import Context, Method
-from .gradient import GradientOptions, GradientSimilarity, _device, _to
+from .base import at_checkpoint
+from .gradient import GradientMethod, GradientOptions
+from .parts import Combination
 
 SEGMENT_CURVATURES = ("ekfac", "kfac", "explicit")
 
@@ -71,13 +70,14 @@ class SourceOptions(GradientOptions):
     stage_examples: tuple[Any, ...] | list[Any] | None = None
     momentum: float = 0.0
     weight_decay: float = 0.0
-    curvature: str = "ekfac"
-    curvature_options: dict[str, Any] = field(default_factory=dict)
     preconditioners: tuple[Any, ...] | list[Any] | None = None
     decoupled_weight_decay: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.features != "identity":
+            raise InvalidOptionError("source fits its segment curvatures on unprojected gradients; leave "
+                                     "features= out")
         if self.curvature not in SEGMENT_CURVATURES:
             raise InvalidOptionError(f"source's curvature must be one of {', '.join(SEGMENT_CURVATURES)}; "
                                      f"got {self.curvature!r}")
@@ -183,84 +183,42 @@ def flow_jacobian(horizon: float, shift: float = 0.0) -> Callable[[torch.Tensor]
     return lambda eig: torch.exp(-horizon * (eig.clamp_min(0) + shift))
 
 
-class AveragedExplicit:
-    """The exact GGN (or Hessian) averaged over several models, eigendecomposed: SOURCE on small models."""
+class Segments(Combination):
+    """SOURCE's combination: per checkpoint, weight N/N_s/|segment|, its stage's examples as a column mask,
+    and query features walked back from the final model through the segments' flows (module doc)."""
 
-    def __init__(self, **options: Any):
-        self.options = options
+    name = "segments"
+    preconditions = False
+    has_self_influence = False  # SOURCE measures queries at the final model only
 
-    def fit_average(self, contexts: Sequence[CurvatureContext], scale: dict[str, torch.Tensor] | None = None
-                    ) -> None:
-        """The mean of the models' matrices H, or with `scale` s ({parameter: tensor}) diag(s) H diag(s)."""
-        total = None
-        for ctx in contexts:
-            curv = ExplicitCurvature(**self.options)
-            curv.fit(ctx)
-            total = curv.matrix() if total is None else total + curv.matrix()
-        assert total is not None
-        total = total / len(contexts)
-        self.scales = None
-        if scale is not None:
-            names = [n for n, _, _ in contexts[0].layout()]
-            self.scales = {n: scale[n].detach().double().reshape(-1).cpu() for n in names}
-            flat = torch.cat(list(self.scales.values()))
-            total = flat[:, None] * total * flat[None, :]
-        values, self.eigenvectors = torch.linalg.eigh(total)
-        self.eigenvalues = values.clamp_min(0)
-
-    def apply_fn(self, vectors: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        u = self.eigenvectors
-        out = ((vectors.double().cpu() @ u) * fn(self.eigenvalues)) @ u.T
-        return out.to(device=vectors.device, dtype=vectors.dtype)
-
-
-@register("source")
-class Source(GradientSimilarity):
-    """SOURCE scores: per-segment EK-FAC flows applied to the final query gradient (see the module doc)."""
-
-    Options = SourceOptions
-    options: SourceOptions
-    cheap_self_influence = False
-
-    def __init__(self, name: str, options: SourceOptions):
-        Method.__init__(self, name, options)  # GradientSimilarity's check forbids several checkpoints
-        self.normalize = False
-        self.stores = []
-        self.segments: list[Segment] = []
-        if options.trajectory is None:
-            self._plan()
-
-    def _plan(self) -> None:
-        o = self.options
-        self.segments = plan_segments(list(o.steps or []), list(o.learning_rates or []), o.stages, o.segments)
+    def check(self) -> None:
+        pass
 
     def trajectory_options(self, trajectory: Any, train: Examples) -> dict[str, Any]:
-        return trajectory_options(trajectory, train.ids)
+        return source_options(trajectory, train.ids)
 
-    def fit(self, ctx: Context, train: Examples) -> None:
-        self.resolve_trajectory(train)
-        self._plan()
+    def fit(self, method: Any, ctx: Any, train: Examples) -> None:
         o = self.options
-        members = self._stage_members(len(train))
-        super().fit(ctx, train)  # per-checkpoint training-gradient stores
+        self.segments = plan_segments(list(o.steps or []), list(o.learning_rates or []), o.stages, o.segments)
+        members = _stage_members(o, len(train))
         n_train = len(train)
-        self.weights = [0.0] * len(self.stores)
-        self.members: list[torch.Tensor | None] = [None] * len(self.stores)
+        self.weights = [0.0] * len(method.stores)
+        self.columns: list[torch.Tensor | None] = [None] * len(method.stores)
         for seg in self.segments:
             mask = members[seg.stage]
             n_stage = n_train if mask is None else int(mask.sum())
             for c in seg.checkpoints:  # mean over the segment's checkpoints; N/N_s for the stage's loss
                 self.weights[c] = n_train / n_stage / len(seg.checkpoints)
-                self.members[c] = mask
+                self.columns[c] = None if mask is None else mask.double()
             data = train if mask is None else _subset(train, mask)
             with contextlib.ExitStack() as stack:
                 ctxs = []
                 for c in seg.checkpoints:
-                    model = stack.enter_context(self._at(ctx, self.states[c]))
+                    model = stack.enter_context(at_checkpoint(ctx.model, method.states[c]))
                     ctxs.append(CurvatureContext(model, ctx.task, GradientCapture(model, o.modules,
                                                                                   fallback=o.fallback),
                                                  data, batch_size=o.batch_size, progress=ctx.progress))
-                seg.curvature = self._segment_curvature()
+                seg.curvature = method.new_preconditioner()
                 scale = self._segment_scale(seg)
                 seg.curvature.fit_average(ctxs, scale=scale)
             seg.shift = o.weight_decay
@@ -279,44 +237,13 @@ class Source(GradientSimilarity):
         return {n: torch.stack([torch.as_tensor(pre[c][n]).double() for c in seg.checkpoints]).mean(0).sqrt()
                 for n in names}
 
-    def _segment_curvature(self) -> Any:
-        o = self.options
-        if o.curvature == "explicit":
-            return AveragedExplicit(**o.curvature_options)
-        return build_curvature(o.curvature, **o.curvature_options)
-
-    def _stage_members(self, n_train: int) -> list[torch.Tensor | None]:
-        o = self.options
-        n_stages = 1 if o.stages is None else int(o.stages[-1]) + 1
-        chosen = o.stage_examples or [None] * n_stages
-        out: list[torch.Tensor | None] = []
-        for s, idx in enumerate(chosen):
-            if idx is None:
-                out.append(None)
-                continue
-            idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-            if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n_train:
-                raise InvalidOptionError(f"stage_examples[{s}] must be non-empty indices into the {n_train} "
-                                         "training examples")
-            mask = torch.zeros(n_train, dtype=torch.bool)
-            mask[idx] = True
-            out.append(mask)
-        return out
-
-    def query_features(self, ctx: Context, queries: Examples) -> list[torch.Tensor]:
+    def query_features(self, method: Any, ctx: Any, queries: Examples) -> list[torch.Tensor]:
         """Per checkpoint: f_l(H̄_l) S_{l+1}⋯S_L ∇m(q) for its segment l (the final query gradient walked
         back through the later segments, then through the residual's function of the curvature)."""
         o = self.options
-        with self._at(ctx, None) as model:
-            capture = GradientCapture(model, o.modules, fallback=o.fallback)
-            if capture.dim != self.stores[0].dim:
-                raise ShapeError(f"the model has {capture.dim} attributed parameters but the training store "
-                                 f"has {self.stores[0].dim}; give the final model of the same architecture")
-            rows = [capture.flat(ctx.task.measurement, _to(collate(ctx.task, items), _device(model)))
-                    for _, items in queries.batches(o.batch_size)]
-        v = torch.cat(rows).double()
-        feats: list[torch.Tensor] = [v] * len(self.stores)
-        dtype = torch.float64 if self.stores[0].dtype == "float64" else torch.float32
+        v = _final_rows(method, ctx, queries).double()
+        feats: list[torch.Tensor] = [v] * len(method.stores)
+        dtype = torch.float64 if method.stores[0].dtype == "float64" else torch.float32
         for seg in reversed(self.segments):
             horizon = seg.horizon / (1 - o.momentum)
             s = None if seg.scale is None else seg.scale.to(v.device, v.dtype)
@@ -329,119 +256,52 @@ class Source(GradientSimilarity):
             v = v if s is None else v / s
         return feats
 
-    def _blocks(self, feats: list[torch.Tensor], only: int | None = None
-                ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        if only is not None:
-            raise InvalidOptionError(f"method {self.name!r}: per-checkpoint scores are not available for "
-                                     "this method")
-        return self._source_blocks(feats)
 
-    def _source_blocks(self, feats: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """−Σ_c w_c q_cᵀ g_c per shard, with examples outside a checkpoint's stage data masked out."""
-        for parts in zip(*(s.shards() for s in self.stores)):
-            lo, hi = parts[0][0], parts[0][1]
-            total = None
-            for q, w, mask, (_, _, g) in zip(feats, self.weights, self.members, parts):
-                block = q @ g.to(q.dtype).T
-                block *= -w
-                if mask is not None:
-                    block *= mask[lo:hi].to(block.dtype)
-                total = block if total is None else total + block
-            assert total is not None
-            yield lo, hi, total
-
-    def self_influence(self, ctx: Context) -> torch.Tensor | None:
-        """Not defined: SOURCE measures queries at the final model only."""
-        return None
+def _final_rows(method: Any, ctx: Any, queries: Examples) -> torch.Tensor:
+    """The queries' measurement gradients at the final model (the Attributor's), [n_query, dim]."""
+    states, method.states = method.states, [None] * len(method.states)
+    try:
+        return method.query_rows(ctx, len(method.stores) - 1, queries)
+    finally:
+        method.states = states
 
 
-def trajectory_options(trajectory: Any, train_ids: Sequence[Any] | None = None) -> dict[str, Any]:
-    """SOURCE's options from a recorded `Trajectory`: checkpoints after step 0, the mean learning rate over
-    the steps each stands for (× batch size under reduction="sum"), step counts, SGD momentum and weight
-    decay, stages, and per stage the training examples its steps used (mapped to positions in `train_ids`,
-    needed when there are several stages). Usage: `Attributor(model, task, "source", **trajectory_options(t,
-    ids))`."""
-    steps = [int(s) for s in trajectory.checkpoints if int(s) > 0]
-    if not steps:
-        raise InvalidOptionError("the trajectory has no checkpoint after step 0; record with "
-                                 "checkpoint_every=N or at_steps=[...]")
-    varying = ("params", "lr", "initial_lr")  # learning rates are recorded per step
-    kinds = {(o.kind, tuple(sorted((k, str(v)) for k, v in o.groups[0].items() if k not in varying)))
-             for o in trajectory.optimizers}
-    if len(kinds) > 1:
-        used = ", ".join(f"{o.kind} from step {o.start + 1}" for o in trajectory.optimizers)
-        raise InvalidOptionError(f"SOURCE takes one optimizer setting (besides the learning rate) for the "
-                                 f"whole run; this trajectory changes it between stages ({used})")
-    spec = trajectory.optimizers[0]
-    group = spec.groups[0]
-    if spec.kind not in ("SGD", "Adam", "AdamW"):
-        raise InvalidOptionError(f"SOURCE takes runs of SGD, Adam or AdamW; this one used {spec.kind}")
-    if group.get("dampening", 0) or group.get("nesterov", False):
-        raise InvalidOptionError("SOURCE supports SGD momentum without dampening or Nesterov")
-    if group.get("amsgrad", False):
-        raise InvalidOptionError("SOURCE's Adam variant does not cover amsgrad")
-    rates = []
-    prev = 0
-    for s in steps:
-        per_step = [trajectory.lrs[t][0] * (len(trajectory.batch_ids[t]) if trajectory.reduction == "sum"
-                                            else 1) for t in range(prev, s)]
-        rates.append(sum(per_step) / len(per_step))
-        prev = s
-    options: dict[str, Any] = {
-        "checkpoints": [trajectory.checkpoint(s)[0] for s in steps], "learning_rates": rates, "steps": steps,
-        "momentum": float(group.get("momentum", 0.0)), "weight_decay": float(group.get("weight_decay", 0.0))}
-    if spec.kind != "SGD":
-        decoupled = spec.kind == "AdamW" or bool(group.get("decoupled_weight_decay"))
-        options.update(momentum=0.0, preconditioners=[adam_preconditioner(trajectory.checkpoint(s)[1], group)
-                                                      for s in steps], decoupled_weight_decay=decoupled)
-    bounds = sorted(st.start for st in trajectory.stages if st.start > 0)
-    raw = [sum(b < s for b in bounds) for s in steps]
-    if len(set(raw)) > 1:
-        rank = {r: i for i, r in enumerate(sorted(set(raw)))}
-        options["stages"] = [rank[r] for r in raw]
-        if train_ids is None:
-            raise InvalidOptionError("a trajectory with stages needs train_ids=[...] (the ids of the "
-                                     "training data in the order given to fit) to find each stage's examples")
-        position = {i: k for k, i in enumerate(train_ids)}
-        ends = [0, *bounds, trajectory.n_steps]
-        chosen = []
-        for r in sorted(set(raw)):
-            seen = {i for t in range(ends[r], ends[r + 1]) for i in trajectory.batch_ids[t]}
-            idx = sorted(position[i] for i in seen if i in position)
-            chosen.append(None if len(idx) == len(position) else idx)
-        options["stage_examples"] = chosen
-    return options
-
-
-def adam_preconditioner(state: dict[str, dict[str, torch.Tensor]], group: dict[str, Any], cap: float = 100.0
-                        ) -> dict[str, torch.Tensor]:
-    """Adam's diagonal preconditioner 1/(√v̂ + ε) per parameter, v̂ the bias-corrected second moment, capped
-    at `cap` × its median over the parameter's entries.
-
-    The cap: where v̂ ≈ 0 (a unit that rarely fired, an input that is almost always 0) 1/(√v̂ + ε) runs up
-    to 1/ε, yet Adam's step there stays about η (|m̂|/√v̂ ≲ 1) and its response to one more example
-    saturates; uncapped, those entries dominate every score (digits AdamW: SOURCE LDS 0.48 uncapped, 0.90
-    capped at 3-100 × the median, benchmarks/replay.md).
-    """
-    beta2, eps = float(group["betas"][1]), float(group["eps"])
-    out = {}
-    for name, entry in state.items():
-        if "exp_avg_sq" not in entry:
+def _stage_members(o: SourceOptions, n_train: int) -> list[torch.Tensor | None]:
+    n_stages = 1 if o.stages is None else int(o.stages[-1]) + 1
+    out: list[torch.Tensor | None] = []
+    for s, idx in enumerate(o.stage_examples or [None] * n_stages):
+        if idx is None:
+            out.append(None)
             continue
-        k = int(entry["step"].item()) if "step" in entry else 0
-        if k < 1:
-            raise InvalidOptionError(f"checkpoint before Adam's first step has no second moments ({name}); "
-                                     "give SOURCE checkpoints after training started")
-        v_hat = entry["exp_avg_sq"].double() / (1 - beta2 ** k)
-        p = 1.0 / (v_hat.sqrt() + eps)
-        out[name] = p.clamp_max(cap * float(p.median()))
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n_train:
+            raise InvalidOptionError(f"stage_examples[{s}] must be non-empty indices into the {n_train} "
+                                     "training examples")
+        mask = torch.zeros(n_train, dtype=torch.bool)
+        mask[idx] = True
+        out.append(mask)
     return out
+
+
+class Source(GradientMethod):
+    """SOURCE: per-segment curvature flows applied to the final query gradient (see the module doc)."""
+
+    Options = SourceOptions
+
+    def __init__(self, name: str, options: SourceOptions):
+        super().__init__(name, options)
+        self.combination = Segments(options)
+        if options.relatif:
+            raise InvalidOptionError("relatif=True needs a self-influence, which source does not define")
 
 
 def _subset(train: Examples, mask: torch.Tensor) -> Examples:
     idx = mask.nonzero().flatten().tolist()
     return Examples([train[i] for i in idx], ids=[train.ids[i] for i in idx], name="stage data")
 
+
+trajectory_options = source_options  # the name SOURCE's users know
+register("source", Source, fixed=("combination",), combination="segments", curvature="ekfac")
 
 __all__ = ["Segment", "Source", "SourceOptions", "adam_preconditioner", "flow_jacobian", "flow_residual",
            "plan_segments", "trajectory_options"]
