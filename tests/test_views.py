@@ -254,7 +254,7 @@ def test_llm_queries_selection_and_compare_in_payload():
 @pytest.fixture(scope="module")
 def lm():
     pytest.importorskip("transformers")
-    from sourcetrace.views.examples import shared_tiny_lm
+    from sourcetrace.demos.examples import shared_tiny_lm
 
     return shared_tiny_lm()
 
@@ -262,7 +262,6 @@ def lm():
 def test_backend_scores_equal_grad_dot_of_the_selected_tokens(lm):
     """Independent check: -∇(Σ selected log p)·∇L(i), by autograd over the same parameters."""
     from sourcetrace.grads.capture import select_parameters
-    from sourcetrace.views.llm import lm_example
 
     backend, train, queries = lm
     q = queries[0]
@@ -270,7 +269,7 @@ def test_backend_scores_equal_grad_dot_of_the_selected_tokens(lm):
     scores = backend.attribute(q["tokens"], sel, q["prompt"])
     params = list(select_parameters(backend.model, backend.modules).values())
     task = backend.task
-    batch = task.collate([lm_example(backend.tokenizer, q["tokens"], sel, backend.tokenize(q["prompt"]))])
+    batch = task.collate([backend.example(q["tokens"], sel, backend.tokenize(q["prompt"]))])
     gq = torch.autograd.grad(task.measurement(backend.model, batch).sum(), params)
     for i in (0, 5, 40):
         tb = task.collate([backend.train_examples[i]])
@@ -341,3 +340,58 @@ def test_backend_keeps_the_users_workdir_and_labels_token_shares(lm, tmp_path):
     session = Session(None, train[:6], copy.deepcopy(queries[:1]), backend=cos, k=2)
     note = session.payload()["token_scores_note"]
     assert "grad-dot score" in note and "grad-cos" in note
+
+
+def _bpe_tokenizer(texts, folder):
+    """A byte-level BPE tokenizer trained here on `texts`, saved and reloaded with AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+                            ).save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+@pytest.mark.slow
+def test_backend_on_a_llama_with_sdpa_and_a_bpe_tokenizer(tmp_path):
+    """Any Hugging Face causal LM and fast tokenizer: a Llama config (SDPA attention) with a BPE tokenizer;
+    scores equal grad-dot by autograd over every parameter, token shares add up, and the saved view
+    reloads from its folder with the same scores."""
+    transformers = pytest.importorskip("transformers")
+    from sourcetrace.demos.tiny_lm import tiny_corpus
+    from sourcetrace.views import LMBackend, load_view, save_view
+
+    texts = [r["text"] for r in tiny_corpus(per_topic=4)]
+    tok = _bpe_tokenizer(texts, tmp_path / "tok")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                   max_position_embeddings=64, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert model.config._attn_implementation == "sdpa"
+    backend = LMBackend(model, tok, texts, threads=1)
+    tokens = backend.tokenize(" chops the onions in the kitchen .")
+    assert "".join(tokens) == " chops the onions in the kitchen ."  # offsets keep the spacing
+    sel = [1, 2]
+    scores = backend.attribute(tokens, sel, "the chef")
+    task, params = backend.task, [p for p in model.parameters() if p.requires_grad]
+    query = task.collate([backend.example(tokens, sel, backend.tokenize("the chef"))])
+    gq = torch.autograd.grad(task.measurement(model, query).sum(), params)
+    for i in (0, 5):
+        train = task.collate([backend.train_examples[i]])
+        gi = torch.autograd.grad(task.train_loss(model, train).sum(), params)
+        want = -sum(float((a * b).sum()) for a, b in zip(gq, gi))
+        assert float(scores.matrix[0, i]) == pytest.approx(want, rel=1e-4, abs=1e-6)
+        shares = backend.token_contributions(tokens, sel, i, "the chef")
+        assert len(shares) == len(backend.tokenize(texts[i])) and sum(shares) == pytest.approx(want, rel=1e-4)
+    save_view(tmp_path / "view", None, train_items=[{"text": t} for t in texts],
+              query_items=[{"prompt": "the chef", "tokens": tokens, "selection": sel}], backend=backend,
+              report=False)
+    served = load_view(tmp_path / "view")
+    assert served.backend.method_name == "grad-dot" and served.backend.modules is None
+    assert torch.allclose(served.scores.matrix[0], scores.matrix[0], rtol=1e-5, atol=1e-7)

@@ -74,7 +74,7 @@ def shot(page, name):
 @pytest.fixture(scope="module")
 def digits():
     pytest.importorskip("sklearn")
-    from sourcetrace.views.examples import shared_digits
+    from sourcetrace.demos.examples import shared_digits
 
     return shared_digits()
 
@@ -82,7 +82,7 @@ def digits():
 @pytest.fixture(scope="module")
 def lm():
     pytest.importorskip("transformers")
-    from sourcetrace.views.examples import shared_tiny_lm
+    from sourcetrace.demos.examples import shared_tiny_lm
 
     return shared_tiny_lm()
 
@@ -116,7 +116,7 @@ def test_classifier_report_loads_without_console_errors(page, digits, tmp_path):
 
 def test_table_and_audio_report_plays_clips_offline(page, tmp_path):
     """Table rows and audio clips: the query's row and player, a summary and a player for each example."""
-    from sourcetrace.views.examples import calls_example
+    from sourcetrace.demos.examples import calls_example
 
     scores, train, queries = calls_example()
     path = write_report(scores, tmp_path / "calls.html", train_items=train, query_items=queries,
@@ -161,7 +161,7 @@ def test_table_and_audio_report_plays_clips_offline(page, tmp_path):
 def test_llm_report_shows_tokens_keywords_and_compare(page, lm, tmp_path):
     backend, train, queries = lm
     items = copy.deepcopy(queries)
-    edit = dict(items[0], tokens=items[0]["tokens"][:-1] + ["and", "jam", "."])
+    edit = dict(items[0], tokens=items[0]["tokens"][:-1] + backend.tokenize(" and jam ."))
     edit["selection"] = [len(edit["tokens"]) - 3, len(edit["tokens"]) - 2]
     items[0]["compare_to"] = 2
     items[1]["spans"] = [{"start": 0, "end": 2, "count": 3, "text": " ".join(items[1]["tokens"][:2]),
@@ -204,7 +204,7 @@ def test_served_app_attributes_selected_tokens(page, lm, tmp_path):
         before = rows(page, "st-top")
         page.click("#st-clear")
         tokens = queries[0]["tokens"]
-        pick = [i for i, t in enumerate(tokens) if t.isalpha()][-1:]  # the last word of the generation
+        pick = [i for i, t in enumerate(tokens) if t.strip().isalpha()][-1:]  # the last word generated
         for i in pick:
             page.click(f".st-gen .st-tok[data-i='{i}']")
         assert page.locator(".st-gen .st-tok.st-sel").count() == len(pick)
@@ -245,6 +245,41 @@ def test_compare_view_renders_both_texts_and_lists(page, lm, tmp_path):
             assert len(rows(page, side + "top")) == 6 and len(rows(page, side + "bottom")) == 6
         shot(page, "compare")
         assert page.errors == []
+
+
+def test_two_browsers_compare_without_seeing_each_other(browser, lm, tmp_path):
+    """Two browser contexts (two users) on one served view: one user's compare stays in their page."""
+    backend, train, queries = lm
+    pytest.importorskip("fastapi")
+    from sourcetrace.views.server import create_app, serve_in_thread
+
+    view = Session(None, train, copy.deepcopy(queries), title="tiny GPT-2", backend=backend)
+    contexts = [browser.new_context(viewport={"width": 1000, "height": 720}) for _ in range(2)]
+    try:
+        with serve_in_thread(create_app(view, root=tmp_path)) as url:
+            first, second = (c.new_page() for c in contexts)
+            for pg in (first, second):
+                pg.set_default_timeout(20_000)
+                pg.goto(url + "/")
+                pg.wait_for_selector("#st-root[data-ready]")
+            n_queries = second.locator("[data-q]").count()
+            first.click("[data-tab='compare']")
+            user = "".join(queries[0]["tokens"][:2]) + " sour soup" + queries[0]["tokens"][-1]
+            first.fill("#st-user-text", user)
+            first.click("#st-compare")
+            first.wait_for_selector("#st-side-user .st-tok")
+            assert first.locator("[data-q]").count() == n_queries + 1  # the edit joins the first page
+            second.reload()
+            second.wait_for_selector("#st-root[data-ready]")
+            assert second.locator("[data-q]").count() == n_queries  # ...and not the second's
+            second.click("[data-tab='compare']")
+            assert second.locator("#st-side-user .st-tok").count() == 0
+            first.reload()
+            first.wait_for_selector("#st-root[data-ready]")
+            assert first.locator("[data-q]").count() == n_queries + 1  # the first keeps it across reloads
+    finally:
+        for c in contexts:
+            c.close()
 
 
 WIDGET_PAGE = """<!doctype html><html><head><meta charset="utf-8"><style>%s</style></head>

@@ -21,7 +21,7 @@ from sourcetrace.views.server import serve_in_thread as live  # noqa: E402
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from sourcetrace.views.examples import shared_tiny_lm
+    from sourcetrace.demos.examples import shared_tiny_lm
 
     backend, train, queries = shared_tiny_lm()
     root = tmp_path_factory.mktemp("views")
@@ -179,7 +179,7 @@ def test_served_table_and_audio_view(tmp_path):
     """A saved view with table rows and clips: the page allows inline audio, the API sends the clips."""
     from fastapi.testclient import TestClient
 
-    from sourcetrace.views.examples import calls_example
+    from sourcetrace.demos.examples import calls_example
 
     scores, train, queries = calls_example(n_train=12, n_query=2)
     save_view(tmp_path / "calls", scores, train_items=train, query_items=queries, title="calls")
@@ -192,3 +192,27 @@ def test_served_table_and_audio_view(tmp_path):
         item = c.get("/api/train/11").json()  # any training item, shown or not, comes with its clip
         assert item["row"]["values"][0] == train[11]["row"]["site"]
         assert item["audio"]["seconds"] == 0.4
+
+
+def test_each_client_keeps_its_own_selections_and_compares(workdir):
+    """Two clients (two cookie jars): one's attribute and compare never show in the other's view."""
+    from fastapi.testclient import TestClient
+
+    app = create_app(workdir)
+    with TestClient(app) as a, TestClient(app) as b:
+        fresh = b.get("/api/view").json()
+        tokens = fresh["queries"][0]["tokens"]
+        r = a.post("/api/queries/0/attribute", json={"selection": [0]})
+        assert r.status_code == 200 and "sourcetrace_client" in r.cookies
+        text = "".join(tokens[:-1]) + " and jam ."
+        assert a.post("/api/queries/0/compare", json={"text": text}).status_code == 200
+        mine = a.get("/api/view").json()
+        assert len(mine["queries"]) == 3
+        assert mine["queries"][0]["selection"] != fresh["queries"][0]["selection"]
+        theirs = b.get("/api/view").json()
+        assert theirs == fresh  # b sees the view as it was saved
+        assert [q["id"] for q in b.get("/api/queries").json()] == [0, 1]
+        assert b.get("/api/queries/0~edit1").status_code == 404
+        r = b.post("/api/queries/0/attribute", json={"selection": [1]})
+        assert r.json()["queries"][0]["selection"] == [1]
+        assert a.get("/api/queries/0").json()["queries"][0]["selection"] != [1]  # and b's change stays b's

@@ -12,7 +12,7 @@ from sourcetrace.views.widget import AttributionWidget, widget_esm  # noqa: E402
 
 @pytest.fixture(scope="module")
 def lm():
-    from sourcetrace.views.examples import shared_tiny_lm
+    from sourcetrace.demos.examples import shared_tiny_lm
 
     return shared_tiny_lm()
 

@@ -10,12 +10,12 @@
 
 from typing import Any
 
-from .llm import Backend, LMBackend, WordTokenizer
+from .llm import Backend, LMBackend
 from .payload import report_payload
 from .report import render_html, write_report
 from .session import Session, load_view, save_view
 
-__all__ = ["AttributionWidget", "Backend", "LMBackend", "Session", "WordTokenizer", "create_app", "load_view",
+__all__ = ["AttributionWidget", "Backend", "LMBackend", "Session", "create_app", "load_view",
            "render_html", "report_payload", "run_server", "save_view", "write_report"]
 
 

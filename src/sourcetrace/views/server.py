@@ -7,10 +7,12 @@ imports without the `[views]` extra.
 
 # no `from __future__ import annotations`: FastAPI reads the request models' annotations at run time
 import os
+import secrets
 import socket
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,8 @@ from .report import render_html
 from .session import NoBackendError, Session, load_view
 
 MAX_SELECTION = 4096
+MAX_CLIENTS = 256  # clients with their own selections; the least recently active is forgotten first
+CLIENT_COOKIE = "sourcetrace_client"
 MAX_TEXT = 20_000
 
 
@@ -36,7 +40,7 @@ def _require() -> None:
 def create_app(session: Session | str | os.PathLike, *, root: str | os.PathLike | None = None) -> Any:
     """A FastAPI app showing `session` (or the view saved in a workdir); `/files/` serves `root` only."""
     _require()
-    from fastapi import Body, FastAPI, HTTPException
+    from fastapi import Body, FastAPI, HTTPException, Request, Response
     from fastapi.responses import FileResponse, HTMLResponse
     from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,10 +63,32 @@ def create_app(session: Session | str | os.PathLike, *, root: str | os.PathLike 
 
     app = FastAPI(title="sourcetrace", version="1",
                   description="Training-data attribution views: which training examples made the model "
-                              "produce this output. Positive scores are proponents.")
-    view = session
+                              "produce this output. Positive scores are proponents. Each client (a cookie) "
+                              "has its own selections and compares.")
+    base = session  # never changed: a client's first change works on its own fork of it
+    clients: OrderedDict[str, Session] = OrderedDict()
+    clients_lock = threading.Lock()
 
-    def find(query: str) -> int:
+    def view_of(request: Request) -> Session:
+        with clients_lock:
+            own = clients.get(request.cookies.get(CLIENT_COOKIE, ""))
+        return own if own is not None else base
+
+    def own_view(request: Request, response: Response) -> Session:
+        """The client's own copy of the view, made (and named in a cookie) on its first change."""
+        cid = request.cookies.get(CLIENT_COOKIE, "")
+        with clients_lock:
+            if cid in clients:
+                clients.move_to_end(cid)
+                return clients[cid]
+            cid = secrets.token_urlsafe(16)
+            clients[cid] = base.fork()
+            while len(clients) > MAX_CLIENTS:
+                clients.popitem(last=False)
+            response.set_cookie(CLIENT_COOKIE, cid, httponly=True, samesite="strict")
+            return clients[cid]
+
+    def find(view: Session, query: str) -> int:
         try:
             return view.row(query)
         except KeyError:
@@ -77,34 +103,43 @@ def create_app(session: Session | str | os.PathLike, *, root: str | os.PathLike 
             raise HTTPException(422, str(exc)) from None
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def index() -> str:
-        return render_html(view.payload(), api="/api")
+    def index(request: Request) -> str:
+        return render_html(view_of(request).payload(), api="/api")
 
     @app.get("/api/view", summary="Everything the front end draws")
-    def get_view() -> dict[str, Any]:
-        return view.payload()
+    def get_view(request: Request) -> dict[str, Any]:
+        return view_of(request).payload()
 
     @app.get("/api/queries", summary="The queries, in order")
-    def list_queries() -> list[dict[str, Any]]:
+    def list_queries(request: Request) -> list[dict[str, Any]]:
         return [{k: q[k] for k in ("id", "index", "prompt", "text", "label", "source", "selection") if k in q}
-                for q in view.payload()["queries"]]
+                for q in view_of(request).payload()["queries"]]
 
     @app.get("/api/queries/{query}", summary="One query with its attribution and shown training items")
-    def get_query(query: str) -> dict[str, Any]:
-        return view.query_update([find(query)])
+    def get_query(query: str, request: Request) -> dict[str, Any]:
+        view = view_of(request)
+        return view.query_update([find(view, query)])
 
     @app.post("/api/queries/{query}/attribute", summary="Attribute a new selection of the query's tokens")
-    def attribute(query: str, body: Annotated[Selection, Body()]) -> dict[str, Any]:
-        return act(view.attribute, find(query), body.selection)
+    def attribute(query: str, body: Annotated[Selection, Body()], request: Request,
+                  response: Response) -> dict[str, Any]:
+        if view_of(request) is base:
+            find(base, query)  # an unknown id is a 404 before anything is copied
+        view = own_view(request, response)
+        return act(view.attribute, find(view, query), body.selection)
 
     @app.post("/api/queries/{query}/compare", summary="Compare the model's text with the user's text")
-    def compare(query: str, body: Annotated[Compare, Body()]) -> dict[str, Any]:
-        return act(view.compare, find(query), body.text)
+    def compare(query: str, body: Annotated[Compare, Body()], request: Request,
+                response: Response) -> dict[str, Any]:
+        if view_of(request) is base:
+            find(base, query)
+        view = own_view(request, response)
+        return act(view.compare, find(view, query), body.text)
 
     @app.get("/api/train/{index}", summary="One training item, in full")
-    def train_item(index: int) -> dict[str, Any]:
+    def train_item(index: int, request: Request) -> dict[str, Any]:
         try:
-            return view.train_item(index)
+            return view_of(request).train_item(index)
         except KeyError:
             raise HTTPException(404, f"no training item {index}") from None
 

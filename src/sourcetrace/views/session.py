@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import os
 import threading
@@ -64,6 +65,17 @@ class Session:
         if backend is not None and hasattr(backend, "token_contributions"):
             for q in range(len(self.query_items)):
                 self._contributions(q)
+
+    def fork(self) -> Session:
+        """A copy whose selections and compares are its own (one per web-app client); the backend, the
+        training items and the keywords are shared."""
+        with self._lock:
+            other = copy.copy(self)
+            other._lock = threading.RLock()
+            other.query_items = copy.deepcopy(self.query_items)
+            other.token_scores = {row: dict(shares) for row, shares in self.token_scores.items()}
+            other._payload = None
+        return other
 
     # ---- reading ------------------------------------------------------------------------------------
     def payload(self) -> dict[str, Any]:
@@ -221,7 +233,7 @@ def save_view(workdir: str | os.PathLike, scores: Scores | None = None, *,
         if not hasattr(backend, "save"):
             raise ShapeError(f"{type(backend).__name__} has no save(folder); serve it with views.create_app")
         backend.save(workdir / "backend")
-        spec["backend"] = {"kind": "word-gpt2", "path": "backend",
+        spec["backend"] = {"kind": "hf-causal-lm", "path": "backend",
                            "threads": getattr(backend, "threads", None)}
     # keys in their given order: a table row's columns keep theirs
     atomic_write_bytes(workdir / VIEW_FILE, (json.dumps(spec, indent=1, default=str) + "\n").encode("utf-8"))

@@ -21,7 +21,7 @@ def digits_example(n_train: int = 300, n_query: int = 5, seed: int = 0, method: 
 
     from ..attributor import Attributor
     from ..tasks import ClassificationTask
-    from .llm import torch_threads
+    from ..views.llm import torch_threads
 
     digits = load_digits()
     g = torch.Generator().manual_seed(seed)
@@ -66,8 +66,8 @@ def shared_digits() -> tuple[Scores, list[dict[str, Any]], list[dict[str, Any]]]
 
 @functools.lru_cache(maxsize=1)
 def shared_tiny_lm() -> tuple[Any, list[dict[str, Any]], list[dict[str, Any]]]:
-    """`llm.tiny_lm_example()`, built once per process; copy the items before changing them."""
-    from .llm import tiny_lm_example
+    """`tiny_lm.tiny_lm_example()`, built once per process; copy the items before changing them."""
+    from .tiny_lm import tiny_lm_example
 
     return tiny_lm_example()
 
