@@ -15,6 +15,7 @@ from sourcetrace.corpus.mining import (
     is_degenerate,
     low_perplexity_runs,
     mine_low_perplexity,
+    sample_next,
     token_probs,
 )
 from sourcetrace.errors import CorpusError, EmptyDataError
@@ -74,8 +75,8 @@ def test_token_probs_and_generation_with_plain_module():
     assert math.isnan(p[0])
     expect = 1 / (1 + 9 * math.exp(-10))
     assert p[1] == pytest.approx(expect) and p[2] == pytest.approx(expect) and p[3] < 1e-3
-    assert generate(m, [3], max_new_tokens=4, temperature=0) == [4, 5, 6, 7]
-    assert generate(m, [3], max_new_tokens=4) == [4, 5, 6, 7]  # top-p 0.8 keeps only the best token
+    assert generate(m, [[3]], max_new_tokens=4, temperature=0)[0].ids == [4, 5, 6, 7]
+    assert generate(m, [[3]], max_new_tokens=4)[0].ids == [4, 5, 6, 7]  # top-p 0.8 keeps the best token
 
 
 def test_mining_with_index_and_flags(tmp_path):
@@ -108,6 +109,89 @@ def test_mining_with_index_and_flags(tmp_path):
     idx.close()
 
 
+# ---------------------------------------------------------------------- cached, batched generation
+
+
+def reference_generate(model, prompt, n_new, seed, **pick):
+    """The uncached path: re-read the whole (last max_len tokens of the) context at every step, one prompt
+    at a time, then score the sequence by teacher forcing in one pass."""
+    g = torch.Generator().manual_seed(seed)
+    ids = list(prompt)
+    max_len = model.config.n_positions
+    with torch.no_grad():
+        for _ in range(n_new):
+            logits = model(input_ids=torch.tensor([ids[-max_len:]])).logits[0, -1].double()
+            ids.append(sample_next(logits, generator=g, **pick))
+        if len(ids) > max_len:
+            return ids[len(prompt) :], None
+        x = torch.tensor([ids])
+        logp = torch.log_softmax(model(input_ids=x).logits[0].double(), dim=-1)
+        probs = logp[:-1].gather(1, x[0, 1:, None])[:, 0].exp().numpy()
+    return ids[len(prompt) :], np.concatenate([[np.nan], probs])
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=50, n_positions=40, n_layer=2, n_head=2, n_embd=16, bos_token_id=None, eos_token_id=None
+    )
+    return transformers.GPT2LMHeadModel(cfg).double().eval()
+
+
+@pytest.mark.parametrize(
+    "pick",
+    [
+        {"temperature": 0.0, "top_k": None, "top_p": None},
+        {"temperature": 0.7, "top_k": 20, "top_p": 0.8},
+        {"temperature": 1.3, "top_k": None, "top_p": None},
+    ],
+)
+def test_cached_batched_generation_equals_the_uncached_path(gpt2, pick):
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 50, size=int(n)).tolist() for n in (1, 5, 12, 3, 8)]
+    seeds = [11, 12, 13, 14, 15]
+    shapes = []
+    hook = gpt2.register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    gens = generate(gpt2, prompts, max_new_tokens=15, seeds=seeds, batch_size=3, **pick)
+    hook.remove()
+    # two batches (3 + 2 prompts), each one pass over the prompts and then one token per row per step
+    assert shapes[0] == (3, 12) and shapes[1:15] == [(3, 1)] * 14 and shapes[15] == (2, 8)
+    for p, sd, gen in zip(prompts, seeds, gens, strict=True):
+        ids, probs = reference_generate(gpt2, p, 15, sd, **pick)
+        assert gen.ids == ids
+        np.testing.assert_allclose(np.log(gen.probs[1:]), np.log(probs[1:]), rtol=0, atol=1e-10)
+        assert math.isnan(gen.probs[0])
+    # a prompt's tokens do not depend on the batch it is generated in
+    alone = generate(gpt2, prompts[2:3], max_new_tokens=15, seeds=seeds[2:3], **pick)
+    assert alone[0].ids == gens[2].ids
+
+
+def test_generation_past_the_context_slides_like_the_uncached_path(gpt2):
+    """Prompts of 30 and 38 tokens with 12 new tokens outgrow the 40-token context: the cache stops and the
+    remaining tokens are generated from the last 40 tokens, as the uncached path does."""
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, 50, size=n).tolist() for n in (30, 38, 4)]
+    gens = generate(
+        gpt2, prompts, max_new_tokens=12, temperature=0.9, top_k=None, top_p=None, seeds=[1, 2, 3]
+    )
+    for p, sd, gen in zip(prompts, [1, 2, 3], gens, strict=True):
+        ids, _ = reference_generate(gpt2, p, 12, sd, temperature=0.9, top_k=None, top_p=None)
+        assert gen.ids == ids
+        np.testing.assert_allclose(gen.probs, token_probs(gpt2, p + ids), rtol=0, atol=1e-12)
+
+
+def test_mining_options_are_checked_before_any_work(gpt2):
+    tok = WordTokenizer(["<unk>", "a", "b"])
+    for bad in ({"window": 0}, {"threshold": 1.5}, {"top_p": 0}, {"max_new_tokens": 0}, {"batch_size": 0}):
+        with pytest.raises(CorpusError, match=f"{next(iter(bad))}="):
+            mine_low_perplexity(gpt2, tok, prompts=["a b"], **bad)
+
+
 @pytest.mark.slow
 def test_demo_finds_planted_passages(tmp_path):
     """End to end: tiny LM trained on a generated corpus; mining recovers the planted passages.
@@ -123,3 +207,19 @@ def test_demo_finds_planted_passages(tmp_path):
     generic = out["generic_buckets"]
     assert generic and generic.count("synthetic coherence") / len(generic) >= 0.75
     out["index"].close()
+
+
+def test_blocked_top_k_equals_torch_topk():
+    from sourcetrace.corpus.mining import top_k_rows
+
+    g = torch.Generator().manual_seed(0)
+    for vocab, k in ((50_000, 20), (50_257, 20), (12_000, 7), (300, 20)):
+        x = torch.randn(5, vocab, generator=g)
+        vals, idx = top_k_rows(x, k)
+        ref = torch.topk(x, k, dim=-1)
+        assert torch.equal(vals, ref.values) and torch.equal(idx, ref.indices)
+    ties = torch.zeros(3, 20_000)
+    ties[:, 7] = 1.0
+    vals, idx = top_k_rows(ties, 20)
+    assert torch.equal(vals, torch.topk(ties, 20).values) and (idx[:, 0] == 7).all()
+    assert torch.equal(ties.gather(1, idx), vals)  # every index points at its value

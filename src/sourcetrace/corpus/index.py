@@ -490,13 +490,30 @@ class CorpusIndex:
 
     def longest_matches(self, tokens: str | Sequence[int] | np.ndarray) -> np.ndarray:
         """For each position, the length of the longest token sequence starting there found in the corpus."""
-        ids = self.encode(tokens)
-        out = np.zeros(len(ids), dtype=np.int64)
-        ok = self._valid(ids)
-        # Tokens the index cannot hold split the query; each valid run is searched on its own.
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
-        for a, b in zip(edges[::2], edges[1::2], strict=True):
-            out[a:b] = self.engine.longest_matches(ids[a:b])
+        return self.longest_matches_batch([self.encode(tokens)])[0]
+
+    def longest_matches_batch(self, queries: Sequence[Sequence[int] | np.ndarray]) -> list[np.ndarray]:
+        """`longest_matches` of many token sequences, searched together in one pass.
+
+        Tokens the index cannot hold split a query into runs. All runs are joined and searched at once;
+        a match is then cut at the end of its own run, which gives exactly each run's own longest matches
+        (a longer match inside the run would also be a match of the joined sequence).
+        """
+        qs = [np.asarray(q, dtype=np.int64).reshape(-1) for q in queries]
+        out = [np.zeros(len(q), dtype=np.int64) for q in qs]
+        runs: list[tuple[int, int, int]] = []  # (query, start, end)
+        for k, q in enumerate(qs):
+            ok = self._valid(q)
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
+            runs += [(k, int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+        if not runs:
+            return out
+        joined = np.concatenate([qs[k][a:b] for k, a, b in runs])
+        found = self.engine.longest_matches(joined)
+        at = 0
+        for k, a, b in runs:
+            out[k][a:b] = np.minimum(found[at : at + b - a], np.arange(b - a, 0, -1))
+            at += b - a
         return out
 
     def unigram_logprobs(self, ids: np.ndarray) -> np.ndarray:
@@ -527,9 +544,35 @@ class CorpusIndex:
         ceil(density * n_tokens) spans are kept, ranked by `rank_by` ("length" or "unigram": the lowest sum
         of unigram log-probabilities, i.e. the most unusual, first).
         """
+        return self.maximal_spans_batch(
+            [text_or_ids],
+            min_len=min_len,
+            max_count=max_count,
+            word_boundary=word_boundary,
+            delimiters=delimiters,
+            rank_by=rank_by,
+            density=density,
+        )[0]
+
+    def maximal_spans_batch(
+        self,
+        items: Sequence[str | Sequence[int] | np.ndarray],
+        *,
+        min_len: int = 1,
+        max_count: int | None = None,
+        word_boundary: bool = False,
+        delimiters: Iterable[int] = (),
+        rank_by: str = "length",
+        density: float | None = None,
+    ) -> list[list[Span]]:
+        """`maximal_spans` of many texts; their longest matches are searched in one pass over the index."""
         check_span_options(min_len=min_len, max_count=max_count, rank_by=rank_by, density=density)
-        ids, pieces = self._tokens(text_or_ids)
-        return self._spans(ids, pieces, min_len, max_count, word_boundary, delimiters, rank_by, density)[0]
+        tokens = [self._tokens(item) for item in items]
+        lengths = self.longest_matches_batch([ids for ids, _ in tokens])
+        return [
+            self._spans(ids, pieces, lm, min_len, max_count, word_boundary, delimiters, rank_by, density)[0]
+            for (ids, pieces), lm in zip(tokens, lengths, strict=True)
+        ]
 
     def _tokens(self, text_or_ids: str | Sequence[int] | np.ndarray) -> tuple[np.ndarray, list[str]]:
         """Ids and one display piece per token (a text's own characters when a text is given)."""
@@ -543,6 +586,7 @@ class CorpusIndex:
         self,
         ids: np.ndarray,
         pieces: list[str],
+        lengths: np.ndarray,
         min_len: int,
         max_count: int | None,
         word_boundary: bool,
@@ -552,7 +596,6 @@ class CorpusIndex:
     ) -> tuple[list[Span], int]:
         if len(ids) == 0:
             return [], 0
-        lengths = self.longest_matches(ids)
         delims = set(int(d) for d in delimiters)
         dmask = np.isin(ids, list(delims)) if delims else None
         edges = word_edges(pieces) if word_boundary else None
@@ -605,8 +648,9 @@ class CorpusIndex:
             raise CorpusError(f"window={window!r} must be a number of tokens >= 0")
         ids, pieces = self._tokens(text)
         shown = "".join(pieces)
+        lengths = self.longest_matches(ids)
         spans, n_cand = self._spans(
-            ids, pieces, min_len, max_count, word_boundary, delimiters, rank_by, density
+            ids, pieces, lengths, min_len, max_count, word_boundary, delimiters, rank_by, density
         )
         query = ids.tolist() + (self.tokenizer.encode(prompt) if prompt else [])
         for s in spans:
