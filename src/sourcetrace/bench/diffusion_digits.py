@@ -10,6 +10,7 @@ for 20 training examples against actually retraining without each (same seed, sa
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,23 +23,23 @@ from .runner import measure, versions, write_results
 
 @dataclass(frozen=True)
 class Setting:
-    n_train: int = 1500  # of the 1,797 digits; the other 297 are validation images
+    n_train: int = 500  # of the 1,797 digits; validation images come from the other 1,297
     hidden: int = 128
     depth: int = 3
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 128
     lr: float = 3e-3  # falling linearly to 0
     num_timesteps: int = 1000
     sample_steps: int = 50  # DDIM
-    n_per_split: int = 48  # queries per (validation | generated) × (tuning | reporting)
-    n_subsets: int = 20
+    n_per_split: int = 32  # queries per (validation | generated) × (tuning | reporting)
+    n_subsets: int = 10
     seeds: tuple[int, ...] = (0, 1)
-    truth_timesteps: int = 100  # the ground truth's measurement: loss at 100 timesteps × 2 noises
+    truth_timesteps: int = 50  # the ground truth's measurement: loss at 50 timesteps × 2 noises
     truth_draws: int = 2
-    n_members: int = 14  # C(14, 7) = 3432 >= 1500 unique balanced codes
+    n_members: int = 12  # C(12, 6) = 924 >= 500 unique balanced codes
     n_loo: int = 20
     n_cf_samples: int = 8
-    checkpoints: tuple[int, ...] = (500, 1000, 1500)
+    checkpoints: tuple[int, ...] = (300, 550, 800)
 
     # ---- data and models ------------------------------------------------------------------------------
     def data(self) -> dict[str, Any]:
@@ -196,7 +197,7 @@ def _entries(setting: Setting) -> list[tuple[str, str, Any]]:
                 functools.partial(_attribute, setting, method="tracin", k=10, objective="loss", options={})))
     out.append(("EK-FAC K=10", "baseline",
                 functools.partial(_attribute, setting, method="ekfac", k=10, objective="loss", options={})))
-    out.append(("encoded-ensemble ablation (14 members, K=100)", "baseline",
+    out.append((f"encoded-ensemble ablation ({setting.n_members} members, K=100)", "baseline",
                 functools.partial(_ensemble_ablation, setting, k=100)))
     return out
 
@@ -324,6 +325,7 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/dif
 
     torch.set_num_threads(1)
     setting = setting or Setting()
+    workdir = workdir / _fingerprint(setting)  # every cached model belongs to one setting
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     setting.attributed(workdir)
@@ -386,8 +388,8 @@ def _write(out_dir: Path, name: str, setting: Setting, rows: list[dict[str, Any]
                   "val_tune": _fmt(floor["val-tune"]), "gen_tune": _fmt(floor["gen-tune"])})
     s = setting
     info = {
-        "data": f"scikit-learn digits (8×8, scaled to [-1, 1]): {s.n_train} training images, "
-                f"{1797 - s.n_train} held out",
+        "data": f"scikit-learn digits (8×8, scaled to [-1, 1]): {s.n_train} training images; validation "
+                f"images from the other {1797 - s.n_train}",
         "model": f"class-conditional ε-MLP (hidden {s.hidden}, depth {s.depth}), DDPM linear β, T="
                  f"{s.num_timesteps}; Adam lr {s.lr}, {s.steps} steps, expected batch {s.batch_size} "
                  "(subset-stable minibatches: each example's inclusion and noise depend only on seed and "
@@ -399,7 +401,7 @@ def _write(out_dir: Path, name: str, setting: Setting, rows: list[dict[str, Any]
         "ground truth": f"{s.n_subsets} random halves × {len(s.seeds)} seeds = {s.n_subsets * len(s.seeds)} "
                         f"models; measurement = −ε-MSE at {s.truth_timesteps} timesteps × {s.truth_draws} "
                         "noises (noise seed 1, not the methods' seed 0)",
-        "scaled from D-TRAK (CIFAR-2)": "5,000 → 1,500 training images, 64 × 3 → "
+        "scaled from D-TRAK (CIFAR-2)": f"5,000 → {s.n_train} training images, 64 × 3 → "
                                         f"{s.n_subsets} × {len(s.seeds)} retrained models, 1000 × 3 → "
                                         f"{s.truth_timesteps} × {s.truth_draws} (timesteps × noises) in the "
                                         "measurement, U-Net → ε-MLP, TRAK projection 32,768 → 2,048",
@@ -407,7 +409,8 @@ def _write(out_dir: Path, name: str, setting: Setting, rows: list[dict[str, Any]
                         "grid entry with the best mean LDS there",
         "reporting split": "val-report and gen-report: never used for a choice",
         "time": f"ground truth (and the attributed model) {truth_s / 60:.1f} min, whole run "
-                f"{total_s / 60:.1f} min on one thread",
+                f"{total_s / 60:.1f} min on one thread of 2 cores shared with other jobs (load average "
+                f"{os.getloadavg()[0]:.1f} at the end): wall times are inflated by that sharing",
         "versions": versions("sourcetrace", "torch", "diffusers", "scikit-learn"),
     }
     columns = [("method", "method"), ("val_report", "LDS val (report) [95 % CI]"),
@@ -474,7 +477,8 @@ def _notes(rows: list[dict[str, Any]], best: dict[str, Any] | None, floor: dict[
         f"{setting.n_members} members, each on a balanced half given by unique codes; {setting.n_cf_samples} "
         f"samples drawn by DDIM ({setting.sample_steps} steps) from stored noise. For {setting.n_loo} "
         "training "
-        "examples (10 nearest to the samples in pixels, 10 at random), the ensemble's counterfactual change "
+        f"examples ({setting.n_loo // 2} nearest to the samples in pixels, the others at random), the "
+        "ensemble's counterfactual change "
         "(mean L2 over the samples between the ensemble sample and its resample without the members that "
         "saw the example) is compared with actually retraining the attributed model without the example "
         "(same seed, same subset-stable minibatches, same sampling noise).",

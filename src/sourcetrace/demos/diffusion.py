@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-HIDDEN, DEPTH, STEPS, BATCH, LR, T, SAMPLE_STEPS = 128, 3, 1500, 128, 2e-3, 1000, 50
+HIDDEN, DEPTH, STEPS, BATCH, LR, T, SAMPLE_STEPS = 128, 3, 800, 128, 3e-3, 1000, 50
 LABELS = (3, 5, 8)  # the digits generated
 N_MEMBERS = 14  # C(14, 7) = 3432 unique balanced codes for 1,797 images
 TOP_REMOVED = 10  # proponents left out for the counterfactual
@@ -82,7 +82,7 @@ def run(out: Path) -> Path:
     labels = torch.tensor(LABELS)
     noise = StoredNoise.draw(len(LABELS), (1, 8, 8), SAMPLE_STEPS, seed=7)
     with torch.no_grad():
-        generated = sample(model_eps(model, labels), noise, schedule, num_steps=SAMPLE_STEPS).clamp(-1, 1)
+        generated = sample(model_eps(model, labels), noise, schedule, num_steps=SAMPLE_STEPS, clip=1.0)
     queries = diffusion_examples(generated, labels, [f"generated {d}" for d in LABELS])
 
     print("attributing the generated digits with D-TRAK (squared norm of the predicted noise, K=10)")
@@ -102,7 +102,7 @@ def run(out: Path) -> Path:
         with torch.no_grad():
             cf = sample(model_eps(without, labels[q:q + 1]),
                         StoredNoise(noise.start[q:q + 1], noise.steps[:, q:q + 1]), schedule,
-                        num_steps=SAMPLE_STEPS).clamp(-1, 1)
+                        num_steps=SAMPLE_STEPS, clip=1.0)
         counterfactuals.append(cf[0])
     cf_queries = diffusion_examples(torch.stack(counterfactuals), labels,
                                     [f"generated {d} without its top {TOP_REMOVED}" for d in LABELS])
@@ -120,10 +120,10 @@ def run(out: Path) -> Path:
     members = train_members(lambda idx, j: _train(x, y, keep=idx, seed=100 + j), codes,
                             workdir=out / "ensemble", build_fn=_model)
     ensemble = EncodedEnsemble(members, codes)
-    influence = ensemble.influence(noise, schedule, labels=labels, num_steps=SAMPLE_STEPS,
+    influence = ensemble.influence(noise, schedule, labels=labels, num_steps=SAMPLE_STEPS, clip=1.0,
                                    query_ids=[f"ensemble's {d}" for d in LABELS])
     with torch.no_grad():
-        made = ensemble.sample(noise, schedule, labels=labels, num_steps=SAMPLE_STEPS).clamp(-1, 1)
+        made = ensemble.sample(noise, schedule, labels=labels, num_steps=SAMPLE_STEPS, clip=1.0)
     flags = influence.metadata["unattributable"]
     ens_items = [{"image": _pixels(made[q]), "label": str(d) + (" (unattributable)" if flags[q] else "")}
                  for q, d in enumerate(LABELS)]
