@@ -11,5 +11,5 @@ from .trajectory import Trajectory, TrajectoryRecorder, trajectory_callback
 __version__ = "0.1.0"
 
 __all__ = ["Attribution", "Attributor", "CausalLMTask", "ClassificationTask", "DiffusionTask", "Examples",
-           "RegressionTask", "Scores", "Task", "Trajectory", "TrajectoryRecorder", "__version__", "available_methods",
-           "ensembles", "evaluate", "trajectory_callback"]
+           "RegressionTask", "Scores", "Task", "Trajectory", "TrajectoryRecorder", "__version__",
+           "available_methods", "ensembles", "evaluate", "trajectory_callback"]
