@@ -260,3 +260,23 @@ def test_readme_diffusion_example_runs(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["scores"].shape == (2, 300)
     assert namespace["made"].abs().max() <= 1.0
+
+
+def test_sampled_loss_gradients_give_the_gauss_newton_matrix():
+    """E[g gᵀ] of the sampled objective equals Jᵀ H J with H = 2/n I, the GGN of the mean squared error."""
+    torch.manual_seed(0)
+    model = EpsMLP((1, 2, 2), hidden=3, depth=1).double()
+    task = DiffusionTask(linear_schedule(T), timesteps=[10, 60])
+    ex = diffusion_examples(torch.rand(1, 1, 2, 2).double() * 2 - 1)
+    batch = task.collate(ex)
+    params = list(model.parameters())
+    out = task.outputs(model, batch)[0].reshape(-1)
+    jac = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(o, params, retain_graph=True)])
+                       for o in out])
+    ggn = jac.T @ jac * (2 / out.numel())
+    g = torch.Generator().manual_seed(1)
+    draws = 4000  # the same example 4000 times: one independent target draw per row
+    many = task.collate(ex * draws)
+    grads = GradientCapture(model).flat(lambda m, b: task.sampled_loss(m, b, g), many)
+    second = grads.T @ grads / draws
+    assert (second - ggn).norm() < 0.1 * ggn.norm()
