@@ -199,3 +199,84 @@ def test_bad_input_is_refused():
         DiffusionTask(torch.tensor([2.0, 3.0]))
     assert predict_eps(_mlp().float(), torch.zeros(2, 3, *SHAPE), torch.zeros(2, 3, dtype=torch.long)).shape \
         == (2, 3, *SHAPE)
+
+
+@pytest.mark.slow
+def test_diffusion_report_in_chromium_without_console_errors(tmp_path):
+    """The report of generated digits (images, a counterfactual to compare with) in headless Chromium."""
+    import os
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from sourcetrace.views import write_report
+
+    chromium = (os.environ.get("SOURCETRACE_CHROMIUM") or shutil.which("chromium")
+                or shutil.which("chromium-browser"))
+    if chromium is None:
+        pytest.skip("no chromium binary (apt-get install chromium, or set SOURCETRACE_CHROMIUM)")
+    model = EpsMLP((1, 8, 8), hidden=8, depth=2)
+    task = DiffusionTask(linear_schedule(T), timesteps=2)
+    g = torch.Generator().manual_seed(0)
+    train = diffusion_examples(torch.rand((10, 1, 8, 8), generator=g) * 2 - 1,
+                               labels=[i % 3 for i in range(10)])
+    noise = StoredNoise.draw(2, (1, 8, 8), num_steps=5)
+    with torch.no_grad():
+        made = sample(model_eps(model), noise, linear_schedule(T), num_steps=5, clip=1.0)
+    queries = generated_examples(made) + generated_examples(made.flip(-1), prefix="counterfactual")
+    scores = Attributor(model, task, "grad-dot", progress=False).fit(train).score(queries)
+    image = [{"image": ((e["x"][0] + 1) / 2).tolist(), "label": str(e.get("y", ""))} for e in train]
+    items = [{"image": ((q["x"][0] + 1) / 2).tolist(), "label": q["id"]} for q in queries]
+    items[0]["compare_to"] = queries[2]["id"]
+    path = write_report(scores, tmp_path / "diffusion.html", train_items=image, query_items=items,
+                        title="generated digits")
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--headless"])
+        except Exception as exc:  # a binary that does not start is an environment problem
+            pytest.skip(f"chromium does not start: {exc}")
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(path.as_uri())
+        page.wait_for_selector("#st-root[data-ready]")
+        assert page.locator(".st-query canvas.st-thumb").count() == 1
+        page.click("[data-tab='compare']")
+        assert page.locator(".st-compare").count() == 1
+        browser.close()
+    assert errors == []
+
+
+@pytest.mark.slow
+def test_readme_diffusion_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "DiffusionTask" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["scores"].shape == (2, 300)
+    assert namespace["made"].abs().max() <= 1.0
+
+
+def test_sampled_loss_gradients_give_the_gauss_newton_matrix():
+    """E[g gᵀ] of the sampled objective equals Jᵀ H J with H = 2/n I, the GGN of the mean squared error."""
+    torch.manual_seed(0)
+    model = EpsMLP((1, 2, 2), hidden=3, depth=1).double()
+    task = DiffusionTask(linear_schedule(T), timesteps=[10, 60])
+    ex = diffusion_examples(torch.rand(1, 1, 2, 2).double() * 2 - 1)
+    batch = task.collate(ex)
+    params = list(model.parameters())
+    out = task.outputs(model, batch)[0].reshape(-1)
+    jac = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(o, params, retain_graph=True)])
+                       for o in out])
+    ggn = jac.T @ jac * (2 / out.numel())
+    g = torch.Generator().manual_seed(1)
+    draws = 4000  # the same example 4000 times: one independent target draw per row
+    many = task.collate(ex * draws)
+    grads = GradientCapture(model).flat(lambda m, b: task.sampled_loss(m, b, g), many)
+    second = grads.T @ grads / draws
+    assert (second - ggn).norm() < 0.1 * ggn.norm()

@@ -3,12 +3,13 @@
 from . import ensembles, evaluate
 from .attributor import Attributor, available_methods
 from .data import Examples
+from .diffusion import DiffusionTask
 from .scores import Attribution, Scores
 from .tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 from .trajectory import Trajectory, TrajectoryRecorder, trajectory_callback
 
 __version__ = "0.1.0"
 
-__all__ = ["Attribution", "Attributor", "CausalLMTask", "ClassificationTask", "Examples", "RegressionTask",
-           "Scores", "Task", "Trajectory", "TrajectoryRecorder", "__version__", "available_methods",
-           "ensembles", "evaluate", "trajectory_callback"]
+__all__ = ["Attribution", "Attributor", "CausalLMTask", "ClassificationTask", "DiffusionTask", "Examples",
+           "RegressionTask", "Scores", "Task", "Trajectory", "TrajectoryRecorder", "__version__",
+           "available_methods", "ensembles", "evaluate", "trajectory_callback"]

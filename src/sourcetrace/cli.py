@@ -81,15 +81,14 @@ def bench(name: str = typer.Argument(..., help="benchmark name; see `sourcetrace
           workdir: Path = typer.Option(Path("runs/bench"), help="cache of trained models and ground truth"),
           only: list[str] = typer.Option(None, help="run only these methods or libraries")) -> None:
     """Run a benchmark and write benchmarks/NAME.md and .json."""
-    from .bench import BENCHMARKS
+    from .bench import BENCHMARKS, run_benchmark
 
     if name not in BENCHMARKS:
         fail(f"unknown benchmark {name!r}", f"available: {', '.join(sorted(BENCHMARKS))}", code=2)
     output_folder(out)
     output_folder(workdir, "--workdir")
-    kwargs = {"only": only} if only else {}
     with user_errors("see `sourcetrace bench --help`; a changed setting needs a new --workdir"):
-        path = BENCHMARKS[name](out, workdir=workdir / name, **kwargs)
+        path = run_benchmark(name, out, workdir / name, only)
     console.print(f"written: {path}")
 
 

@@ -278,7 +278,8 @@ def train_eps_model(model: nn.Module, images: torch.Tensor, alphas_cumprod: Any,
                     batch_size: int = 64, lr: float = 1e-3, seed: int = 0, labels: torch.Tensor | None = None,
                     keep: Sequence[int] | np.ndarray | None = None, checkpoints: Sequence[int] = (),
                     progress: bool = False) -> list[dict[str, torch.Tensor]]:
-    """Train an ε-network with Adam on `images` [N, *shape] (all N, or only the indices in `keep`).
+    """Train an ε-network with Adam (learning rate falling linearly to 0) on `images` [N, *shape] (all N,
+    or only the indices in `keep`).
 
     At every step each of the N examples is in the minibatch with probability batch_size / N, with its own
     timestep and noise, all drawn from (seed, step) for the whole data set; the loss is the sum over the
@@ -294,6 +295,8 @@ def train_eps_model(model: nn.Module, images: torch.Tensor, alphas_cumprod: Any,
         mask[torch.as_tensor(np.asarray(keep, dtype=np.int64))] = True
     p = min(1.0, batch_size / n)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    # the learning rate falls linearly to 0: the last steps average out the minibatch noise (as an EMA would)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / steps)
     g = torch.Generator().manual_seed(int(seed))
     saved = []
     for step in trange(steps, desc="training", disable=not progress, leave=False):
@@ -310,6 +313,7 @@ def train_eps_model(model: nn.Module, images: torch.Tensor, alphas_cumprod: Any,
             opt.zero_grad()
             loss.backward()
             opt.step()
+        decay.step()
         if step + 1 in checkpoints:
             saved.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return saved
@@ -351,12 +355,13 @@ def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cu
 
 
 def sample(eps_fn: EpsFn, noise: StoredNoise, scheduler: Any, *, kind: str = "ddim",
-           num_steps: int | None = None, return_trajectory: bool = False
+           num_steps: int | None = None, clip: float | None = None, return_trajectory: bool = False
            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Deterministic reverse process from stored noise: DDIM (eta 0) or DDPM ("fixed small" variance).
 
     `eps_fn(x_t [N, *shape], t [N])` predicts the noise (a model, an ensemble mix, a closure with labels).
-    No clipping and no in-place updates, so the sample can be differentiated (torch.func.jvp) through it.
+    `clip` clamps x̂₀ to [-clip, clip] (diffusers' clip_sample). No in-place updates, so the sample can be
+    differentiated (torch.func.jvp) through it.
     With `return_trajectory`, also returns the states x_t [N, S, *shape] and their timesteps.
     """
     if kind not in ("ddim", "ddpm"):
@@ -378,6 +383,9 @@ def sample(eps_fn: EpsFn, noise: StoredNoise, scheduler: Any, *, kind: str = "dd
         states.append(x)
         eps = eps_fn(x, tt)
         x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        if clip is not None:  # keep x̂₀ in the data range, and ε consistent with it
+            x0 = x0.clamp(-clip, clip)
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
         if kind == "ddim":
             x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
         else:

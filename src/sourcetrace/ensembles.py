@@ -487,22 +487,22 @@ class EncodedEnsemble:
         return eps
 
     def sample(self, noise: Any, scheduler: Any, *, weights: Any = None, labels: Any = None,
-               kind: str = "ddim", num_steps: int | None = None) -> Any:
-        """The ensemble's samples from the stored noise (a `diffusion.StoredNoise`)."""
+               **sampling: Any) -> Any:
+        """The ensemble's samples from the stored noise (a `diffusion.StoredNoise`); `sampling` holds the
+        options of `diffusion.sample` (kind, num_steps, clip), the same for every call that is compared."""
         from .diffusion import sample
 
-        return sample(self.eps_fn(weights, labels), noise, scheduler, kind=kind, num_steps=num_steps)
+        return sample(self.eps_fn(weights, labels), noise, scheduler, **sampling)
 
     def counterfactual(self, noise: Any, scheduler: Any, remove: int | Sequence[int], *, labels: Any = None,
-                       kind: str = "ddim", num_steps: int | None = None) -> Any:
+                       **sampling: Any) -> Any:
         """The samples the ensemble makes, from the same noise, without the training examples `remove`."""
-        return self.sample(noise, scheduler, weights=self.weights_without(remove), labels=labels, kind=kind,
-                           num_steps=num_steps)
+        return self.sample(noise, scheduler, weights=self.weights_without(remove), labels=labels, **sampling)
 
-    def influence(self, noise: Any, scheduler: Any, *, labels: Any = None, kind: str = "ddim",
-                  num_steps: int | None = None, embed: Callable | None = None, chunk: int = 128,
+    def influence(self, noise: Any, scheduler: Any, *, labels: Any = None, embed: Callable | None = None,
+                  chunk: int = 128,
                   tolerance: float = 0.05, query_ids: Sequence[Any] | None = None,
-                  progress: bool = True) -> Any:
+                  progress: bool = True, **sampling: Any) -> Any:
         """Scores[q, i] = ‖sample_q − counterfactual_q without example i‖ (L2, or in `embed`'s space).
 
         Every training example gets its own counterfactual (codes are unique), sampled `chunk` codes at a
@@ -514,7 +514,7 @@ class EncodedEnsemble:
         from .diffusion import StoredNoise, sample
 
         with torch.no_grad():
-            full = self.sample(noise, scheduler, labels=labels, kind=kind, num_steps=num_steps)
+            full = self.sample(noise, scheduler, labels=labels, **sampling)
             n, q = self.codes.shape[0], len(noise)
             matrix = torch.zeros(q, n)
             ref = full if embed is None else embed(full)
@@ -525,23 +525,23 @@ class EncodedEnsemble:
                 rep = StoredNoise(noise.start.repeat(len(rows), *([1] * (noise.start.dim() - 1))),
                                   noise.steps.repeat(1, len(rows), *([1] * (noise.steps.dim() - 2))))
                 y = None if labels is None else labels.repeat(len(rows))
-                cf = sample(self.eps_fn(w, y), rep, scheduler, kind=kind, num_steps=num_steps)
+                cf = sample(self.eps_fn(w, y), rep, scheduler, **sampling)
                 cf = cf if embed is None else embed(cf)
                 diff = (cf.reshape(len(rows), q, -1) - ref.reshape(1, q, -1)).norm(dim=2)
                 matrix[:, lo: lo + len(rows)] = diff.T
         return self._scores(matrix, full, tolerance, query_ids, "ensemble-counterfactual",
                             "l2" if embed is None else "embedding")
 
-    def differential_ablation(self, noise: Any, scheduler: Any, *, labels: Any = None, kind: str = "ddim",
-                              num_steps: int | None = None, tolerance: float = 0.05,
-                              query_ids: Sequence[Any] | None = None) -> Any:
+    def differential_ablation(self, noise: Any, scheduler: Any, *, labels: Any = None,
+                              tolerance: float = 0.05,
+                              query_ids: Sequence[Any] | None = None, **sampling: Any) -> Any:
         """First-order counterfactuals: ‖J δ_i‖, J = ∂sample/∂weights from `torch.func.jvp` (one per member).
 
         δ_i = weights_without(i) − uniform weights; E forward-mode passes replace n resamplings.
         """
         import torch
 
-        jac = self.weight_jacobian(noise, scheduler, labels=labels, kind=kind, num_steps=num_steps)
+        jac = self.weight_jacobian(noise, scheduler, labels=labels, **sampling)
         full = jac["sample"]
         w0 = self.uniform_weights()
         keep = torch.as_tensor(~self.codes, dtype=torch.float32)
@@ -549,8 +549,8 @@ class EncodedEnsemble:
         change = torch.einsum("ne,eqd->qnd", delta, jac["jacobian"].reshape(self.n_members, len(noise), -1))
         return self._scores(change.norm(dim=2), full, tolerance, query_ids, "ensemble-differential", "l2")
 
-    def weight_jacobian(self, noise: Any, scheduler: Any, *, labels: Any = None, kind: str = "ddim",
-                        num_steps: int | None = None) -> dict[str, Any]:
+    def weight_jacobian(self, noise: Any, scheduler: Any, *, labels: Any = None, **sampling: Any
+                        ) -> dict[str, Any]:
         """{"sample": [N, *shape], "jacobian": [E, N, *shape]}: ∂sample/∂w_j at the uniform weights."""
         import torch
         from torch.func import jvp
@@ -560,7 +560,7 @@ class EncodedEnsemble:
         w0 = self.uniform_weights().to(noise.start.dtype)
 
         def run(w: Any) -> Any:
-            return sample(self.eps_fn(w, labels), noise, scheduler, kind=kind, num_steps=num_steps)
+            return sample(self.eps_fn(w, labels), noise, scheduler, **sampling)
 
         cols = []
         out = None

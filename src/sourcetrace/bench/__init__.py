@@ -2,66 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import inspect
 from pathlib import Path
 
+from ..errors import InvalidOptionError
 
-def _digits_mlp(out_dir: Path, **kw: object) -> Path:
-    from .digits_mlp import run
-
-    return run(out_dir, **kw)  # type: ignore[arg-type]
-
-
-def _ekfac_scaling(out_dir: Path, **kw: object) -> Path:
-    from .ekfac_scaling import scaling_benchmark
-
-    scaling_benchmark(out_dir)
-    return out_dir / "ekfac-scaling.md"
-
-
-def _source(out_dir: Path, **kw: object) -> Path:
-    from .source_bench import run
-
-    kw.pop("only", None)
-    return run(out_dir, **kw)  # type: ignore[arg-type]
+# name -> "module:function" (relative to this package, or absolute after "sourcetrace."); a function takes
+# the output folder and, where it declares them, `workdir` (its cache) and `only` (methods to run).
+BENCHMARKS: dict[str, str] = {
+    "corpus-trace": "sourcetrace.corpus.bench:run_benchmark",
+    "diffusion-digits": "diffusion_digits:run",
+    "digits-mlp": "digits_mlp:run",
+    "ekfac-scaling": "ekfac_scaling:scaling_benchmark",
+    "facts-lm": "facts_lm:run",
+    "kg-attribution": "kg_attribution:run",
+    "music-attribution": "music_attribution:run",
+    "practitioner-tasks": "practitioner_tasks:run",
+    "replay": "replay_bench:run",
+    "source": "source_bench:run",
+}
 
 
-def _corpus_trace(out_dir: Path, **kw: object) -> Path:
-    from ..corpus.bench import run_benchmark
-
-    run_benchmark(out_dir)
-    return out_dir / "corpus-trace.md"
-
-
-def _facts_lm(out_dir: Path, **kw: object) -> Path:
-    from .facts_lm import run
-
-    return run(out_dir, **kw)  # type: ignore[arg-type]
-
-
-def _replay(out_dir: Path, **kw: object) -> Path:
-    from .replay_bench import run
-
-    kw.pop("only", None)
-    return run(out_dir, **kw)  # type: ignore[arg-type]
-
-
-def _kg_attribution(out_dir: Path, **kw: object) -> Path:
-    from .kg_attribution import run
-
-    kw.pop("only", None)
-    return run(out_dir, **kw)  # type: ignore[arg-type]
-
-
-def _practitioner_tasks(out_dir: Path, **kw: object) -> Path:
-    from .practitioner_tasks import run
-
-    kw.pop("only", None)
-    return run(out_dir, **kw)  # type: ignore[arg-type]
-
-
-BENCHMARKS: dict[str, Callable[..., Path]] = {"replay": _replay, "facts-lm": _facts_lm,
-                                              "corpus-trace": _corpus_trace, "digits-mlp": _digits_mlp,
-                                              "ekfac-scaling": _ekfac_scaling, "source": _source,
-                                              "kg-attribution": _kg_attribution,
-                                              "practitioner-tasks": _practitioner_tasks}
+def run_benchmark(name: str, out_dir: Path, workdir: Path, only: list[str] | None = None) -> Path:
+    """Run benchmark `name`; the path of the markdown file it wrote."""
+    module, function = BENCHMARKS[name].split(":")
+    module = module if module.startswith("sourcetrace.") else f"{__name__}.{module}"
+    run = getattr(importlib.import_module(module), function)
+    accepted = inspect.signature(run).parameters
+    kwargs: dict[str, object] = {}
+    if "workdir" in accepted:
+        kwargs["workdir"] = workdir
+    if only:
+        if "only" not in accepted:
+            raise InvalidOptionError(f"benchmark {name!r} has no --only; it always runs every method")
+        kwargs["only"] = only
+    result = run(out_dir, **kwargs)
+    return result if isinstance(result, Path) else Path(out_dir) / f"{name}.md"

@@ -12,7 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 # name -> "module:function", relative to this package
-DEMOS: dict[str, str] = {"kg": "kg:run"}
+DEMOS: dict[str, str] = {
+    "diffusion": "diffusion:run",
+    "kg": "kg:run",
+    "music": "music:run",
+}
 
 
 def demo_names() -> list[str]:
