@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # name -> "module:function", relative to this package
-DEMOS: dict[str, str] = {}
+DEMOS: dict[str, str] = {"music": "music:run"}
 
 
 def demo_names() -> list[str]:
