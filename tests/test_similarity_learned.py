@@ -136,3 +136,15 @@ def test_clap_and_mert_from_tiny_random_configs_match_transformers(tmp_path):
     np.testing.assert_allclose(mert.embed(x), want, atol=1e-4)
     with pytest.raises(Exception, match="24000 Hz"):
         mert.embed(x, sample_rate=16000)
+
+
+@pytest.mark.slow
+def test_music_demo_runs_end_to_end_on_a_tiny_setting(tmp_path):
+    pytest.importorskip("music21")
+    from sourcetrace.demos.music import MusicSetting, run
+
+    setting = MusicSetting(pieces=5, planted=1, copies=3, steps=16, generator_steps=3, sample_rate=SR)
+    report = run(tmp_path, setting, progress=False)
+    text = report.read_text()
+    assert "data:audio/wav;base64," in text and "generation 0" in text
+    assert len(list((tmp_path / "train").glob("*.wav"))) == 5

@@ -113,7 +113,7 @@ def corpus(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
     from ..similarity import ClipWindows, load_audio
 
     demo = MusicSetting(pieces=setting.pieces, steps=setting.steps, sample_rate=setting.sample_rate)
-    chorales = load_chorales(setting.pieces, cache=workdir)
+    chorales = load_chorales(setting.pieces, cache=workdir, quarters=setting.steps * 0.5)
     paths = render_training_set(chorales, workdir / "train", demo)
     clips, piece, offsets = [], [], []
     for i, p in enumerate(paths):

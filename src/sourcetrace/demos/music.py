@@ -89,7 +89,10 @@ def synthesize(notes: list[tuple[float, float, int, int]], timbre: str = "organ"
     end = quarters if quarters is not None else max(o + d for o, d, _, _ in notes)
     out = np.zeros(int(end * spq * sample_rate) + sample_rate // 4)
     for onset, dur, pitch, _ in notes:
-        start, n = int(onset * spq * sample_rate), int(dur * spq * sample_rate)
+        start = int(onset * spq * sample_rate)
+        n = min(int(dur * spq * sample_rate), len(out) - start)
+        if n <= 0:
+            continue
         t = np.arange(n) / sample_rate
         f0 = 440.0 * 2 ** ((pitch - 69) / 12)
         phase = 2 * np.pi * f0 * (t + vibrato * np.sin(2 * np.pi * 5.5 * t) / (2 * np.pi * 5.5) * 2 * np.pi)
@@ -153,7 +156,7 @@ def make_generator(context: int = 257, width: int = 96, layers: int = 2, heads: 
             self.voice = nn.Embedding(5, width)  # which voice a position holds (BOS is its own)
             layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True,
                                                norm_first=True)
-            self.body = nn.TransformerEncoder(layer, layers)
+            self.body = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
             self.out = nn.Linear(width, VOCAB)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +227,7 @@ class MusicSetting:
     steps: int = 64
     sample_rate: int = 16000
     bpm: float = 90.0
-    generator_steps: int = 400
+    generator_steps: int = 250
     prompt_steps: int = 4  # eighth-note steps of the planted piece given as the prompt
     seed: int = 0
 
@@ -258,16 +261,17 @@ def planted_training_tokens(chorales: list[Chorale], setting: MusicSetting) -> t
     return np.concatenate([tokens, extra]), planted
 
 
-def run(out: Path) -> Path:
+def run(out: Path, setting: MusicSetting | None = None, progress: bool = True) -> Path:
     """The demo: chorales, planted generator, generations, index, attribution and report in `out`."""
     from rich.console import Console
 
     from ..similarity import build_audio_index, make_embedder, query_samples, write_audio_report
+    from ..similarity.embedders import DEFAULT_EMBEDDER
 
-    console = Console()
-    setting = MusicSetting()
+    console = Console(quiet=not progress)
+    setting = setting or MusicSetting()
     out.mkdir(parents=True, exist_ok=True)
-    chorales = load_chorales(setting.pieces, cache=out)
+    chorales = load_chorales(setting.pieces, cache=out, quarters=setting.steps * STEP)
     console.print(f"{len(chorales)} Bach chorales from music21 (first {setting.steps * STEP:g} quarter "
                   "notes), "
                   f"rendered in {len(TIMBRES)} timbres")
@@ -275,12 +279,13 @@ def run(out: Path) -> Path:
     tokens, planted = planted_training_tokens(chorales, setting)
     console.print(f"training a small transformer on their note tokens, with {len(planted)} pieces planted "
                   f"({setting.copies} copies each): {', '.join(chorales[i].name for i in planted)}")
-    model = train_generator(tokens, steps=setting.generator_steps, seed=setting.seed)
+    model = train_generator(tokens, steps=setting.generator_steps, seed=setting.seed, progress=progress)
     prompt = 1 + 4 * setting.prompt_steps
     queries = []
-    embedder = make_embedder("chroma", sample_rate=setting.sample_rate)
+    embedder = make_embedder(DEFAULT_EMBEDDER, sample_rate=setting.sample_rate)
     index = build_audio_index(out / "train", out / "index", embedder, overwrite=True, progress=False)
-    for j, i in enumerate([*planted, 1, 2]):
+    unplanted = [i for i in range(len(chorales)) if i not in planted][:2]
+    for j, i in enumerate([*planted, *unplanted]):
         seq = generate(model, to_tokens(chorales[i], setting.steps)[:prompt], len(tokens[0]), seed=j)
         agree = token_agreement(seq, to_tokens(chorales[i], setting.steps), prompt)
         audio = synthesize(from_tokens(seq), timbre_of(j + 1), setting.sample_rate, setting.bpm,

@@ -217,6 +217,8 @@ def fourier_magnitude(chroma_patch: np.ndarray, power: float = 1.96) -> np.ndarr
     return mag[:, : chroma_patch.shape[1] // 2 + 1].ravel()
 
 
+DEFAULT_EMBEDDER = "chroma"  # no training, no weights; robust to timbre, tempo, noise and reverb (not pitch)
+
 # name -> "module:class" (relative to this package); heavy models load only when named
 EMBEDDERS: dict[str, str] = {
     "logmel": "embedders:LogMelStats",
