@@ -76,11 +76,13 @@ def build_audio_index(source: str | os.PathLike, out: str | os.PathLike, embedde
 
 @dataclass
 class AudioQuery:
-    """One query recording matched against an index: its clips, and the best training tracks."""
+    """One query recording matched against an index: its clips' vectors and offsets, and the best tracks."""
 
     name: str
     audio: np.ndarray
     sample_rate: int
+    vectors: np.ndarray
+    offsets: np.ndarray
     matches: list[TrackMatch]
 
 
@@ -107,7 +109,7 @@ def query_samples(audio: np.ndarray, sample_rate: int, index: SimilarityIndex, *
     clips, offsets = windows.cut(audio, sample_rate, name=name)
     vectors = embedder.embed(clips)
     matches = index.match_tracks(vectors, offsets, fingerprint=embedder.fingerprint, k=k, how=how)
-    return AudioQuery(name, np.asarray(audio, dtype=np.float32), int(sample_rate), matches)
+    return AudioQuery(name, np.asarray(audio, dtype=np.float32), int(sample_rate), vectors, offsets, matches)
 
 
 def track_scores(queries: list[AudioQuery], index: SimilarityIndex, method: str = "similarity") -> Scores:
@@ -133,37 +135,46 @@ def clip_at(audio: np.ndarray, sample_rate: int, offset: float, seconds: float) 
     return np.asarray(audio[start:start + int(round(seconds * sample_rate))], dtype=np.float32)
 
 
-def write_audio_report(query: AudioQuery, index: SimilarityIndex, path: str | os.PathLike, *,
-                       title: str | None = None, train_audio: Any = None) -> Path:
-    """An HTML report: the query's best-matching clip and, per matched track, its clip at the matched offset.
+def write_audio_report(queries: AudioQuery | list[AudioQuery], index: SimilarityIndex,
+                       path: str | os.PathLike, *, title: str | None = None, train_audio: Any = None) -> Path:
+    """An HTML report: each query's best-matching clip and the matched training clips at their offsets.
 
-    The views' player starts at 0 s, so each item holds the clip itself, cut at its offset. `train_audio`
-    (optional) maps a track to its samples; by default they are read from the indexed source folder.
+    The columns are the matched training clips (a track at an offset); a query's score for a clip is the
+    best cosine between any of its clips and that one. The views' player starts at 0 s, so each item holds
+    the clip itself, cut at its offset. `train_audio` (optional) maps a track to its samples; by default
+    they are read from the indexed source folder.
     """
     import torch
 
     from ..views import write_report
 
+    queries = [queries] if isinstance(queries, AudioQuery) else list(queries)
     info = index.manifest["info"]
     rate, seconds = int(info["sample_rate"]), float(info["clip_seconds"])
-    if not query.matches:
-        raise EmptyDataError("the query matched no training track")
+    if not queries or not all(q.matches for q in queries):
+        raise EmptyDataError("nothing to report: a query matched no training track")
+    clips = list(dict.fromkeys((m.track, m.train_offset) for q in queries for m in q.matches))
+    rows = {(index.track_of(i), round(float(index.items[i].get("offset", 0.0)), 3)): i
+            for i in range(len(index))}
+    columns = np.asarray(index.vectors[[rows[(t, round(o, 3))] for t, o in clips]])
+    matrix = np.stack([(q.vectors @ columns.T).max(0) for q in queries])
+    cache: dict[str, np.ndarray] = {}
     train_items = []
-    for m in query.matches:
-        if train_audio is not None:
-            samples = train_audio[m.track]
-        else:
-            samples, _ = load_audio(Path(info["source"]) / m.track, rate, resample=bool(info.get("resample")))
-        train_items.append({"audio": clip_at(samples, rate, m.train_offset, seconds), "sample_rate": rate,
-                            "label": m.track,
-                            "source": f"{m.track} at {m.train_offset:.1f} s ↔ query at "
-                                      f"{m.query_offset:.1f} s"})
-    best = query.matches[0]
-    query_item = {"audio": clip_at(query.audio, query.sample_rate, best.query_offset, seconds),
-                  "sample_rate": query.sample_rate, "label": query.name,
-                  "source": f"{query.name} at {best.query_offset:.1f} s"}
-    scores = Scores(torch.tensor([[m.score for m in query.matches]]), [m.track for m in query.matches],
-                    [query.name], method="similarity", metadata={"embedder": index.fingerprint})
-    return write_report(scores, path, train_items=train_items, query_items=[query_item],
-                        title=title or f"sourcetrace: training tracks most similar to {query.name}",
-                        k=len(query.matches))
+    for track, offset in clips:
+        if track not in cache:
+            cache[track] = train_audio[track] if train_audio is not None else load_audio(
+                Path(info["source"]) / track, rate, resample=bool(info.get("resample")))[0]
+        train_items.append({"audio": clip_at(cache[track], rate, offset, seconds), "sample_rate": rate,
+                            "label": track, "source": f"{track} at {offset:.1f} s"})
+    query_items = []
+    for q in queries:
+        best = q.matches[0]
+        query_items.append({"audio": clip_at(q.audio, q.sample_rate, best.query_offset, seconds),
+                            "sample_rate": q.sample_rate, "label": q.name,
+                            "source": f"{q.name} at {best.query_offset:.1f} s (best match: {best.track} "
+                                      f"at {best.train_offset:.1f} s)"})
+    scores = Scores(torch.from_numpy(matrix.astype(np.float32)), [f"{t}@{o:.1f}s" for t, o in clips],
+                    [q.name for q in queries], method="similarity", metadata={"embedder": index.fingerprint})
+    return write_report(scores, path, train_items=train_items, query_items=query_items,
+                        title=title or "sourcetrace: training clips most similar to the query",
+                        k=min(6, len(clips)), groups={"track": [t for t, _ in clips]})

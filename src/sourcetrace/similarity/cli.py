@@ -24,8 +24,8 @@ def _fail(exc: Exception) -> NoReturn:
 @app.command()
 def build(audio_dir: Path = typer.Argument(..., help="a folder of audio files (recursive) or one file"),
           out: Path = typer.Option(..., "--out", "-o", help="folder to write the index to"),
-          embedder: str = typer.Option("chroma2dftm", help="logmel, mfcc, chroma, chroma2dftm, contrastive, "
-                                                           "clap or mert"),
+          embedder: str = typer.Option("chroma", help="logmel, mfcc, chroma, chroma2dftm, contrastive "
+                                                      "(trained on the folder), clap or mert"),
           model: Path = typer.Option(None, help="clap / mert: the local folder holding the pretrained model"),
           sample_rate: int = typer.Option(16000, help="sample rate of the files (DSP, contrastive)"),
           resample: bool = typer.Option(False, help="resample files at other rates instead of refusing them"),

@@ -72,9 +72,14 @@ class AudioEmbedder:
 
     def fit(self, corpus: Any, sample_rate: int | None = None) -> AudioEmbedder:
         """Standardise each dimension with its mean and deviation over the corpus' clips."""
+        self.fit_embed(corpus, sample_rate)
+        return self
+
+    def fit_embed(self, corpus: Any, sample_rate: int | None = None) -> np.ndarray:
+        """`fit(corpus)` then `embed(corpus)`, computing the features once."""
         raw = np.stack([self.features(c) for c in self.check(corpus, sample_rate)]).astype(np.float64)
         self.mean, self.scale = raw.mean(0), raw.std(0) + 1e-6 * (raw.std() + 1e-12)
-        return self
+        return unit_rows((raw - self.mean) / self.scale)
 
     @property
     def fingerprint(self) -> str:
@@ -211,6 +216,8 @@ def fourier_magnitude(chroma_patch: np.ndarray, power: float = 1.96) -> np.ndarr
     # the magnitude of a real 2-D FFT is point-symmetric: half the time frequencies hold all of it
     return mag[:, : chroma_patch.shape[1] // 2 + 1].ravel()
 
+
+DEFAULT_EMBEDDER = "chroma"  # no training, no weights; robust to timbre, tempo, noise and reverb (not pitch)
 
 # name -> "module:class" (relative to this package); heavy models load only when named
 EMBEDDERS: dict[str, str] = {
