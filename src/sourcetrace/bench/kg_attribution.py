@@ -141,6 +141,7 @@ def run(
         for m in measures:
             sc = kg_scores(store, measure=m, queries=[f"p{j}" for j in range(len(prompts))], explain_k=1)
             order = np.argsort([int(i) for i in sc.train_ids])
+            assert sc.matrix is not None
             rankings[f"kg {m}|{rate}"] = sc.matrix.numpy()[:, order]
     flat = torch.as_tensor(images).reshape(n_train, -1).double()
     centre = flat.mean(0, keepdim=True)
@@ -197,7 +198,7 @@ def run(
         emb = deltas[(part, "embedding (pixel PCA cosine)|")]
         for n, name in enumerate(rankings):
             d = deltas[(part, name)]
-            label, rate = name.split("|")
+            label, rate_text = name.split("|")
             fell = (d < 0).astype(float)
             lo, hi = _bootstrap(d, s.bootstrap, n)
             flo, fhi = _bootstrap(fell, s.bootstrap, n + 100)
@@ -207,7 +208,7 @@ def run(
                 {
                     "split": part,
                     "ranking": label,
-                    "error_rate": rate if rate else "–",
+                    "error_rate": rate_text if rate_text else "–",
                     "mean_delta": float(d.mean()),
                     "delta_ci": f"[{lo:.4f}, {hi:.4f}]",
                     "delta_lo": lo,
