@@ -383,3 +383,18 @@ def test_style_attribution_counts_gained_triples_per_collection():
     assert out.metadata["matched"]["film A"] == [["hasMedium", "watercolor", 1], ["hasPalette", "warm", 2]]
     with pytest.raises(StoreError, match="no image"):
         style_attribution(store, "missing", "orig")
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "sourcetrace.kg" in b]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    scores = namespace["scores"]
+    assert scores.train_ids == ["train-1", "train-2"] and scores.query_ids == ["a blue striped dress"]
+    # train-1 shares both triples (stripes -> striped, navy -> blue); train-2 only blue
+    assert scores.matrix[0, 0] == 1.0 and 0 < scores.matrix[0, 1] < 1
+    assert (tmp_path / "runs/kg.ttl").exists()

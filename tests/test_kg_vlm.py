@@ -238,3 +238,16 @@ def test_parse_answer_forms():
     assert parse_answer("1. (s, a, b)\n2. (s, c, d e)") == ([("a", "b"), ("c", "d e")], True)
     assert parse_answer(TRUNCATED) == ([("hasColor", "red")], False)
     assert parse_answer("no triples here") == ([], False)
+
+
+def test_both_extractors_follow_the_protocol_and_images_are_checked(fashion, server, tmp_path):
+    from sourcetrace.kg import Extractor, SceneExtractor
+
+    assert isinstance(SceneExtractor(fashion), Extractor)
+    assert isinstance(extractor(fashion, server), Extractor)
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    with pytest.raises(ExtractionError, match="not PNG, JPEG or WebP"):
+        extractor(fashion, server).extract(tmp_path / "x.png")
+    with pytest.raises(ExtractionError, match="does not exist"):
+        extractor(fashion, server).extract(tmp_path / "missing.png")
+    assert server.requests == []

@@ -23,6 +23,13 @@ ATTRIBUTES: dict[str, list[str]] = {
     "hasPattern": ["plain", "striped", "checked", "dotted"],
     "hasMaterialType": ["plain", "knit"],
 }
+# relations the garments never show: a simulated VLM invents attributes from these
+INVENTED: dict[str, list[str]] = {
+    "hasNeckline": ["v-neck", "crew neck", "round neck", "boat neck"],
+    "hasSleeveLength": ["sleeveless", "short sleeve", "wrist length"],
+    "hasOpeningType": ["zip-up", "single breasted", "no opening"],
+}
+VOCABULARY = {**ATTRIBUTES, **INVENTED}
 RGB = {
     "red": (0.85, 0.15, 0.15),
     "blue": (0.15, 0.3, 0.9),
@@ -212,7 +219,7 @@ def run(
     reader = AttributeReader(images, attrs)
     ontology = load_ontology("fashion")
     extractor = SceneExtractor(
-        ontology, drop=error_rate, confuse=error_rate, invent=error_rate, vocabulary=ATTRIBUTES
+        ontology, drop=error_rate, confuse=error_rate, invent=error_rate, vocabulary=VOCABULARY
     )
     store = KGStore(ontology)
     store.add_many([(i, extractor.extract(a, f"train {i}").triples) for i, a in enumerate(attrs)])

@@ -128,7 +128,7 @@ def parse_answer(text: str) -> tuple[list[tuple[str, str]], bool]:
     if numbered:
         return [(r, v) for _, r, v in numbered], True
     if start >= 0:  # JSON that never closes: cut off
-        return [m.groups() for m in _OBJECT.finditer(body)], False
+        return [(m.group(1), m.group(2)) for m in _OBJECT.finditer(body)], False
     return [], False
 
 

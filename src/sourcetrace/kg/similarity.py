@@ -85,6 +85,7 @@ def kg_scores(
     """Score every query (a prompt's generations, or one image with `by="image"`) against the training images.
 
     `explain_k`: the metadata keep the shared triples of each query's `explain_k` best training images.
+    Ids come back as strings (the store keeps them as literals), training images in the store's order.
     """
     if measure not in MEASURES:
         raise StoreError(f"measure must be one of {', '.join(MEASURES)}; got {measure!r}")
