@@ -10,6 +10,7 @@
 
 from typing import Any
 
+from .health import health_payload, write_health  # noqa: F401 (exported; see health.py)
 from .llm import Backend, LMBackend, WordTokenizer
 from .payload import report_payload
 from .report import render_html, write_report
