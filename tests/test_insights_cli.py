@@ -15,8 +15,9 @@ from sourcetrace.insights.planted import plant, tabular_data
 def folder(tmp_path_factory):
     x, y, sub = tabular_data(n=700, seed=2)
     path = tmp_path_factory.mktemp("whatif")
-    plant(x, y, sub, name="small", n_train=300, n_query=120, n_pool=15, n_poison=15, n_slice=20,
-          seed=2).setting.save(path)
+    plant(
+        x, y, sub, name="small", n_train=300, n_query=120, n_pool=15, n_poison=15, n_slice=20, seed=2
+    ).setting.save(path)
     return path
 
 
@@ -35,21 +36,26 @@ def test_whatif_remove_group_prints_prediction_beside_retraining(folder):
 
 
 def test_whatif_relabel_and_acquire_predict_without_retraining(folder):
-    r = CliRunner().invoke(app, ["whatif", str(folder), "--action", "relabel", "--rows", "0,1",
-                                 "--metric", "loss"])
+    r = CliRunner().invoke(
+        app, ["whatif", str(folder), "--action", "relabel", "--rows", "0,1", "--metric", "loss"]
+    )
     assert r.exit_code == 0, r.output
     assert "relabel 2 training rows" in r.output and "–" in r.output  # nothing retrained
-    r = CliRunner().invoke(app, ["whatif", str(folder), "--action", "acquire", "--rows", "0,1,2",
-                                 "--slice", "label=2"])
+    r = CliRunner().invoke(
+        app, ["whatif", str(folder), "--action", "acquire", "--rows", "0,1,2", "--slice", "label=2"]
+    )
     assert r.exit_code == 0, r.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--group", "nope=1"], "no column 'nope'"),
-    (["--rows", "1", "--group", "source=batch-P"], "one of them"),
-    (["--action", "delete", "--rows", "1"], "unknown action"),
-    (["--rows", "99999"], "--rows must lie"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--group", "nope=1"], "no column 'nope'"),
+        (["--rows", "1", "--group", "source=batch-P"], "one of them"),
+        (["--action", "delete", "--rows", "1"], "unknown action"),
+        (["--rows", "99999"], "--rows must lie"),
+    ],
+)
 def test_whatif_errors_say_what_to_do(folder, args, message):
     result = CliRunner().invoke(app, ["whatif", str(folder), *args])
     assert result.exit_code == 2 and message in result.output

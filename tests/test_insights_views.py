@@ -28,33 +28,59 @@ def results():
     s = p.setting
     model = s.train()
     margins = s.margins(model)
-    attr = st.Attributor(model, st.ClassificationTask(), "explicit", damping=s.wd, store_dtype="float64",
-                         progress=False)
+    attr = st.Attributor(
+        model, st.ClassificationTask(), "explicit", damping=s.wd, store_dtype="float64", progress=False
+    )
     scores = attr.fit(s.examples(s.x_train, s.y_train)).score(s.examples(s.x_query, s.y_query))
     in_slice = s.query_meta["subclass"] == p.slice_subclass
     behaviour = ins.Behaviour("slice errors", tuple(np.flatnonzero(in_slice)), "margin")
     ranking = ins.responsible_groups(scores, s.train_meta["source"], behaviour, margins, scale=1 / s.n_train)
-    susp = ins.suspicion({"self-influence": attr.self_influence(), "heldout": ins.heldout_harm(scores)},
-                         list(range(s.n_train)))
+    susp = ins.suspicion(
+        {"self-influence": attr.self_influence(), "heldout": ins.heldout_harm(scores)}, list(range(s.n_train))
+    )
     sup = ins.support(scores, s.x_query, s.x_train)
     regions = ins.regions(ins.flag(sup.distance, 0.1), s.x_query, s.x_train, s.query_meta["subclass"])
     runs = []  # bootstrap resamples of the training rows, each retrained and attributed
     for b in range(3):
         counts = np.random.default_rng(b).multinomial(s.n_train, np.full(s.n_train, 1 / s.n_train))
         resampled = s.train(weights=counts.astype(float))
-        a = st.Attributor(resampled, st.ClassificationTask(), "explicit", damping=s.wd, store_dtype="float64",
-                          progress=False)
+        a = st.Attributor(
+            resampled,
+            st.ClassificationTask(),
+            "explicit",
+            damping=s.wd,
+            store_dtype="float64",
+            progress=False,
+        )
         runs.append(a.fit(s.examples(s.x_train, s.y_train)).score(s.examples(s.x_query, s.y_query)))
     rel = ins.reliability(runs, k=5)
     pool = ins.pool_scores(s, model)
     top = ranking.table(1)[0]["group"]
-    effects = [ins.whatif(ins.Action("remove", tuple(np.flatnonzero(s.train_meta["source"] == top).tolist())),
-                          behaviour, pool, margins, setting=s, verify=True, n_bootstrap=200),
-               ins.whatif(ins.Action("acquire", (0, 1, 2)), behaviour, pool, margins, n_bootstrap=200)]
+    effects = [
+        ins.whatif(
+            ins.Action("remove", tuple(np.flatnonzero(s.train_meta["source"] == top).tolist())),
+            behaviour,
+            pool,
+            margins,
+            setting=s,
+            verify=True,
+            n_bootstrap=200,
+        ),
+        ins.whatif(ins.Action("acquire", (0, 1, 2)), behaviour, pool, margins, n_bootstrap=200),
+    ]
     predicted = model(torch.from_numpy(s.x_train)).argmax(1).tolist()
-    payload = health_payload(title="data health: planted tabular", subtitle="softmax regression", ranking=ranking,
-                             suspicion=susp, labels=s.y_train, predicted=predicted, flipped=p.flipped.tolist(),
-                             regions=regions, reliability=rel, effects=effects)
+    payload = health_payload(
+        title="data health: planted tabular",
+        subtitle="softmax regression",
+        ranking=ranking,
+        suspicion=susp,
+        labels=s.y_train,
+        predicted=predicted,
+        flipped=p.flipped.tolist(),
+        regions=regions,
+        reliability=rel,
+        effects=effects,
+    )
     return payload, ranking, susp, rel, effects
 
 
@@ -76,8 +102,11 @@ def test_payload_holds_each_section_as_computed(results, tmp_path):
 
 
 def test_title_is_escaped_and_data_cannot_close_the_script(tmp_path):
-    payload = {"title": "<b>x</b> __DATA__", "actions": [], "regions": [{"size": 1, "describe": "</script><i>",
-                                                                           "nearest_train": []}]}
+    payload = {
+        "title": "<b>x</b> __DATA__",
+        "actions": [],
+        "regions": [{"size": 1, "describe": "</script><i>", "nearest_train": []}],
+    }
     text = write_health(tmp_path / "t.html", payload).read_text()
     assert "<title>&lt;b&gt;x&lt;/b&gt; __DATA__</title>" in text and "</script><i>" not in text
 
@@ -98,16 +127,18 @@ def test_health_page_in_chromium_without_console_errors(results, tmp_path):
     page_file = write_health(tmp_path / "health.html", payload)
     with sync_api.sync_playwright() as p:
         try:
-            browser = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--headless", "--disable-gpu"],
-                                        timeout=30_000)
+            browser = p.chromium.launch(
+                executable_path=path, args=["--no-sandbox", "--headless", "--disable-gpu"], timeout=30_000
+            )
         except Exception as exc:
             pytest.skip(f"chromium at {path} does not start: {exc}")
         page = browser.new_page(viewport={"width": 1000, "height": 640})
         errors = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.route("**/*", lambda r: r.abort() if not r.request.url.startswith(("file:", "data:"))
-                   else r.continue_())
+        page.route(
+            "**/*", lambda r: r.abort() if not r.request.url.startswith(("file:", "data:")) else r.continue_()
+        )
         page.goto(page_file.as_uri())
         page.wait_for_selector("#health-root[data-ready]")
         assert page.locator("#h-groups tbody tr").count() == len(payload["groups"]["rows"])
