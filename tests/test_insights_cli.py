@@ -1,6 +1,7 @@
 """`sourcetrace whatif`: the saved example, an action predicted and verified, and clear errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,3 +65,16 @@ def test_whatif_errors_say_what_to_do(folder, args, message):
 def test_whatif_without_a_setting_points_to_the_example(tmp_path):
     result = CliRunner().invoke(app, ["whatif", str(tmp_path), "--rows", "1"])
     assert result.exit_code == 2 and "--example" in result.output
+
+
+def test_readme_insights_example_runs(tmp_path, monkeypatch):
+    import re
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "insights" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block.replace("print(", "(lambda *a: None)("), "README.md", "exec"), namespace)
+    assert namespace["worst"] == "batch-P"
+    effect = namespace["effect"]
+    assert effect.actual_change > 0 and effect.predicted_change > 0
