@@ -41,7 +41,7 @@ def results():
     sup = ins.support(scores, s.x_query, s.x_train)
     regions = ins.regions(ins.flag(sup.distance, 0.1), s.x_query, s.x_train, s.query_meta["subclass"])
     runs = []  # bootstrap resamples of the training rows, each retrained and attributed
-    for b in range(3):
+    for b in range(2):
         counts = np.random.default_rng(b).multinomial(s.n_train, np.full(s.n_train, 1 / s.n_train))
         resampled = s.train(weights=counts.astype(float))
         a = st.Attributor(

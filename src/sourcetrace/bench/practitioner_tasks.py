@@ -3,6 +3,7 @@ checked by retraining (see `sourcetrace.insights.planted` for what is planted)."
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -372,10 +373,22 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
         mdl = s.train(weights=counts.astype(np.float64))
         boots.append(attribute(s, mdl, "explicit", (s.x_query[rep], s.y_query[rep]))[0][0].matrix.numpy())  # type: ignore[union-attr]
     by_boot = ins.reliability(boots, k=10, threshold=UNSTABLE)
+    mlp = copy.copy(s)  # seeds matter only for a non-convex model: a 16-unit tanh network, 3 seeds
+    mlp.hidden = 16
+    by_seed = []
+    for seed in range(3):
+        mdl = mlp.train(seed=seed)
+        by_seed.append(attribute(mlp, mdl, "explicit", (s.x_query[rep], s.y_query[rep]))[0][0].matrix.numpy())  # type: ignore[union-attr]
+    by_seed_r = ins.reliability(by_seed, k=10, threshold=UNSTABLE)
     # do unstable lists predict less accurate ones? agreement of the top-10 with LDS per query
     lds_q = st.evaluate.lds(scores["explicit"].matrix.numpy()[rep], gt).per_query  # type: ignore[union-attr]
     rel = {}
-    for name, r in (("methods", by_method), ("checkpoints", by_ckpt_r), ("bootstrap", by_boot)):
+    for name, r in (
+        ("methods", by_method),
+        ("checkpoints", by_ckpt_r),
+        ("bootstrap", by_boot),
+        ("seeds (16-unit MLP)", by_seed_r),
+    ):
         unstable = r.unstable
         from scipy.stats import spearmanr
 
@@ -388,6 +401,7 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
             "unstable_share": float(unstable.mean()),
             "lds_unstable": float(np.nanmean(lds_q[unstable])) if unstable.any() else None,
             "lds_stable": float(np.nanmean(lds_q[~unstable])) if (~unstable).any() else None,
+            "train_agreement": float(np.nanmean(r.train_agreement)),
         }
     bar.update(1)
 
@@ -655,18 +669,21 @@ def render(out: dict) -> str:
             "",
             "### Reliability (top-10 lists of the reporting queries)",
             "",
-            f"A list is flagged unstable when its bootstrap stability is below {UNSTABLE}"
+            "Per-training-row agreement: Spearman correlation of a row's scores over the queries between "
+            "runs, mean over pairs and rows. A list is flagged unstable when its bootstrap stability is "
+            f"below {UNSTABLE}"
             " (a fixed default, not tuned); LDS is explicit influence's per-query LDS.",
             "",
             "| runs compared | top-10 Jaccard | rank corr. | bootstrap stability | flagged unstable | "
-            "LDS of unstable | LDS of stable | Spearman(stability, per-query LDS) |",
-            "|---|---|---|---|---|---|---|---|",
+            "LDS of unstable | LDS of stable | Spearman(stability, per-query LDS) | "
+            "per-training-row agreement |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for k, v in d["reliability"].items():
             L.append(
                 f"| {k} | {f(v['jaccard'])} | {f(v['rank_corr'])} | {f(v['stability'])} | "
                 f"{f(v['unstable_share'])} | {f(v['lds_unstable'])} | {f(v['lds_stable'])} | "
-                f"{f(v['stability_lds_corr'])} |"
+                f"{f(v['stability_lds_corr'])} | {f(v['train_agreement'])} |"
             )
         L.append("")
     meta = out["_meta"]
