@@ -162,7 +162,7 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
     bar.set_postfix_str(f"{s.name}: mislabels")
     heldout = ins.heldout_harm(
         st.Scores(
-            scores["explicit"].matrix[p.tune],
+            scores["explicit"].matrix[p.tune],  # type: ignore[index]
             scores["explicit"].train_ids,  # type: ignore[index]
             [scores["explicit"].query_ids[i] for i in p.tune],
             "explicit",
@@ -178,7 +178,7 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
     susp = ins.suspicion(signals, list(range(s.n_train)), combine=["self-influence", "tracin", "heldout"])
     rows = {name: susp.matrix[i].numpy() for i, name in enumerate(susp.query_ids)}  # type: ignore[index]
     rows["cleanlab (confident learning)"] = cleanlab_suspicion(s)
-    mis = {}
+    mis: dict[str, dict[str, Any]] = {}
     for split, part in (("tuning", np.arange(0, s.n_train, 2)), ("reporting", np.arange(1, s.n_train, 2))):
         flipped = np.flatnonzero(np.isin(part, p.flipped))
         for name, v in rows.items():
@@ -240,7 +240,7 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
             "gap", in_slice & report_mask, same_class_other
         ),
     }
-    behaviour_rows = {}
+    behaviour_rows: dict[str, dict[str, Any]] = {}
     for name, b in behaviours.items():
         if not b.queries:
             continue
@@ -275,8 +275,8 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
     top_rows = tuple(int(i) for i in np.flatnonzero(s.train_meta["source"] == str(top_group)))
     predicted_class = model(torch.from_numpy(s.x_train)).argmax(1).detach().numpy()
     default = _best(mis, "tuning")
-    suspects = np.argsort(-rows[default], kind="stable")[: int(0.05 * s.n_train)]
-    suspects = [int(i) for i in suspects if predicted_class[i] != s.y_train[i]]
+    most = np.argsort(-rows[default], kind="stable")[: int(0.05 * s.n_train)]
+    suspects = [int(i) for i in most if predicted_class[i] != s.y_train[i]]
     relabel = [(i, int(predicted_class[i])) for i in suspects]
     pool = ins.pool_scores(s, model, relabel=relabel)
     rare_b = ins.Behaviour(
@@ -357,7 +357,7 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
     bar.set_postfix_str(f"{s.name}: reliability")
     rep = p.report
     by_method = ins.reliability(
-        [scores[m].matrix.numpy()[rep] for m in ("explicit", "ekfac", "trak", "tracin")],
+        [scores[m].matrix.numpy()[rep] for m in ("explicit", "ekfac", "trak", "tracin")],  # type: ignore[union-attr]
         k=10,
         threshold=UNSTABLE,
     )
@@ -368,8 +368,8 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
         by_ckpt.append(attribute(s, mdl, "grad-dot", (s.x_query[rep], s.y_query[rep]))[0][0].matrix.numpy())  # type: ignore[union-attr]
     by_ckpt_r = ins.reliability(by_ckpt, k=10, threshold=UNSTABLE)
     boots = []
-    for b in range(5):
-        counts = np.random.default_rng(100 + b).multinomial(s.n_train, np.full(s.n_train, 1.0 / s.n_train))
+    for draw in range(5):
+        counts = np.random.default_rng(100 + draw).multinomial(s.n_train, np.full(s.n_train, 1.0 / s.n_train))
         mdl = s.train(weights=counts.astype(np.float64))
         boots.append(attribute(s, mdl, "explicit", (s.x_query[rep], s.y_query[rep]))[0][0].matrix.numpy())  # type: ignore[union-attr]
     by_boot = ins.reliability(boots, k=10, threshold=UNSTABLE)

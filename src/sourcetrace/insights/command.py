@@ -36,10 +36,19 @@ def _match(meta: dict[str, np.ndarray], spec: str, where: str) -> np.ndarray:
     return rows
 
 
-def run_whatif(folder: str | os.PathLike, *, action: str = "remove", rows: str | None = None,
-               group: str | None = None, label: int | None = None, weight: float = 0.0,
-               slice_: str | None = None, errors_only: bool = False, metric: str = "margin",
-               verify: bool = False) -> Effect:
+def run_whatif(
+    folder: str | os.PathLike,
+    *,
+    action: str = "remove",
+    rows: str | None = None,
+    group: str | None = None,
+    label: int | None = None,
+    weight: float = 0.0,
+    slice_: str | None = None,
+    errors_only: bool = False,
+    metric: str = "margin",
+    verify: bool = False,
+) -> Effect:
     """Predict (and verify) one action's effect on a behaviour of the setting saved in `folder`.
 
     rows: comma-separated positions (training rows; pool rows for acquire), or group: COLUMN=VALUE of the
@@ -50,8 +59,9 @@ def run_whatif(folder: str | os.PathLike, *, action: str = "remove", rows: str |
     if action not in KINDS:
         raise InvalidOptionError(f"unknown action {action!r}; use one of {', '.join(KINDS)}")
     if (rows is None) == (group is None):
-        raise InvalidOptionError("name the rows to act on with --rows 1,2,3 or --group COLUMN=VALUE "
-                                 "(one of them)")
+        raise InvalidOptionError(
+            "name the rows to act on with --rows 1,2,3 or --group COLUMN=VALUE (one of them)"
+        )
     setting = Setting.load(folder)
     model = setting.train()
     margins = setting.margins(model)
@@ -73,8 +83,11 @@ def run_whatif(folder: str | os.PathLike, *, action: str = "remove", rows: str |
         labels = tuple(int(label) if label is not None else int(c) for c in predicted)
         relabel = list(zip(picked.tolist(), labels))
     act = Action(action, tuple(picked.tolist()), labels, weight, note=group or "")
-    queries = np.ones(len(margins), dtype=bool) if slice_ is None else np.isin(
-        np.arange(len(margins)), _match(setting.query_meta, slice_, "queries"))
+    queries = (
+        np.ones(len(margins), dtype=bool)
+        if slice_ is None
+        else np.isin(np.arange(len(margins)), _match(setting.query_meta, slice_, "queries"))
+    )
     if errors_only:
         queries &= margins < 0
     if not queries.any():
@@ -91,8 +104,12 @@ def effect_table(e: Effect):  # -> rich.table.Table
     from rich.table import Table
 
     verified = e.actual_after is not None
-    table = Table("", "predicted", "retrained" if verified else "retrained (use --verify)",
-                  title=f"{e.action.describe()} → {e.behaviour.name} ({e.behaviour.metric})")
+    table = Table(
+        "",
+        "predicted",
+        "retrained" if verified else "retrained (use --verify)",
+        title=f"{e.action.describe()} → {e.behaviour.name} ({e.behaviour.metric})",
+    )
 
     def cell(v: float | None, ci: tuple[float, float] | None = None) -> str:
         if v is None:
@@ -101,8 +118,9 @@ def effect_table(e: Effect):  # -> rich.table.Table
 
     table.add_row("metric before", cell(e.before), cell(e.before))
     table.add_row("metric after", cell(e.predicted_after), cell(e.actual_after))
-    table.add_row("change [95% CI]", cell(e.predicted_change, e.predicted_ci),
-                  cell(e.actual_change, e.actual_ci))
+    table.add_row(
+        "change [95% CI]", cell(e.predicted_change, e.predicted_ci), cell(e.actual_change, e.actual_ci)
+    )
     table.add_row("error rate before", cell(e.error_before), cell(e.error_before))
     table.add_row("error rate after", cell(e.predicted_error_after), cell(e.actual_error_after))
     return table
