@@ -126,6 +126,30 @@ def serve(workdir: Path = typer.Argument(..., help="a folder written by sourcetr
 
 
 @app.command()
+def whatif(folder: Path = typer.Argument(..., help="a folder holding a saved insights.Setting"),
+           action: str = typer.Option("remove", help="remove, relabel, reweight or acquire"),
+           rows: str = typer.Option(None, help="rows to act on, e.g. 3,17,40 (pool rows for acquire)"),
+           group: str = typer.Option(None, help="or a group of rows, COLUMN=VALUE, e.g. source=batch-P"),
+           label: int = typer.Option(None, help="relabel: the new label (default: the model's prediction)"),
+           weight: float = typer.Option(0.0, help="reweight: the new weight"),
+           slice_: str = typer.Option(None, "--slice", help="the behaviour's queries, COLUMN=VALUE"),
+           errors: bool = typer.Option(False, help="only the misclassified queries of the slice"),
+           metric: str = typer.Option("margin", help="margin, loss or accuracy"),
+           verify: bool = typer.Option(False, help="retrain with the action applied and show the result"),
+           example: bool = typer.Option(False, help="first save the planted example in FOLDER")) -> None:
+    """Predict what an action on the training data does to a behaviour; --verify retrains to check."""
+    from .insights.command import effect_table, make_example, run_whatif
+
+    with user_errors("see `sourcetrace whatif --help`; `--example` saves a planted setting to try"):
+        if example:
+            make_example(folder)
+            console.print(f"saved the planted tabular example in {folder} (groups: source, label, subclass)")
+        e = run_whatif(folder, action=action, rows=rows, group=group, label=label, weight=weight,
+                       slice_=slice_, errors_only=errors, metric=metric, verify=verify)
+    console.print(effect_table(e))
+
+
+@app.command()
 def info() -> None:
     """Methods, benchmarks and optional extras found."""
     import importlib.util

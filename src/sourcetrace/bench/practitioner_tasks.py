@@ -3,6 +3,7 @@ checked by retraining (see `sourcetrace.insights.planted` for what is planted)."
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -57,11 +58,10 @@ def attribute(
     setting: ins.Setting,
     model: torch.nn.Module,
     method: str,
-    x: np.ndarray,
-    y: np.ndarray,
+    *queries: tuple[np.ndarray, np.ndarray],
     checkpoints: Any = None,
-) -> tuple[st.Scores, torch.Tensor | None]:
-    """Scores of rows (x, y) against the training rows, and the method's self-influence."""
+) -> tuple[list[st.Scores], torch.Tensor | None]:
+    """Scores of each query set (x, y) against the training rows (one fit), and the self-influence."""
     opts: dict[str, Any] = {"store_dtype": "float64"}
     if method in ("explicit", "ekfac"):
         opts["damping"] = setting.wd
@@ -71,7 +71,7 @@ def attribute(
         opts.pop("store_dtype")
     attr = st.Attributor(model, st.ClassificationTask(), method, progress=False, **opts)
     attr.fit(setting.examples(setting.x_train, setting.y_train))
-    scores = attr.score(setting.examples(x, y))
+    scores = [attr.score(setting.examples(x, y)) for x, y in queries]
     try:
         si = attr.self_influence()
     except SourcetraceError:  # a method without self-influence
@@ -108,16 +108,25 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
     suite: dict[str, dict[str, float]] = {}
     sc_pred = model(torch.from_numpy(p.x_shortcut)).argmax(1).detach().numpy()
     sc_sel = np.flatnonzero(sc_pred == p.shortcut_class)
+    # quanda explains the model's predicted class (its benchmarks' use_predictions=True)
+    pred_q = model(torch.from_numpy(s.x_query)).argmax(1).detach().numpy()
     for method in METHODS:
-        sc, si = attribute(s, model, method, s.x_query, s.y_query, ckpts)
+        (sc, expl, short), si = attribute(
+            s,
+            model,
+            method,
+            (s.x_query, s.y_query),
+            (s.x_query, pred_q),
+            (p.x_shortcut, sc_pred),
+            checkpoints=ckpts,
+        )
         scores[method] = sc
         if si is not None:
             self_inf[method] = si.double().numpy()
-        short, _ = attribute(s, model, method, p.x_shortcut, p.y_shortcut, ckpts)
         rand_ckpts = ([rand_model.state_dict()] * len(ckpts[0]), ckpts[1])
-        rnd, _ = attribute(s, rand_model, method, s.x_query, s.y_query, rand_ckpts)
+        (rnd,), _ = attribute(s, rand_model, method, (s.x_query, pred_q), checkpoints=rand_ckpts)
         rep = p.report
-        m, r = sc.matrix.numpy()[rep], rnd.matrix.numpy()[rep]  # type: ignore[union-attr]
+        m, r = expl.matrix.numpy()[rep], rnd.matrix.numpy()[rep]  # type: ignore[union-attr]
         suite[method] = {
             "class_detection": class_detection(m, s.y_train, s.y_query[rep]),
             "subclass_detection": subclass_detection(
@@ -153,7 +162,7 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
     bar.set_postfix_str(f"{s.name}: mislabels")
     heldout = ins.heldout_harm(
         st.Scores(
-            scores["explicit"].matrix[p.tune],
+            scores["explicit"].matrix[p.tune],  # type: ignore[index]
             scores["explicit"].train_ids,  # type: ignore[index]
             [scores["explicit"].query_ids[i] for i in p.tune],
             "explicit",
@@ -169,7 +178,7 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
     susp = ins.suspicion(signals, list(range(s.n_train)), combine=["self-influence", "tracin", "heldout"])
     rows = {name: susp.matrix[i].numpy() for i, name in enumerate(susp.query_ids)}  # type: ignore[index]
     rows["cleanlab (confident learning)"] = cleanlab_suspicion(s)
-    mis = {}
+    mis: dict[str, dict[str, Any]] = {}
     for split, part in (("tuning", np.arange(0, s.n_train, 2)), ("reporting", np.arange(1, s.n_train, 2))):
         flipped = np.flatnonzero(np.isin(part, p.flipped))
         for name, v in rows.items():
@@ -231,7 +240,7 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
             "gap", in_slice & report_mask, same_class_other
         ),
     }
-    behaviour_rows = {}
+    behaviour_rows: dict[str, dict[str, Any]] = {}
     for name, b in behaviours.items():
         if not b.queries:
             continue
@@ -266,8 +275,8 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
     top_rows = tuple(int(i) for i in np.flatnonzero(s.train_meta["source"] == str(top_group)))
     predicted_class = model(torch.from_numpy(s.x_train)).argmax(1).detach().numpy()
     default = _best(mis, "tuning")
-    suspects = np.argsort(-rows[default], kind="stable")[: int(0.05 * s.n_train)]
-    suspects = [int(i) for i in suspects if predicted_class[i] != s.y_train[i]]
+    most = np.argsort(-rows[default], kind="stable")[: int(0.05 * s.n_train)]
+    suspects = [int(i) for i in most if predicted_class[i] != s.y_train[i]]
     relabel = [(i, int(predicted_class[i])) for i in suspects]
     pool = ins.pool_scores(s, model, relabel=relabel)
     rare_b = ins.Behaviour(
@@ -348,7 +357,7 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
     bar.set_postfix_str(f"{s.name}: reliability")
     rep = p.report
     by_method = ins.reliability(
-        [scores[m].matrix.numpy()[rep] for m in ("explicit", "ekfac", "trak", "tracin")],
+        [scores[m].matrix.numpy()[rep] for m in ("explicit", "ekfac", "trak", "tracin")],  # type: ignore[union-attr]
         k=10,
         threshold=UNSTABLE,
     )
@@ -356,18 +365,30 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
     for state in ckpts[0][1:]:
         mdl = s.model()
         mdl.load_state_dict(state)
-        by_ckpt.append(attribute(s, mdl, "grad-dot", s.x_query[rep], s.y_query[rep])[0].matrix.numpy())  # type: ignore[union-attr]
+        by_ckpt.append(attribute(s, mdl, "grad-dot", (s.x_query[rep], s.y_query[rep]))[0][0].matrix.numpy())  # type: ignore[union-attr]
     by_ckpt_r = ins.reliability(by_ckpt, k=10, threshold=UNSTABLE)
     boots = []
-    for b in range(5):
-        counts = np.random.default_rng(100 + b).multinomial(s.n_train, np.full(s.n_train, 1.0 / s.n_train))
+    for draw in range(5):
+        counts = np.random.default_rng(100 + draw).multinomial(s.n_train, np.full(s.n_train, 1.0 / s.n_train))
         mdl = s.train(weights=counts.astype(np.float64))
-        boots.append(attribute(s, mdl, "explicit", s.x_query[rep], s.y_query[rep])[0].matrix.numpy())  # type: ignore[union-attr]
+        boots.append(attribute(s, mdl, "explicit", (s.x_query[rep], s.y_query[rep]))[0][0].matrix.numpy())  # type: ignore[union-attr]
     by_boot = ins.reliability(boots, k=10, threshold=UNSTABLE)
+    mlp = copy.copy(s)  # seeds matter only for a non-convex model: a 16-unit tanh network, 3 seeds
+    mlp.hidden = 16
+    by_seed = []
+    for seed in range(3):
+        mdl = mlp.train(seed=seed)
+        by_seed.append(attribute(mlp, mdl, "explicit", (s.x_query[rep], s.y_query[rep]))[0][0].matrix.numpy())  # type: ignore[union-attr]
+    by_seed_r = ins.reliability(by_seed, k=10, threshold=UNSTABLE)
     # do unstable lists predict less accurate ones? agreement of the top-10 with LDS per query
     lds_q = st.evaluate.lds(scores["explicit"].matrix.numpy()[rep], gt).per_query  # type: ignore[union-attr]
     rel = {}
-    for name, r in (("methods", by_method), ("checkpoints", by_ckpt_r), ("bootstrap", by_boot)):
+    for name, r in (
+        ("methods", by_method),
+        ("checkpoints", by_ckpt_r),
+        ("bootstrap", by_boot),
+        ("seeds (16-unit MLP)", by_seed_r),
+    ):
         unstable = r.unstable
         from scipy.stats import spearmanr
 
@@ -380,6 +401,7 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
             "unstable_share": float(unstable.mean()),
             "lds_unstable": float(np.nanmean(lds_q[unstable])) if unstable.any() else None,
             "lds_stable": float(np.nanmean(lds_q[~unstable])) if (~unstable).any() else None,
+            "train_agreement": float(np.nanmean(r.train_agreement)),
         }
     bar.update(1)
 
@@ -567,6 +589,9 @@ def render(out: dict) -> str:
         L += [
             "### Evaluation suite (quanda's definitions) per method, reporting queries",
             "",
+            "Scores for these five metrics explain the model's predicted class, as quanda's benchmarks do; "
+            "LDS uses the true-class margin.",
+            "",
             "| method | class det. | subclass det. | shortcut det. (AP) | model rand. (ρ, lower better) "
             "| top-10 cardinality | LDS (40 subsets) |",
             "|---|---|---|---|---|---|---|",
@@ -644,18 +669,21 @@ def render(out: dict) -> str:
             "",
             "### Reliability (top-10 lists of the reporting queries)",
             "",
-            f"A list is flagged unstable when its bootstrap stability is below {UNSTABLE}"
+            "Per-training-row agreement: Spearman correlation of a row's scores over the queries between "
+            "runs, mean over pairs and rows. A list is flagged unstable when its bootstrap stability is "
+            f"below {UNSTABLE}"
             " (a fixed default, not tuned); LDS is explicit influence's per-query LDS.",
             "",
             "| runs compared | top-10 Jaccard | rank corr. | bootstrap stability | flagged unstable | "
-            "LDS of unstable | LDS of stable | Spearman(stability, per-query LDS) |",
-            "|---|---|---|---|---|---|---|---|",
+            "LDS of unstable | LDS of stable | Spearman(stability, per-query LDS) | "
+            "per-training-row agreement |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for k, v in d["reliability"].items():
             L.append(
                 f"| {k} | {f(v['jaccard'])} | {f(v['rank_corr'])} | {f(v['stability'])} | "
                 f"{f(v['unstable_share'])} | {f(v['lds_unstable'])} | {f(v['lds_stable'])} | "
-                f"{f(v['stability_lds_corr'])} |"
+                f"{f(v['stability_lds_corr'])} | {f(v['train_agreement'])} |"
             )
         L.append("")
     meta = out["_meta"]

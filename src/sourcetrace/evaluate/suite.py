@@ -28,7 +28,7 @@ from .lds import score_matrix
 from .mislabel import average_precision, quanda_score
 
 
-def class_detection(scores: Any, train_labels: Sequence[Any], query_labels: Sequence[Any]) -> float:
+def class_detection(scores: Any, train_labels: Any, query_labels: Any) -> float:
     """Share of queries whose highest-scored training row carries the query's label."""
     m = score_matrix(scores)
     tl, ql = np.asarray(train_labels), np.asarray(query_labels)
@@ -37,16 +37,12 @@ def class_detection(scores: Any, train_labels: Sequence[Any], query_labels: Sequ
     return float((tl[m.argmax(1)] == ql).mean())
 
 
-def subclass_detection(
-    scores: Any, train_subclasses: Sequence[Any], query_subclasses: Sequence[Any]
-) -> float:
+def subclass_detection(scores: Any, train_subclasses: Any, query_subclasses: Any) -> float:
     """Class detection on subclass labels (Hanawa et al. 2021, as in quanda)."""
     return class_detection(scores, train_subclasses, query_subclasses)
 
 
-def shortcut_detection(
-    scores: Any, shortcut_rows: Sequence[int], queries: Sequence[int] | None = None
-) -> float:
+def shortcut_detection(scores: Any, shortcut_rows: Any, queries: Any = None) -> float:
     """Mean average precision of each selected query's scores at finding the shortcut rows.
 
     quanda selects the queries not of the shortcut class that the model predicts as the shortcut class;
@@ -76,8 +72,9 @@ def randomize_model(model: torch.nn.Module, seed: int = 42) -> torch.nn.Module:
     out = copy.deepcopy(model)
     torch.manual_seed(seed)
     for module in out.modules():
-        if hasattr(module, "reset_parameters") and any(True for _ in module.parameters(recurse=False)):
-            module.reset_parameters()
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset) and any(True for _ in module.parameters(recurse=False)):
+            reset()
     return out
 
 

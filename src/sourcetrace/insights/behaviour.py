@@ -11,7 +11,6 @@ A predicted change is the metric re-evaluated at m + Δm, so it is exact in Δm 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,7 +159,7 @@ class GroupRanking:
 
 
 def responsible_groups(
-    scores: Scores, groups: Sequence[Any], behaviour: Behaviour, margins: Any, scale: float | None = None
+    scores: Scores, groups: Any, behaviour: Behaviour, margins: Any, scale: float | None = None
 ) -> GroupRanking:
     """Rank training groups by the predicted improvement of `behaviour` if each group were removed.
 

@@ -31,26 +31,27 @@ def feature_clusters(features: Any, n_clusters: int, *, seed: int = 0) -> np.nda
     return labels.astype(np.int64)
 
 
-def group_mass(scores: Scores, groups: Sequence[Any]) -> Scores:
+def group_mass(scores: Scores, groups: Any) -> Scores:
     """Summed scores per group and query: a Scores whose columns are the groups (sizes in metadata)."""
     return scores.group_by(list(groups))
 
 
-def group_removal(scores: Scores, groups: Sequence[Any], scale: float | None = None) -> Scores:
+def group_removal(scores: Scores, groups: Any, scale: float | None = None) -> Scores:
     """Predicted change of each query's measurement if each group were removed and the model retrained:
     −scale · (group mass); a Scores [n_query, n_groups] marked `"kind": "group removal"`."""
     grouped = scores.group_by(list(groups))
     scale = _scale(scores, scale)
+    assert grouped.matrix is not None  # group_by returns dense scores
     return Scores(
         -scale * grouped.matrix.double(),
         grouped.train_ids,
-        grouped.query_ids,  # type: ignore[union-attr]
+        grouped.query_ids,
         scores.method,
         {**grouped.metadata, "kind": "group removal", "removal_scale": scale},
     )
 
 
-def members(groups: Sequence[Any], group: Any, train_ids: Sequence[Any]) -> list[Any]:
+def members(groups: Any, group: Any, train_ids: Sequence[Any]) -> list[Any]:
     """Training ids whose group is `group`."""
     labels = list(groups)
     if len(labels) != len(train_ids):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +36,8 @@ class Setting:
     y_train: np.ndarray
     x_query: np.ndarray
     y_query: np.ndarray
-    x_pool: np.ndarray | None = None
-    y_pool: np.ndarray | None = None
+    x_pool: Any = None  # [n_pool, d]; empty when None
+    y_pool: Any = None
     train_meta: dict[str, np.ndarray] = field(default_factory=dict)
     query_meta: dict[str, np.ndarray] = field(default_factory=dict)
     pool_meta: dict[str, np.ndarray] = field(default_factory=dict)
@@ -97,18 +98,15 @@ class Setting:
 
     # ---- training --------------------------------------------------------------------------------------
     def model(self, seed: int = 0) -> nn.Module:
-        """An untrained model of this setting's architecture (float64)."""
+        """An untrained model of this setting's architecture (float64); a linear one starts at zero."""
         torch.manual_seed(seed)
         d, c = self.x_train.shape[1], self.n_classes
-        net = (
-            nn.Linear(d, c)
-            if not self.hidden
-            else nn.Sequential(nn.Linear(d, self.hidden), nn.Tanh(), nn.Linear(self.hidden, c))
-        )
-        if not self.hidden:
-            nn.init.zeros_(net.weight)
-            nn.init.zeros_(net.bias)
-        return net.double()
+        if self.hidden:
+            return nn.Sequential(nn.Linear(d, self.hidden), nn.Tanh(), nn.Linear(self.hidden, c)).double()
+        linear = nn.Linear(d, c)
+        nn.init.zeros_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        return linear.double()
 
     def train(
         self,
@@ -217,7 +215,7 @@ class Setting:
                 metas[prefix][col] = arrays.pop(key)
         return cls(
             **arrays,
-            **metas,
+            **metas,  # type: ignore[arg-type]
             n_classes=info["n_classes"],
             hidden=info["hidden"],
             wd=info["wd"],

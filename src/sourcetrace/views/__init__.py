@@ -10,13 +10,15 @@
 
 from typing import Any
 
+from .health import health_payload, write_health
 from .llm import Backend, LMBackend
 from .payload import report_payload
 from .report import render_html, write_report
 from .session import Session, load_view, save_view
 
 __all__ = ["AttributionWidget", "Backend", "LMBackend", "Session", "create_app", "load_view",
-           "render_html", "report_payload", "run_server", "save_view", "write_report"]
+           "health_payload", "render_html", "report_payload", "run_server", "save_view", "write_health",
+           "write_report"]
 
 
 def __getattr__(name: str) -> Any:
