@@ -496,3 +496,27 @@ def test_dattri_bad_options_raise(data):
             anchors.dattri_scores(model, train, test, **kwargs)
     with pytest.raises(ShapeError):
         anchors.dattri_scores(model, (train[0], train[1][:-1]), test)
+
+
+# ------------------------------------------------------------------------------------ digits-mlp splits
+
+
+def test_digits_reporting_split_queries_were_never_used_for_tuning():
+    pytest.importorskip("sklearn")
+    from sourcetrace.bench.digits import DigitsSetting
+    from sourcetrace.bench.digits_mlp import _entries, _pairs
+
+    tuning, reporting = DigitsSetting(), DigitsSetting(split="reporting", seed=1)
+
+    def rows(x: torch.Tensor) -> set[bytes]:
+        return {r.numpy().tobytes() for r in x}
+
+    used = rows(tuning.x_train) | rows(tuning.x_query)
+    assert not rows(reporting.x_query) & used  # neither trained on nor queried while tuning
+    assert not rows(reporting.x_query) & rows(reporting.x_train)
+    assert len(rows(reporting.x_train) ^ rows(tuning.x_train)) > 0  # another training draw
+    assert tuning.fingerprint() != reporting.fingerprint()
+    labels = {e[0] for e in _entries()}
+    assert all(label in labels for pair in _pairs() for label in pair[1:])
+    with pytest.raises(ValueError, match="split"):
+        DigitsSetting(split="test")

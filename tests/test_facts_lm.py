@@ -136,3 +136,12 @@ def test_dda_verdict_is_computed_from_the_rows():
     assert "does not hold" in text and "1 of 2" in text and "rank 2 of 2" in text
     # mean MRR over the three settings: default (0.85 + 0.7 + 0.3) / 3 = 0.617, other (0.55 + 0.6 + 0.9) / 3
     assert "highest mean MRR is DDA[EK-FAC] other (0.683; the default: 0.617)" in text
+
+
+def test_reporting_settings_run_the_ekfac_dda_rows(tmp_path):
+    t = fl.trained(fl.FactsSetting.small(), tmp_path)
+    labels = set(fl.method_scores(t, fl.REPORTING_METHODS, finetune_steps=6))
+    assert fl.DDA_DEFAULT in labels and "TracIn (fine-tuning checkpoints)" in labels
+    assert "EK-FAC (base)" in labels and "BM25 (prompt only)" in labels
+    assert not any("TRAK" in x or "SOURCE" in x or "dda=True" in x for x in labels)
+    assert {s for s, _, _ in fl.SETTINGS.values()} == {"tuning", "reporting"}

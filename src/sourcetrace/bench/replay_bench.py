@@ -55,7 +55,8 @@ class ReplaySetting(DigitsSetting):
             return super().fingerprint()
         import hashlib
 
-        later = {"optimizer": "sgd", "momentum": 0.0}  # fields added later: left out at their defaults
+        # fields added later: left out at their defaults
+        later = {"optimizer": "sgd", "momentum": 0.0, "split": "tuning", "seed": 0}
         cfg = tuple(getattr(self, f.name) for f in fields(self)
                     if f.init and later.get(f.name) != getattr(self, f.name))
         return hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
