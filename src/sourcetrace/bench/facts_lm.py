@@ -638,14 +638,18 @@ SCORING_VERSION = 1  # bump when method_scores or score_setting change what a ca
 PER_QUERY = ("auc", "mrr", "entity_top1")  # kept per query in the json (for paired comparisons)
 PRIMARY = "mrr"  # the metric the summary compares on
 DDA_DEFAULT = "DDA[EK-FAC] default"
-DEFAULTS_CHOSEN = (
-    "everything in this benchmark was developed on the tuning setting (corpus 0, Llama): the corpus and "
-    "training recipe (3 sources per fact, 40 fine-tuning epochs at lr 2e-3), DDA's checkpoint schedule "
-    "(geometric: `checkpoint_steps`, chosen over 6 evenly spaced checkpoints) and its default composition "
-    "(`methods/dda.py` DEFAULT: fitting-error weights, per-query standardization, train-side "
-    "normalisation, chosen among the DDA rows below); EK-FAC's and TRAK's damping rules were chosen on "
-    "digits-mlp's tuning split (benchmarks/digits-mlp.md). The reporting settings were not looked at "
-    "when any of these was chosen.")
+
+
+def defaults_chosen() -> str:
+    """Which defaults were chosen on the tuning setting, with their values read from the code."""
+    t = FactsSetting()
+    return ("everything in this benchmark was developed on the tuning setting (corpus 0, Llama): the corpus "
+            f"and training recipe ({t.n_sources} sources per fact, {t.finetune_epochs} fine-tuning epochs at "
+            f"lr {t.finetune_lr:g}), DDA's checkpoint schedule ({t.checkpoint_schedule}: `checkpoint_steps`) "
+            "and its default composition (`methods/dda.py` DEFAULT: fitting-error weights, per-query "
+            "standardization, train-side normalisation, chosen among the DDA rows below); EK-FAC's and "
+            "TRAK's damping rules were chosen on digits-mlp's tuning split (benchmarks/digits-mlp.md). The "
+            "reporting settings were not looked at when any of these was chosen.")
 
 
 def score_setting(name: str, split: str, setting: FactsSetting, workdir: Path, *,
@@ -754,7 +758,7 @@ def write_facts(out_dir: Path, results: list[dict[str, Any]], versions: dict[str
     from .runner import markdown_table
 
     rows = [r for res in results for r in res["rows"]]
-    info = {"tuning and reporting": DEFAULTS_CHOSEN,
+    info = {"tuning and reporting": defaults_chosen(),
             "settings": "; ".join(f"{res['name']} ({res['split']})" for res in results),
             "confidence intervals": "95 % percentile bootstrap over the scored queries (1000 resamples); "
                                     "differences are paired (the same queries)",

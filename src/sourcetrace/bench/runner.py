@@ -85,13 +85,16 @@ def versions(*packages: str) -> dict[str, str]:
 
 def write_results(out_dir: Path, name: str, title: str, rows: list[dict[str, Any]], info: dict[str, Any],
                   columns: list[tuple[str, str]], notes: list[str], *, section: str | None = None,
-                  headings: dict[str, str] | None = None, summary: list[str] | None = None) -> Path:
+                  headings: dict[str, str] | None = None, summary: list[str] | None = None,
+                  extra: dict[str, Any] | None = None) -> Path:
     """Write `name.json` and a `name.md` table (never edited by hand).
 
     `section`: a row key (e.g. "split") whose values split the table into sections, in order of first
-    appearance, each under `headings[value]`; `summary`: lines (computed from `rows`) after the info."""
+    appearance, each under `headings[value]`; `summary`: lines (computed from `rows`) after the info;
+    `extra`: further raw measurements for the json only."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / f"{name}.json", {"benchmark": name, "info": info, "rows": rows})
+    atomic_write_json(out_dir / f"{name}.json",
+                      {"benchmark": name, "info": info, "rows": rows, **(extra or {})})
     lines = [f"# {title}", "", f"Written by `sourcetrace bench {name}`; do not edit by hand.", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
     if summary:
