@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .digits import DigitsSetting
-from .runner import measure, versions, write_results
+from .runner import load_average, measure, versions, write_results
 
 N_CHECKPOINTS = 6
 
@@ -366,6 +366,7 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
             "recorder overhead, digits MLP (SGD)": _overhead_text(overhead),
             "recorder overhead, digits MLP hidden 1024 (SGD)": _overhead_text(overhead_wide),
             "recorder overhead, facts-lm tiny Llama (AdamW)": _overhead_text(overhead_lm),
+            "load average at the end of the run": f"{load_average()} (on a shared two-core machine)",
             "versions": versions("sourcetrace", "torch")}
     columns = [("setting", "setting"), ("method", "method"), ("steps", "steps"), ("params", "parameters"),
                ("lds_random", "LDS random [95 % CI]"), ("lds_recorded", "LDS recorded order [95 % CI]"),

@@ -75,6 +75,13 @@ def measure(job: Callable[[], np.ndarray], imports: tuple[str, ...] = ()) -> Mea
         return pool.submit(_child, job, ("torch", "numpy", "sourcetrace", *imports)).result()
 
 
+def load_average() -> str:
+    """The machine's 1-, 5- and 15-minute load averages, for the record of a benchmark's conditions."""
+    import os
+
+    return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def versions(*packages: str) -> dict[str, str]:
     found = {"python": platform.python_version(), "machine": f"{platform.machine()} {mp.cpu_count()} cores"}
     for name in packages:

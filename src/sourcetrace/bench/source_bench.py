@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .replay_bench import ReplaySetting, describe
-from .runner import versions, write_results
+from .runner import load_average, versions, write_results
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "non-converged": {"epochs": 3},  # 85 % train accuracy, mean query margin −1.5
@@ -100,6 +100,7 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/sou
             **{n: f"{describe(setting(n))}; checkpoints after steps {steps[n]}" for n in variants},
             "ground truth": f"{n_subsets} random halves x {len(seeds)} seeds (the whole recipe re-run), "
                             "LDS = mean Spearman over queries (95 % bootstrap CI)",
+            "load average at the end of the run": f"{load_average()} (on a shared two-core machine)",
             "versions": versions("sourcetrace", "torch")}
     columns = [("variant", "variant"), ("method", "method"), ("lds_ci", "LDS [95 % CI]"),
                ("wall_s", "fit + score s")]
