@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..artifacts import atomic_write_json
 from .digits import DigitsSetting
 from .runner import load_average, measure, versions, write_results
 
@@ -161,6 +162,9 @@ def setting(variant: str) -> ReplaySetting:
 
 # replay's cost as the run grows: (hidden width, epochs) of the digits MLP, COST_QUERIES in one reverse pass
 COST_QUERIES = 10
+TUNING = ("every setting here is on digits-mlp's tuning split, where SOURCE's Adam cap (methods/source.py "
+          "`adam_preconditioner`) and the replay variants were chosen; this file has no reporting split (CPU "
+          "budget): benchmarks/source.md grades SOURCE on digits-mlp's reporting split too")
 SMALL_OUT = 0.05  # the fraction weighted 0 in the small-removal ground truth
 SCALING = ((128, 3), (128, 30), (128, 625), (512, 30), (2048, 3), (8192, 3))
 
@@ -359,15 +363,37 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
             "ground truth": f"{n_subsets} random subsets each; random = halves, {len(seeds)} seeds each "
                             "(order and init vary); recorded order = the recorded run with the other half "
                             f"weighted 0; {pct} out = the recorded run with a random {pct} weighted 0",
-            "tuning and reporting": "every setting here is on digits-mlp's tuning split, where SOURCE's "
-                                    "Adam cap (methods/source.py `adam_preconditioner`) and the replay "
-                                    "variants were chosen; this file has no reporting split (CPU budget): "
-                                    "benchmarks/source.md grades SOURCE on the reporting split too",
+            "tuning and reporting": TUNING,
             "recorder overhead, digits MLP (SGD)": _overhead_text(overhead),
             "recorder overhead, digits MLP hidden 1024 (SGD)": _overhead_text(overhead_wide),
             "recorder overhead, facts-lm tiny Llama (AdamW)": _overhead_text(overhead_lm),
             "load average at the end of the run": f"{load_average()} (on a shared two-core machine)",
             "versions": versions("sourcetrace", "torch")}
+    measurements = {"recorder_overhead": {"digits": overhead, "digits_hidden_1024": overhead_wide,
+                                          "facts_lm": overhead_lm}}
+    atomic_write_json(out_dir / "replay.json", {"benchmark": "replay", "info": info, "rows": rows,
+                                                **measurements})
+    return render(out_dir / "replay.json")
+
+
+def render(path: Path = Path("benchmarks/replay.json")) -> Path:
+    """Write replay.md (and the json, in its current form) from a run's replay.json: `run` ends with this,
+    and it re-renders an earlier run's file with the current prose, every figure taken from that file."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    rows, info = data["rows"], data["info"]
+    for r in rows:  # files written before the R² had their own fields: read them from the scale column
+        if "scale" in r and "r2_small" not in r:
+            r["r2_small"], r["r2_half"] = (float(part.split("(")[1].rstrip(")"))
+                                           for part in r["scale"].split(" / "))
+    info.setdefault("tuning and reporting", TUNING)
+    if "recorder_overhead" not in data:
+        info.setdefault("prose", "re-written from this run's json by `sourcetrace.bench.replay_bench.render` "
+                                 "(the run predates the prose computed from its results)")
+    o = data.get("recorder_overhead") or _overheads_from_info(info)
+    overhead, overhead_wide, overhead_lm = o["digits"], o["digits_hidden_1024"], o["facts_lm"]
+    pct = f"{100 * SMALL_OUT:g} %"
     columns = [("setting", "setting"), ("method", "method"), ("steps", "steps"), ("params", "parameters"),
                ("lds_random", "LDS random [95 % CI]"), ("lds_recorded", "LDS recorded order [95 % CI]"),
                ("lds_small", f"LDS recorded order, {pct} out"),
@@ -405,9 +431,26 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
         f"run, whose checkpoints are only {1e3 * overhead['min_train_s'] / N_CHECKPOINTS:.0f} ms of training "
         "apart. The fraction falls as the training between checkpoints grows.",
     ]
-    measurements = {"recorder_overhead": {"digits": overhead, "digits_hidden_1024": overhead_wide,
-                                          "facts_lm": overhead_lm}}
-    return write_results(out_dir, "replay", "replay", rows, info, columns, notes, extra=measurements)
+    measurements = {"recorder_overhead": o}
+    return write_results(Path(path).parent, "replay", "replay", rows, info, columns, notes,
+                         extra=measurements)
+
+
+def _overheads_from_info(info: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The recorder overheads of a replay.json written before they were kept as numbers, read back from the
+    info lines that printed them."""
+    import re
+
+    pattern = re.compile(r"fastest: wall ([\d.]+) s recorded vs ([\d.]+) s plain \(([+-][\d.]+) %\)")
+    out = {}
+    for key, text in info.items():
+        match = pattern.search(str(text)) if key.startswith("recorder overhead") else None
+        if match:
+            name = "facts_lm" if "facts-lm" in key else "digits_hidden_1024" if "1024" in key else "digits"
+            recorded, plain, percent = (float(g) for g in match.groups())
+            out[name] = {"min_recorded_s": recorded, "min_train_s": plain, "min_overhead_pct": percent}
+    return out
+
 
 
 def describe(s: ReplaySetting) -> str:
