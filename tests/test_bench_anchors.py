@@ -157,6 +157,31 @@ def test_kronfluence_preconditioners(data, strategy):
     assert heuristic[0, 0] > 0
 
 
+def test_kronfluence_heuristic_scale(data):
+    """heuristic_scale replaces kronfluence's 0.1 for one call: at 0.1 it is the heuristic itself; far
+    above the curvature the one-module preconditioner is ≈ I/λ, so scores follow the plain gradient dot
+    product; kronfluence's constant is restored afterwards."""
+    pytest.importorskip("kronfluence")
+    import kronfluence.factor.config as config
+
+    train, test = data
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 10))
+    for strategy in ("diagonal", "ekfac"):
+        own = anchors.kronfluence_scores(model, train, test, strategy=strategy, damping_factor=None)
+        same = anchors.kronfluence_scores(model, train, test, strategy=strategy, damping_factor=None,
+                                          heuristic_scale=0.1)
+        _assert_close(same, own, rtol=1e-6)
+        big = anchors.kronfluence_scores(model, train, test, strategy=strategy, damping_factor=None,
+                                         heuristic_scale=1e6)
+        want = _brute_force(model, train, test)
+        assert np.corrcoef(big.ravel(), want.ravel())[0, 1] > 0.9999
+        assert np.corrcoef(own.ravel(), want.ravel())[0, 1] < 0.999  # the scale matters
+    assert config.HEURISTIC_DAMPING_SCALE == 0.1
+    with pytest.raises(InvalidOptionError):
+        anchors.kronfluence_scores(model, train, test, strategy="ekfac", heuristic_scale=1.0)
+
+
 # ------------------------------------------------------------------------------------------------- captum
 
 
@@ -211,10 +236,12 @@ def test_captum_tracincp_model_with_other_layers(data):
 # ------------------------------------------------------------------------------------------------- traker
 
 
-def _trak_reference(models: list[nn.Module], train, test, proj_dim: int, lambda_reg: float) -> np.ndarray:
+def _trak_reference(models: list[nn.Module], train, test, proj_dim: int, lambda_reg: float,
+                    damping_factor: float | None = None) -> np.ndarray:
     """TRAK written out: mean over checkpoints of φ_q (ΦᵀΦ + λI)⁻¹ Φᵀ (inverse scaled by its mean |entry|,
     as traker does), times the mean over checkpoints of 1 - p_i. Only the random matrix P comes from traker
-    (its BasicProjector, seed 0, one seed per model id); gradients and algebra are computed here."""
+    (its BasicProjector, seed 0, one seed per model id); gradients and algebra are computed here.
+    `damping_factor`: λ_c = damping_factor · mean_i ‖φ_{c,i}‖² for each checkpoint instead of `lambda_reg`."""
     from trak.projectors import BasicProjector, ProjectionType
 
     total, weight = 0.0, 0.0
@@ -226,6 +253,8 @@ def _trak_reference(models: list[nn.Module], train, test, proj_dim: int, lambda_
         )
         proj = projector.project(torch.eye(dim), model_id=model_id).double() / dim**0.5
         phi, phi_q = margin @ proj, query @ proj
+        if damping_factor is not None:
+            lambda_reg = damping_factor * float((phi**2).sum(1).mean())
         inverse = torch.linalg.inv(phi.T @ phi + lambda_reg * torch.eye(proj_dim, dtype=torch.float64))
         total = total + phi_q @ (inverse / inverse.abs().mean()) @ phi.T
         weight = weight + (1 - prob)
@@ -252,6 +281,19 @@ def test_traker_equals_trak_formula(data, tmp_path, proj_dim, lambda_reg, n_chec
     assert got[0, 0] > 0
     _assert_untouched(models[0], before)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_traker_damping_factor_per_checkpoint(data):
+    """damping_factor sets each checkpoint's λ from its own features (sourcetrace's rule)."""
+    pytest.importorskip("trak")
+    train, test = data
+    models = [_mlp(seed) for seed in range(2)]
+    got = anchors.traker_scores(models[0], train, test, checkpoints=[m.state_dict() for m in models],
+                                proj_dim=64, damping_factor=3.0)
+    _assert_close(got, _trak_reference(models, train, test, 64, 0.0, damping_factor=3.0), rtol=1e-4)
+    with pytest.raises(InvalidOptionError):
+        anchors.traker_scores(models[0], train, test, checkpoints=[models[0].state_dict()], lambda_reg=1.0,
+                              damping_factor=3.0)
 
 
 def test_traker_large_damping_ranks_like_brute_force(data):
@@ -454,3 +496,27 @@ def test_dattri_bad_options_raise(data):
             anchors.dattri_scores(model, train, test, **kwargs)
     with pytest.raises(ShapeError):
         anchors.dattri_scores(model, (train[0], train[1][:-1]), test)
+
+
+# ------------------------------------------------------------------------------------ digits-mlp splits
+
+
+def test_digits_reporting_split_queries_were_never_used_for_tuning():
+    pytest.importorskip("sklearn")
+    from sourcetrace.bench.digits import DigitsSetting
+    from sourcetrace.bench.digits_mlp import _entries, _pairs
+
+    tuning, reporting = DigitsSetting(), DigitsSetting(split="reporting", seed=1)
+
+    def rows(x: torch.Tensor) -> set[bytes]:
+        return {r.numpy().tobytes() for r in x}
+
+    used = rows(tuning.x_train) | rows(tuning.x_query)
+    assert not rows(reporting.x_query) & used  # neither trained on nor queried while tuning
+    assert not rows(reporting.x_query) & rows(reporting.x_train)
+    assert len(rows(reporting.x_train) ^ rows(tuning.x_train)) > 0  # another training draw
+    assert tuning.fingerprint() != reporting.fingerprint()
+    labels = {e[0] for e in _entries()}
+    assert all(label in labels for pair in _pairs() for label in pair[1:])
+    with pytest.raises(ValueError, match="split"):
+        DigitsSetting(split="test")

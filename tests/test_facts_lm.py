@@ -90,3 +90,58 @@ def test_leave_sources_out_lowers_the_answer(tmp_path):
     t = fl.trained(setting, tmp_path)
     check = fl.leave_sources_out(setting, t, n_queries=6)
     assert check["drop_without_sources"] > max(0.5, 3 * abs(check["drop_without_distractors"]))
+
+
+def test_gpt2_setting_trains_and_attributes_its_layers(tmp_path):
+    from sourcetrace.grads.capture import select_parameters
+
+    setting = fl.FactsSetting(**{**fl.FactsSetting.small().__dict__, "arch": "gpt2"})
+    t = fl.trained(setting, tmp_path)
+    assert type(t.model).__name__ == "GPT2LMHeadModel" and t.stats["parameters"] < 1_000_000
+    names = set(select_parameters(t.model, fl.attributed_modules(t.model)))
+    every = {n for n, _ in t.model.named_parameters()}
+    want = {n for n in every if any(k in n for k in ("wte", "c_attn", "c_proj", "c_fc", "lm_head"))}
+    assert names == want and not any(".ln_" in n or "wpe" in n for n in names)
+    assert t.model.lm_head.weight.data_ptr() != t.model.transformer.wte.weight.data_ptr()  # untied
+    with pytest.raises(ValueError, match="arch"):
+        fl.make_model(10, arch="rnn")
+
+
+def test_bootstrap_ci_matches_the_normal_interval():
+    from sourcetrace.bench.runner import bootstrap_ci
+
+    values = np.random.default_rng(1).normal(2.0, 1.0, 4000)
+    low, high = bootstrap_ci(values)
+    half = 1.96 * values.std() / np.sqrt(values.size)  # the interval the central limit theorem gives
+    assert abs((high - low) / 2 - half) < 0.1 * half and low < values.mean() < high
+    assert bootstrap_ci(np.full(7, 0.5)) == (0.5, 0.5)
+
+
+def _result(name, split, mrr):
+    rows = [{"method": m, "mrr": float(np.mean(v)), "per_query": {"mrr": v}} for m, v in mrr.items()]
+    return {"name": name, "split": split, "rows": rows}
+
+
+def test_dda_verdict_is_computed_from_the_rows():
+    tuning = _result("a", "tuning", {fl.DDA_DEFAULT: [0.9, 0.8], "DDA[EK-FAC] other": [0.5, 0.6],
+                                     "TracIn": [0.4, 0.5]})
+    holds = _result("b", "reporting", {fl.DDA_DEFAULT: [0.7, 0.7], "DDA[EK-FAC] other": [0.6, 0.6],
+                                       "TracIn": [0.2, 0.3]})
+    fails = _result("c", "reporting", {fl.DDA_DEFAULT: [0.3, 0.3], "DDA[EK-FAC] other": [0.9, 0.9],
+                                       "TracIn": [0.5, 0.4]})
+    text = "\n".join(fl.dda_verdict([tuning, holds]))
+    assert "holds its lead" in text and "1 of 1" in text
+    assert "minus the best method outside DDA (TracIn)" in text
+    text = "\n".join(fl.dda_verdict([tuning, holds, fails]))
+    assert "does not hold" in text and "1 of 2" in text and "rank 2 of 2" in text
+    # mean MRR over the three settings: default (0.85 + 0.7 + 0.3) / 3 = 0.617, other (0.55 + 0.6 + 0.9) / 3
+    assert "highest mean MRR is DDA[EK-FAC] other (0.683; the default: 0.617)" in text
+
+
+def test_reporting_settings_run_the_ekfac_dda_rows(tmp_path):
+    t = fl.trained(fl.FactsSetting.small(), tmp_path)
+    labels = set(fl.method_scores(t, fl.REPORTING_METHODS, finetune_steps=6))
+    assert fl.DDA_DEFAULT in labels and "TracIn (fine-tuning checkpoints)" in labels
+    assert "EK-FAC (base)" in labels and "BM25 (prompt only)" in labels
+    assert not any("TRAK" in x or "SOURCE" in x or "dda=True" in x for x in labels)
+    assert {s for s, _, _ in fl.SETTINGS.values()} == {"tuning", "reporting"}

@@ -153,6 +153,7 @@ def kronfluence_scores(
     *,
     strategy: str = "identity",
     damping_factor: float | None = KRONFLUENCE_DEFAULT_DAMPING,
+    heuristic_scale: float | None = None,
     batch_size: int = 64,
     workdir: str | Path | None = None,
     keep_files: bool = False,
@@ -161,15 +162,19 @@ def kronfluence_scores(
 ) -> np.ndarray:
     """kronfluence pairwise influence (Analyzer + Task), margin measurement, summed cross-entropy loss.
 
-    ``strategy`` is kronfluence's factor strategy; ``damping_factor=None`` selects its heuristic
-    (0.1 × mean eigenvalue). Factors use kronfluence's defaults (true Fisher with labels sampled from the
-    model, seeded by ``seed``; float32, or float64 for a float64 model). Only ``nn.Linear`` and
+    ``strategy`` is kronfluence's factor strategy; ``damping_factor=None`` selects its heuristic,
+    ``heuristic_scale`` × the mean eigenvalue of each module (kronfluence's own scale, 0.1, when
+    ``heuristic_scale`` is None; another scale, e.g. sourcetrace's rule, is set for this call only and
+    needs ``damping_factor=None``). Factors use kronfluence's defaults (true Fisher with labels sampled
+    from the model, seeded by ``seed``; float32, or float64 for a float64 model). Only ``nn.Linear`` and
     ``nn.Conv2d`` parameters are tracked by kronfluence; other parameters are left out of the scores.
     """
     if strategy not in KRONFLUENCE_STRATEGIES:
         raise InvalidOptionError(f"strategy must be one of {KRONFLUENCE_STRATEGIES}; got {strategy!r}")
     if damping_factor is not None and damping_factor < 0:
         raise InvalidOptionError(f"damping_factor must be None or >= 0; got {damping_factor}")
+    if heuristic_scale is not None and (damping_factor is not None or not heuristic_scale > 0):
+        raise InvalidOptionError("heuristic_scale must be > 0 and needs damping_factor=None (the heuristic)")
     _require("kronfluence")
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -215,7 +220,11 @@ def kronfluence_scores(
             setattr(score_args, field, torch.float64)
 
     # kronfluence 1.0.1 builds a (disabled) torch.cuda.amp.GradScaler, which torch deprecates.
-    with _scratch(workdir, "kronfluence-", keep_files) as run_dir, _quiet(r".*torch\.cuda\.amp\.GradScaler"):
+    with (
+        _scratch(workdir, "kronfluence-", keep_files) as run_dir,
+        _quiet(r".*torch\.cuda\.amp\.GradScaler"),
+        _kronfluence_heuristic_scale(heuristic_scale),
+    ):
         analyzer = Analyzer(
             analysis_name="anchor",
             model=prepared,
@@ -244,6 +253,23 @@ def kronfluence_scores(
         raw = analyzer.load_pairwise_scores(scores_name="scores")["all_modules"]
         # kronfluence: ∇f(q)ᵀ P ∇L(i), positive = up-weighting decreases f; ours is the negative.
         return -raw.detach().cpu().double().numpy()
+
+
+@contextlib.contextmanager
+def _kronfluence_heuristic_scale(scale: float | None) -> Iterator[None]:
+    """kronfluence 1.0.1 reads its heuristic's scale from a module constant when preconditioning; set it for
+    one call (a test checks that the constant is still there, and restored)."""
+    if scale is None:
+        yield
+        return
+    import kronfluence.factor.config as config
+
+    before = config.HEURISTIC_DAMPING_SCALE
+    config.HEURISTIC_DAMPING_SCALE = float(scale)
+    try:
+        yield
+    finally:
+        config.HEURISTIC_DAMPING_SCALE = before
 
 
 # ------------------------------------------------------------------------------------------------- captum
@@ -349,6 +375,7 @@ def traker_scores(
     checkpoints: Sequence[dict[str, Tensor]],
     proj_dim: int = 512,
     lambda_reg: float = 0.0,
+    damping_factor: float | None = None,
     workdir: str | Path | None = None,
     batch_size: int = 64,
     seed: int = 0,
@@ -359,16 +386,20 @@ def traker_scores(
     One model id per checkpoint (traker averages them); a ``BasicProjector`` with normal entries (traker's
     CUDA projector needs ``fast_jl``). With ``lambda_reg=0`` and ``proj_dim`` above the number of training
     examples, traker inverts a singular ΦᵀΦ and its scores are noise; a warning says so.
+    ``damping_factor``: instead of one ``lambda_reg``, each checkpoint's λ_c = damping_factor · tr(Φ_cᵀΦ_c)/n
+    from traker's own features (sourcetrace's TRAK rule applied to traker's unweighted ΦᵀΦ).
     """
     if len(checkpoints) == 0:
         raise InvalidOptionError("traker needs at least one checkpoint (a state_dict)")
+    if damping_factor is not None and (lambda_reg != 0 or not damping_factor > 0):
+        raise InvalidOptionError("give lambda_reg or damping_factor (> 0), not both")
     _require("traker")
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
 
     x_train, y_train = _check_data("train", train)
     x_test, y_test = _check_data("test", test)
-    if lambda_reg == 0 and proj_dim > len(x_train):
+    if lambda_reg == 0 and damping_factor is None and proj_dim > len(x_train):
         warnings.warn(
             f"traker with proj_dim={proj_dim} > {len(x_train)} training examples and lambda_reg=0 inverts a "
             "singular matrix; pass lambda_reg > 0 or a smaller proj_dim",
@@ -404,6 +435,15 @@ def traker_scores(
             for start in range(0, len(x_train), batch_size):
                 stop = min(start + batch_size, len(x_train))
                 traker.featurize(batch=(x_train[start:stop], y_train[start:stop]), num_samples=stop - start)
+        if damping_factor is not None:
+            # finalize_features hands each model id's features Φ to get_xtx, then inverts ΦᵀΦ + lambda_reg·I
+            computer, get_xtx = traker.score_computer, traker.score_computer.get_xtx
+
+            def xtx_setting_lambda(grads: Tensor) -> Tensor:
+                computer.lambda_reg = damping_factor * float(grads.double().pow(2).sum()) / len(grads)
+                return get_xtx(grads)
+
+            computer.get_xtx = xtx_setting_lambda
         traker.finalize_features()
         if projector.num_blocks == 1 and not projector.proj_matrix_available:
             # traker 0.3.2 bug: finalize_features frees a one-block matrix that score() does not rebuild

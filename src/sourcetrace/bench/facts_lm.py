@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .runner import with_ci
+
 RELATIONS: dict[str, dict[str, Any]] = {
     "city": {
         "templates": ["{e} was born in {a}", "{e} is a native of {a}", "the hometown of {e} is {a}",
@@ -243,22 +245,40 @@ def query_example(tok: WordTokenizer, q: Query) -> dict[str, list[int]]:
 
 # ---- model and training ----------------------------------------------------------------------------------
 def make_model(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128,
-               seed: int = 0) -> nn.Module:
-    """A tiny Llama from a config (eager attention, untied embeddings)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+               seed: int = 0, arch: str = "llama") -> nn.Module:
+    """A tiny causal LM from a config (eager attention, untied embeddings, no dropout): `arch` "llama"
+    (RMSNorm, rotary positions, SwiGLU) or "gpt2" (LayerNorm, learned positions, GELU, Conv1D layers)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                      max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, bos_token_id=2,
-                      eos_token_id=3,
-                      # transformers 5's generated LlamaConfig signature omits attn_implementation, which
-                      # PreTrainedConfig still accepts and honours at runtime
-                      attn_implementation="eager")  # type: ignore[call-arg]
-    return LlamaForCausalLM(cfg)
+    common = {"vocab_size": vocab_size, "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 2,
+              "eos_token_id": 3,
+              # transformers 5's generated config signatures omit attn_implementation, which
+              # PreTrainedConfig still accepts and honours at runtime
+              "attn_implementation": "eager"}
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
+                                            num_hidden_layers=layers, num_attention_heads=heads,
+                                            num_key_value_heads=heads, max_position_embeddings=64, **common))
+    if arch == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_inner=intermediate, n_layer=layers, n_head=heads,
+                                          n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                          **common))
+    raise ValueError(f"arch must be one of {tuple(ARCH_MODULES)}; got {arch!r}")
 
 
-MODULES = ["model.embed_tokens", "*_proj", "lm_head"]  # the hookable layers (RMSNorm weights left out)
+MODULES = ["model.embed_tokens", "*_proj", "lm_head"]  # Llama's hookable layers (RMSNorm weights left out)
+#: the layers attributed in each architecture: token embeddings, attention and MLP projections, lm_head
+#: (norm weights, and GPT-2's position embeddings, left out)
+ARCH_MODULES = {"llama": MODULES, "gpt2": ["transformer.wte", "*.c_attn", "*.c_proj", "*.c_fc", "lm_head"]}
+ARCH_NAMES = {"llama": "Llama", "gpt2": "GPT-2"}
+
+
+def attributed_modules(model: nn.Module) -> list[str]:
+    """The module patterns attributed for `model` (a `make_model` architecture)."""
+    return ARCH_MODULES["gpt2" if type(model).__name__.startswith("GPT2") else "llama"]
 
 
 def _mean_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -372,7 +392,8 @@ class FactsSetting:
     finetune_lr: float = 2e-3
     n_checkpoints: int = 6  # for the "even" schedule
     checkpoint_schedule: str = "geometric"  # see checkpoint_steps; DDA needs checkpoints early in fine-tuning
-    seed: int = 0
+    seed: int = 0  # of the corpus, the initialisation and the data order
+    arch: str = "llama"  # or "gpt2" (see make_model)
 
     @classmethod
     def small(cls) -> FactsSetting:
@@ -423,7 +444,8 @@ def trained(setting: FactsSetting, workdir: Path) -> Trained:
     if path.exists():
         saved = torch.load(path, weights_only=False)
         if saved["fingerprint"] == setting.fingerprint():
-            base = make_model(len(tok), setting.hidden, setting.layers, intermediate=setting.intermediate)
+            base = make_model(len(tok), setting.hidden, setting.layers, intermediate=setting.intermediate,
+                              arch=setting.arch)
             base.load_state_dict(saved["base"])
             model = copy.deepcopy(base)
             model.load_state_dict(saved["model"])
@@ -433,7 +455,7 @@ def trained(setting: FactsSetting, workdir: Path) -> Trained:
                            saved["stats"])
     start = time.perf_counter()
     base = make_model(len(tok), setting.hidden, setting.layers, intermediate=setting.intermediate,
-                      seed=setting.seed)
+                      seed=setting.seed, arch=setting.arch)
     train(base, [train_example(tok, t) for t in corpus.pretrain], epochs=setting.pretrain_epochs,
           lr=setting.pretrain_lr, seed=setting.seed)
     t_pre = time.perf_counter() - start
@@ -493,7 +515,7 @@ def _attr(model: nn.Module, method: str, options: dict[str, Any], train: Sequenc
     from ..tasks import CausalLMTask
 
     a = st.Attributor(model, CausalLMTask(), method, workdir=None, progress=False,
-                      **{"modules": MODULES, "batch_size": 32, **options})
+                      **{"modules": attributed_modules(model), "batch_size": 32, **options})
     return a.fit(list(train))
 
 
@@ -551,7 +573,7 @@ def method_scores(t: Trained, only: Sequence[str] | None = None, finetune_steps:
         except Exception as exc:  # a method still in progress must not stop the benchmark
             results["SOURCE (3 segments)"] = (np.zeros((len(t.queries), len(t.train))), 0.0, f"failed: {exc}")
     for name, method, options in families:
-        if not any(want(x) for x in (name, "DDA")):
+        if only is not None and not any(name in o or o in name for o in only):
             continue
         states = t.checkpoints + [t.model.state_dict()]
         start = time.perf_counter()
@@ -567,6 +589,9 @@ def method_scores(t: Trained, only: Sequence[str] | None = None, finetune_steps:
             timed(label, matrix, note)
             if label in results:
                 results[label] = (results[label][0], fit_s * n_models + (time.perf_counter() - before), note)
+    timed("EK-FAC, dda=True (the Attributor option)", lambda: plain(
+        t.model, "ekfac", checkpoints=t.checkpoints + [t.model.state_dict()], dda=True),
+        "what a user gets: every checkpoint from the base on")
     return results
 
 
@@ -593,21 +618,48 @@ def _variants(name: str, per: list[Any], attrs: list[Any], errors: torch.Tensor,
             lambda: dda.combine(per, errors, standardize=False), n, ""),
         f"DDA[{name}] checkpoints, fitting-error weights, standardized": (
             lambda: dda.combine(per, errors), n, ""),
-        f"DDA[{name}] + train-side normalization": (
-            lambda: dda.normalize_train(dda.combine(per, errors)), n, ""),
         f"DDA[{name}] default": (lambda: dda.dda(per, errors), n, "the default composition"),
     }
 
 
-def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/facts-lm"), *,
-        setting: FactsSetting | None = None, only: list[str] | None = None, retrain_check: bool = True,
-        answered_only: bool = True, progress: bool = True) -> Path:
-    """Train the setting, score every method, and write `facts-lm.md` / `.json` into `out_dir`."""
-    from ..evaluate.sourcing import sourcing_report
-    from .runner import versions, write_results
+#: The settings: (split, setting, methods). Every default was chosen on the tuning setting (corpus 0,
+#: Llama); the reporting settings differ in the generated corpus (entities, facts, filler, order), the
+#: initialisation, the data order and, for GPT-2, the architecture. `methods`: label fragments of the rows
+#: run (None: all); on the reporting settings TRAK, SOURCE and the Attributor's dda=True row (today the same
+#: computation as the DDA[EK-FAC] default row) are left out to fit the CPU budget, as is a third reporting
+#: setting (corpus 1 on GPT-2, which would separate the change of architecture from that of corpus).
+REPORTING_METHODS = ("BM25", "grad-cos", "TracIn", "EK-FAC (", "DDA[EK-FAC]")
+SETTINGS: dict[str, tuple[str, FactsSetting, tuple[str, ...] | None]] = {
+    "corpus 0, Llama": ("tuning", FactsSetting(), None),
+    "corpus 1, Llama": ("reporting", FactsSetting(seed=1), REPORTING_METHODS),
+    "corpus 2, GPT-2": ("reporting", FactsSetting(seed=2, arch="gpt2"), REPORTING_METHODS),
+}
+SCORING_VERSION = 1  # bump when method_scores or score_setting change what a cached setting holds
+PER_QUERY = ("auc", "mrr", "entity_top1")  # kept per query in the json (for paired comparisons)
+PRIMARY = "mrr"  # the metric the summary compares on
+DDA_DEFAULT = "DDA[EK-FAC] default"
 
-    torch.set_num_threads(1)
-    setting = setting or FactsSetting()
+
+def defaults_chosen() -> str:
+    """Which defaults were chosen on the tuning setting, with their values read from the code."""
+    t = FactsSetting()
+    return ("everything in this benchmark was developed on the tuning setting (corpus 0, Llama): the corpus "
+            f"and training recipe ({t.n_sources} sources per fact, {t.finetune_epochs} fine-tuning epochs at "
+            f"lr {t.finetune_lr:g}), DDA's checkpoint schedule ({t.checkpoint_schedule}: `checkpoint_steps`) "
+            "and its default composition (`methods/dda.py` DEFAULT: fitting-error weights, per-query "
+            "standardization, train-side normalisation, chosen among the DDA rows below); EK-FAC's and "
+            "TRAK's damping rules were chosen on digits-mlp's tuning split (benchmarks/digits-mlp.md). The "
+            "reporting settings were not looked at when any of these was chosen.")
+
+
+def score_setting(name: str, split: str, setting: FactsSetting, workdir: Path, *,
+                  only: Sequence[str] | None = None, retrain_check: bool = True, answered_only: bool = True,
+                  progress: bool = True) -> dict[str, Any]:
+    """Train one setting (cached), score every method, and return its info and rows."""
+    from ..evaluate import sourcing
+    from .runner import load_average
+
+    start, load = time.perf_counter(), load_average()
     t = trained(setting, Path(workdir))
     answered = [accuracy(t.model, [ex]) == 1.0 for ex in t.queries]  # the facts the fine-tuned model states
     keep = [i for i, ok in enumerate(answered) if ok] if answered_only else list(range(len(t.queries)))
@@ -615,44 +667,174 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/fac
     entity_docs = [t.corpus.queries[i].entity_docs for i in keep]
     all_src = [q.sources for q in t.corpus.queries]
     all_ent = [q.entity_docs for q in t.corpus.queries]
-    rows = []
+    rows: list[dict[str, Any]] = []
     total_steps = setting.finetune_epochs * math.ceil(len(t.train) / 16)
     ck_steps = checkpoint_steps(total_steps, setting.n_checkpoints, setting.checkpoint_schedule)
     for label, (scores, seconds, note) in method_scores(t, only, total_steps, ck_steps).items():
-        rep = sourcing_report(scores[keep], sources, entity_docs, ks=(1, 5, 10))
-        every = sourcing_report(scores, all_src, all_ent, ks=(1, 5, 10))
-        rows.append({"method": label, **{k: round(v, 4) for k, v in rep.items()}, "time_s": round(seconds, 2),
-                     "note": note, "all_queries": {k: round(v, 4) for k, v in every.items()}})
+        row: dict[str, Any] = {"split": split, "setting": name, "method": label, "time_s": round(seconds, 2),
+                               "note": note}
+        if note.startswith("failed"):
+            rows.append(row)
+            continue
+        kept = scores[keep]
+        per = {"auc": sourcing.sourcing_auc(kept, sources, per_query=True),
+               **{f"recall@{k}": sourcing.recall_at_k(kept, sources, k, per_query=True) for k in (1, 5, 10)},
+               "mrr": sourcing.mrr(kept, sources, per_query=True),
+               "entity_top1": sourcing.entity_top1(kept, sources, entity_docs, per_query=True)}
+        row.update({k: round(float(np.mean(v)), 4) for k, v in per.items()})
+        row.update({f"{k}_ci": with_ci(per[k]) for k in PER_QUERY})
+        row["per_query"] = {k: [round(float(x), 4) for x in per[k]] for k in PER_QUERY}
+        every = sourcing.sourcing_report(scores, all_src, all_ent, ks=(1, 5, 10))
+        row["all_queries"] = {k: round(v, 4) for k, v in every.items()}
+        rows.append(row)
         if progress:
-            print(f"{label:60s} " + " ".join(f"{k}={v:.3f}" for k, v in rep.items()), flush=True)
+            print(f"{name:16s} {label:60s} " + " ".join(f"{k}={row[k]:.3f}" for k in per), flush=True)
     check = leave_sources_out(setting, t) if retrain_check else {}
     c = t.corpus
     kinds = {k: sum(d.kind == k for d in c.train) for k in ("source", "distractor", "filler")}
-    info = {"corpus": f"{len(c.train)} fine-tuning documents ({kinds['source']} sources, "
-                      f"{kinds['distractor']} distractors, {kinds['filler']} filler), "
-                      f"{len(c.queries)} queries ({setting.n_sources} sources each), "
+    info = {"corpus": f"generated with seed {setting.seed}: {len(c.train)} fine-tuning documents "
+                      f"({kinds['source']} sources, {kinds['distractor']} distractors, {kinds['filler']} "
+                      f"filler), {len(c.queries)} queries ({setting.n_sources} sources each), "
                       f"{len(c.pretrain)} pre-training documents",
-            "model": f"Llama config, {t.stats['parameters']} parameters, vocabulary {t.stats['vocab']} "
-                     "words, "
-                     f"hidden {setting.hidden}, {setting.layers} layers; attributed through embeddings, "
-                     "attention/MLP projections and lm_head",
+            "model": f"{ARCH_NAMES[setting.arch]} config, {t.stats['parameters']} parameters, "
+                     f"vocabulary {t.stats['vocab']} words, hidden {setting.hidden}, "
+                     f"{setting.layers} layers; attributed through token embeddings, attention/MLP "
+                     "projections and lm_head",
             "training": f"pre-train {t.stats['pretrain_s']} s, fine-tune {t.stats['finetune_s']} s "
-                        f"({setting.finetune_epochs} epochs, AdamW lr {setting.finetune_lr})",
+                        f"({setting.finetune_epochs} epochs, AdamW lr {setting.finetune_lr}; "
+                        f"{len(t.checkpoints)} fine-tuning checkpoints, "
+                        f"{setting.checkpoint_schedule} schedule)",
             "answers": f"base model top-1 accuracy {t.stats['base_accuracy']:.3f} (mean p "
                        f"{t.stats['base_mean_p']:.3f}); fine-tuned {t.stats['accuracy']:.3f} "
                        f"(mean p {t.stats['mean_p']:.3f})",
             "queries scored": f"{len(keep)} of {len(t.queries)} "
                               + ("(those the fine-tuned model answers; every query in the json's all_queries)"
                                  if answered_only else "(all)"),
-            "leave-sources-out": json.dumps(check) if check else "not run",
-            "setting": setting.fingerprint(), **versions("torch", "transformers", "rank-bm25")}
-    columns = [("method", "method"), ("auc", "AUC"), ("recall@1", "R@1"), ("recall@5", "R@5"),
-               ("recall@10", "R@10"), ("mrr", "MRR"), ("entity_top1", "entity top-1"), ("time_s", "time (s)")]
-    notes = ["AUC, recall@k and MRR rank each query's source documents among all fine-tuning documents; "
-             "entity top-1: the top-scored among the documents naming the query's entity (the sources of its "
-             "three facts and its distractors) is a source of the query's fact. Means over queries.",
-             "Times: fit + score of every model a row needs, on one CPU thread (1 model for a single "
-             "checkpoint; base and fine-tuned for subtraction/projection; every checkpoint for the "
-             "combinations)."]
-    return write_results(Path(out_dir), "facts-lm", "facts-lm: sourcing new facts in a fine-tuned LM", rows,
-                         info, columns, notes)
+            "leave-sources-out": _leave_out_text(check) if check else "not run",
+            "wall time of this setting": f"{time.perf_counter() - start:.0f} s (load average of the shared "
+                                         f"two-core machine at its start: {load})",
+            "setting": setting.fingerprint()}
+    return {"name": name, "split": split, "info": info, "rows": rows, "leave_sources_out": check}
+
+
+def _leave_out_text(c: dict[str, float]) -> str:
+    return (f"fine-tuned again without the sources of {c['n_queries']} facts ({c['n_removed']} documents): "
+            f"their answers' log-probability drops by {c['drop_without_sources']:.2f} nats (accuracy "
+            f"{c['accuracy_without_sources']:.2f}), the other queries' by "
+            f"{c['drop_others_without_sources']:.2f}; without as many of the same entities' distractors: "
+            f"{c['drop_without_distractors']:.2f} (accuracy {c['accuracy_without_distractors']:.2f})")
+
+
+def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/facts-lm"), *,
+        settings: Sequence[str] | None = None, only: list[str] | None = None, retrain_check: bool = True,
+        answered_only: bool = True, progress: bool = True) -> Path:
+    """Score every setting (each cached in `workdir` for the same code) and write `facts-lm.md` / `.json`."""
+    from .runner import code_fingerprint, versions
+
+    torch.set_num_threads(1)
+    code = code_fingerprint()
+    results = []
+    for name in settings or SETTINGS:
+        split, setting, methods = SETTINGS[name]
+        methods = only or methods
+        folder = Path(workdir) / name.replace(", ", "-").replace(" ", "-").lower()
+        key = {"setting": setting.fingerprint(), "code": code, "scoring": SCORING_VERSION,
+               "only": list(methods) if methods else None,
+               "retrain_check": retrain_check, "answered_only": answered_only}
+        cache = folder / "result.json"
+        if cache.exists() and json.loads(cache.read_text()).get("key") == key:
+            results.append(json.loads(cache.read_text())["result"])
+            continue
+        result = score_setting(name, split, setting, folder, only=methods, retrain_check=retrain_check,
+                               answered_only=answered_only, progress=progress)
+        from ..artifacts import atomic_write_json
+
+        atomic_write_json(cache, {"key": key, "result": result})
+        results.append(result)
+    return write_facts(Path(out_dir), results, versions("torch", "transformers", "rank-bm25"))
+
+
+def write_facts(out_dir: Path, results: list[dict[str, Any]], versions: dict[str, str]) -> Path:
+    """facts-lm.md / .json from the scored settings: a summary across settings, then one table each."""
+    from ..artifacts import atomic_write_bytes, atomic_write_json
+    from .runner import markdown_table
+
+    rows = [r for res in results for r in res["rows"]]
+    info = {"tuning and reporting": defaults_chosen(),
+            "settings": "; ".join(f"{res['name']} ({res['split']})" for res in results),
+            "confidence intervals": "95 % percentile bootstrap over the scored queries (1000 resamples); "
+                                    "differences are paired (the same queries)",
+            "versions": versions}
+    atomic_write_json(out_dir / "facts-lm.json", {"benchmark": "facts-lm", "info": info, "rows": rows,
+                                                  "settings": [{k: v for k, v in res.items() if k != "rows"}
+                                                               for res in results]})
+    lines = ["# facts-lm: sourcing new facts in a fine-tuned LM", "",
+             "Written by `sourcetrace bench facts-lm`; do not edit by hand.", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items()]
+    lines += ["", f"## Summary: {PRIMARY.upper()} [95 % CI] in each setting", ""]
+    names = [res["name"] for res in results]
+    by_method: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], {"method": r["method"]})[r["setting"]] = r.get(f"{PRIMARY}_ci")
+    heads = [(n, f"{n} ({res['split']})") for n, res in zip(names, results)]
+    lines += markdown_table(list(by_method.values()), [("method", "method"), *heads])
+    lines += ["", *dda_verdict(results)]
+    columns = [("method", "method"), ("auc_ci", "AUC [CI]"), ("recall@1", "R@1"), ("recall@5", "R@5"),
+               ("recall@10", "R@10"), ("mrr_ci", "MRR [CI]"), ("entity_top1_ci", "entity top-1 [CI]"),
+               ("time_s", "time (s)"), ("note", "note")]
+    for res in results:
+        lines += ["", f"## {res['name']} ({res['split']})", ""]
+        lines += [f"- {k}: {v}" for k, v in res["info"].items()]
+        lines += ["", *markdown_table(res["rows"], columns)]
+    lines += ["", "AUC, recall@k and MRR rank each query's source documents among all fine-tuning "
+              "documents; entity top-1: the top-scored among the documents naming the query's entity (the "
+              "sources of its three facts and its distractors) is a source of the query's fact. Means over "
+              "queries.",
+              "Times: fit + score of every model a row needs, on one CPU thread (1 model for a single "
+              "checkpoint; base and fine-tuned for subtraction/projection; every checkpoint for the "
+              "combinations)."]
+    path = out_dir / "facts-lm.md"
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+def dda_verdict(results: list[dict[str, Any]]) -> list[str]:
+    """Sentences, computed from the rows, on whether the DDA default keeps its lead outside the tuning
+    setting: against the best method outside DDA, and among the DDA compositions of the same method."""
+    out: list[str] = []
+    holds: list[bool] = []
+    tally: dict[str, list[float]] = {}
+    for res in results:
+        rows = {r["method"]: r for r in res["rows"] if "per_query" in r}
+        if DDA_DEFAULT not in rows:
+            continue
+        default = np.asarray(rows[DDA_DEFAULT]["per_query"][PRIMARY])
+        outside = {m: r for m, r in rows.items() if not m.startswith("DDA[") and "dda=True" not in m}
+        compositions = {m: r for m, r in rows.items() if m.startswith("DDA[EK-FAC]")}
+        for m, r in compositions.items():
+            tally.setdefault(m, []).append(r[PRIMARY])
+        best_out = max(outside, key=lambda m: outside[m][PRIMARY])
+        diff = default - np.asarray(outside[best_out]["per_query"][PRIMARY])
+        ranked = sorted(compositions, key=lambda m: -compositions[m][PRIMARY])
+        rank = ranked.index(DDA_DEFAULT) + 1
+        best_comp = ranked[0] if ranked[0] != DDA_DEFAULT else ranked[1]
+        diff_c = default - np.asarray(compositions[best_comp]["per_query"][PRIMARY])
+        out.append(f"- {res['name']} ({res['split']}): {DDA_DEFAULT} {PRIMARY.upper()} "
+                   f"{float(default.mean()):.3f}; minus the best method outside DDA ({best_out}): "
+                   f"{with_ci(diff)}; rank {rank} of {len(compositions)} DDA[EK-FAC] compositions "
+                   f"(minus {'the next' if rank == 1 else 'the best'}, {best_comp}: {with_ci(diff_c)}).")
+        if res["split"] == "reporting":
+            holds.append(rank == 1 and float(diff.mean()) > 0)
+    if holds:
+        verdict = ("holds" if all(holds) else "does not hold")
+        out.append(f"- Verdict: the DDA default {verdict} its lead on the reporting settings (first "
+                   f"among the DDA[EK-FAC] compositions and above the best method outside DDA in "
+                   f"{sum(holds)} of {len(holds)}).")
+        mean = {m: float(np.mean(v)) for m, v in tally.items() if len(v) == len(results)}
+        if mean:
+            top = max(mean, key=lambda m: mean[m])
+            out.append(f"- Across all {len(results)} settings the DDA[EK-FAC] composition with the "
+                       f"highest mean {PRIMARY.upper()} is {top} ({mean[top]:.3f}; the default: "
+                       f"{mean.get(DDA_DEFAULT, float('nan')):.3f}). Choosing by this uses the reporting "
+                       "settings, so a figure for that choice needs a further, unseen corpus.")
+    return out

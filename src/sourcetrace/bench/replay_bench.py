@@ -29,8 +29,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..artifacts import atomic_write_json
 from .digits import DigitsSetting
-from .runner import measure, versions, write_results
+from .runner import load_average, measure, versions, write_results
 
 N_CHECKPOINTS = 6
 
@@ -55,7 +56,8 @@ class ReplaySetting(DigitsSetting):
             return super().fingerprint()
         import hashlib
 
-        later = {"optimizer": "sgd", "momentum": 0.0}  # fields added later: left out at their defaults
+        # fields added later: left out at their defaults
+        later = {"optimizer": "sgd", "momentum": 0.0, "split": "tuning", "seed": 0}
         cfg = tuple(getattr(self, f.name) for f in fields(self)
                     if f.init and later.get(f.name) != getattr(self, f.name))
         return hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
@@ -126,11 +128,11 @@ class ReplaySetting(DigitsSetting):
             return self.run(indices, seed)
 
     def recorded_order_fn(self, indices: np.ndarray, seed: int) -> nn.Module:
-        """The seed-0 full-data run, with the examples outside `indices` weighted 0."""
+        """The recorded full-data run (seed `self.seed`), with the examples outside `indices` weighted 0."""
         weights = torch.zeros(self.n_train)
         weights[torch.as_tensor(np.asarray(indices))] = 1.0
         with _one_thread():
-            return self.run(None, 0, weights=weights)
+            return self.run(None, self.seed, weights=weights)
 
 
 class _one_thread:
@@ -158,7 +160,12 @@ def setting(variant: str) -> ReplaySetting:
     return ReplaySetting(**config(variant))
 
 
-# replay's cost as the run grows: (hidden width, epochs) of the digits MLP, 10 queries in one reverse pass
+# replay's cost as the run grows: (hidden width, epochs) of the digits MLP, COST_QUERIES in one reverse pass
+COST_QUERIES = 10
+TUNING = ("every setting here is on digits-mlp's tuning split, where SOURCE's Adam cap (methods/source.py "
+          "`adam_preconditioner`) and the replay variants were chosen; this file has no reporting split (CPU "
+          "budget): benchmarks/source.md grades SOURCE on digits-mlp's reporting split too")
+SMALL_OUT = 0.05  # the fraction weighted 0 in the small-removal ground truth
 SCALING = ((128, 3), (128, 30), (128, 625), (512, 30), (2048, 3), (8192, 3))
 
 
@@ -211,7 +218,7 @@ def _overhead(train: Callable[[Path | None], Any], repeats: int) -> dict[str, fl
                 times[f"{key}_s"].append(time.perf_counter() - t)
                 times[f"{key}_cpu_s"].append(time.process_time() - c)
     out = {f"min_{k}": min(v) for k, v in times.items()} | {f"median_{k}": statistics.median(v)
-                                                             for k, v in times.items()}
+                                                             for k, v in times.items()} | {"repeats": repeats}
     for stat in ("min", "median"):
         for unit in ("", "_cpu"):
             plain, rec = out[f"{stat}_train{unit}_s"], out[f"{stat}_recorded{unit}_s"]
@@ -220,14 +227,15 @@ def _overhead(train: Callable[[Path | None], Any], repeats: int) -> dict[str, fl
 
 
 def recorder_overhead(repeats: int = 15, hidden: int = 128) -> dict[str, float]:
-    """The recorder's overhead on the converged digits run (480 steps, 6 checkpoints + the start)."""
+    """The recorder's overhead on the converged digits run (N_CHECKPOINTS checkpoints + the start)."""
     s = ReplaySetting(**{**config("digits-mlp"), "hidden": hidden})
     out = _overhead(lambda folder: s.run(recorder_dir=folder), repeats)
-    return out | {"steps": 480, "parameters": sum(p.numel() for p in s.model(0).parameters())}
+    steps = len(s.order(torch.arange(s.n_train), 0))
+    return out | {"steps": steps, "parameters": sum(p.numel() for p in s.model(0).parameters())}
 
 
 def lm_recorder_overhead(repeats: int = 7, epochs: int = 4) -> dict[str, float]:
-    """The recorder's overhead on fine-tuning facts-lm's tiny Llama (AdamW, 6 checkpoints + the start)."""
+    """The recorder's overhead on fine-tuning facts-lm's tiny Llama (AdamW, N_CHECKPOINTS + the start)."""
     import copy
 
     from ..trajectory import TrajectoryRecorder
@@ -294,7 +302,8 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
                                 fraction=0.5, seeds=(0,), fingerprint=s.fingerprint(), progress=progress,
                                 workdir=workdir / variant / "recorded-order-truth")
         small = retrain_subsets(s.recorded_order_fn, s.measure_fn, s.n_train, n_subsets=n_subsets,
-                                fraction=0.95, seeds=(0,), fingerprint=s.fingerprint(), progress=progress,
+                                fraction=1 - SMALL_OUT, seeds=(0,), fingerprint=s.fingerprint(),
+                                progress=progress,
                                 workdir=workdir / variant / "recorded-order-truth-5pct")
         for method in methods:
             if method == "source-sgd" and s.optimizer == "sgd":
@@ -319,9 +328,10 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
                          "lds_random_mean": lds_r.mean, "lds_recorded_mean": lds_f.mean,
                          "lds_small_mean": lds_s.mean, "wall_s": result.wall_s, "peak_mb": result.peak_mb,
                          "scale": f"{cal_s.scale:.3g} ({cal_s.r2:.2f}) / {cal_f.scale:.3g} ({cal_f.r2:.2f})",
-                         "scale_small": cal_s.scale, "scale_half": cal_f.scale})
+                         "scale_small": cal_s.scale, "scale_half": cal_f.scale, "r2_small": cal_s.r2,
+                         "r2_half": cal_f.r2})
             if progress:
-                print(f"{variant:>14} {method:<10} LDS random {lds_r}  recorded order {lds_f}  5 % out "
+                print(f"{variant:>14} {method:<10} LDS random {lds_r}  recorded order {lds_f}  small out "
                       f"{lds_s}  {result.wall_s:7.2f} s {result.peak_mb:7.1f} MB")
     for hidden, epochs in scaling:
         cfg: dict[str, Any] = {"variant": f"scale-{hidden}-{epochs}", "hidden": hidden, "epochs": epochs}
@@ -333,69 +343,165 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
         from ..trajectory import Trajectory
 
         steps = Trajectory.load(traj_dir).n_steps
-        result = measure(functools.partial(_scores, cfg, str(traj_dir), "replay", 10),
+        result = measure(functools.partial(_scores, cfg, str(traj_dir), "replay", COST_QUERIES),
                          ("sklearn.datasets", "sourcetrace.methods.replay"))
-        rows.append({"setting": f"cost: hidden {hidden}, {epochs} epochs, 10 queries", "method": "replay",
+        rows.append({"setting": f"cost: hidden {hidden}, {epochs} epochs, {COST_QUERIES} queries",
+                     "method": "replay",
                      "steps": steps, "params": n_params, "wall_s": result.wall_s, "peak_mb": result.peak_mb,
                      "note": f"{1e3 * result.wall_s / steps:.1f} ms per step, "
                              f"{1e6 * result.wall_s / (steps * n_params):.3f} µs per step × parameter"})
         if progress:
             print(rows[-1])
-    info = {"data": "sklearn digits, 1000 train / 100 queries (fixed split), measurement: query margin",
-            "model": "MLP 64-128-10 (9,610 parameters), SGD lr 0.1 unless said, weight decay 1e-3, batch 64",
-            "settings": "digits-mlp: 30 epochs; non-converged: 3 epochs; two-stage: 10 epochs on digits 0-4 "
-                        "(lr 0.1), then 5 epochs on all with a new SGD (lr 0.05); adamw: 3 epochs of AdamW "
-                        "(lr 0.003, decoupled weight decay 1e-3)",
+    base = setting("digits-mlp")
+    pct = f"{100 * SMALL_OUT:g} %"
+    info = {"data": f"sklearn digits, {base.n_train} train / {base.n_query} queries (the tuning split of "
+                    "digits-mlp), measurement: query margin",
+            "model": f"MLP 64-{base.hidden}-10 ({sum(p.numel() for p in base.model(0).parameters()):,} "
+                     f"parameters), batch {base.batch_size}",
+            "settings": "; ".join(f"{v}: {describe(setting(v))}" for v in variants or VARIANTS),
             "recording": f"{N_CHECKPOINTS} checkpoints + the start, batch ids and lr of every step",
             "ground truth": f"{n_subsets} random subsets each; random = halves, {len(seeds)} seeds each "
                             "(order and init vary); recorded order = the recorded run with the other half "
-                            "weighted 0; 5 % out = the recorded run with a random 5 % weighted 0",
+                            f"weighted 0; {pct} out = the recorded run with a random {pct} weighted 0",
+            "tuning and reporting": TUNING,
             "recorder overhead, digits MLP (SGD)": _overhead_text(overhead),
             "recorder overhead, digits MLP hidden 1024 (SGD)": _overhead_text(overhead_wide),
-            "recorder overhead, facts-lm tiny Llama (AdamW, 4 epochs)": _overhead_text(overhead_lm),
+            "recorder overhead, facts-lm tiny Llama (AdamW)": _overhead_text(overhead_lm),
+            "load average at the end of the run": f"{load_average()} (on a shared two-core machine)",
             "versions": versions("sourcetrace", "torch")}
+    measurements = {"recorder_overhead": {"digits": overhead, "digits_hidden_1024": overhead_wide,
+                                          "facts_lm": overhead_lm}}
+    atomic_write_json(out_dir / "replay.json", {"benchmark": "replay", "info": info, "rows": rows,
+                                                **measurements})
+    return render(out_dir / "replay.json")
+
+
+def render(path: Path = Path("benchmarks/replay.json")) -> Path:
+    """Write replay.md (and the json, in its current form) from a run's replay.json: `run` ends with this,
+    and it re-renders an earlier run's file with the current prose, every figure taken from that file."""
+    import json
+
+    data = json.loads(Path(path).read_text())
+    rows, info = data["rows"], data["info"]
+    for r in rows:  # files written before the R² had their own fields: read them from the scale column
+        if "scale" in r and "r2_small" not in r:
+            r["r2_small"], r["r2_half"] = (float(part.split("(")[1].rstrip(")"))
+                                           for part in r["scale"].split(" / "))
+    info.setdefault("tuning and reporting", TUNING)
+    if "recorder_overhead" not in data:
+        info.setdefault("prose", "re-written from this run's json by `sourcetrace.bench.replay_bench.render` "
+                                 "(the run predates the prose computed from its results)")
+    o = data.get("recorder_overhead") or _overheads_from_info(info)
+    overhead, overhead_wide, overhead_lm = o["digits"], o["digits_hidden_1024"], o["facts_lm"]
+    pct = f"{100 * SMALL_OUT:g} %"
     columns = [("setting", "setting"), ("method", "method"), ("steps", "steps"), ("params", "parameters"),
                ("lds_random", "LDS random [95 % CI]"), ("lds_recorded", "LDS recorded order [95 % CI]"),
-               ("lds_small", "LDS recorded order, 5 % out"),
-               ("scale", "removal scale (R²): 5 % / half out"),
+               ("lds_small", f"LDS recorded order, {pct} out"),
+               ("scale", f"removal scale (R²): {pct} / half out"),
                ("wall_s", "wall s"), ("peak_mb", "peak MB above start"), ("note", "note")]
+    half, orders = REPLAY["replay-half"]["at"], REPLAY["replay-half-8-orders"]["orders"]
     notes = [
         "replay: the exact derivative dm/dw_i of the recorded run at w = 1 (reverse mode through every "
-        "optimizer step, states recomputed from the checkpoints, ~2√K states of a K-step segment in memory; "
-        "the queries share one vmapped reverse pass). replay-half (`at=0.5`): the same derivative in the run "
-        "with every example at weight ½ (same order and initialisation), the centre of the random halves; "
-        "a midpoint-rule average of the derivative along the path w = 1 → 0. replay-half-8-orders (`at=0.5, "
-        "orders=8`): that derivative averaged over the recorded order and 7 re-shuffles of it (each replayed "
-        "from the start), which sees the data-order part of the seed noise of retraining. "
-        "tracin-dda / ekfac-dda: `dda=True` over the checkpoints of the last stage from its start (for "
-        "two-stage, the pre-trained model is the base).",
+        "optimizer step, states recomputed from the checkpoints, memory growing with the square root of a "
+        "segment's steps; the queries share one vmapped reverse pass). replay-half (`at="
+        f"{half:g}`): the same derivative in the run with every example at weight {half:g} (same order and "
+        "initialisation), the centre of the random halves; a midpoint-rule average of the derivative along "
+        f"the path w = 1 → 0. replay-half-8-orders (`at={half:g}, orders={orders}`): that derivative "
+        f"averaged over the recorded order and {orders - 1} re-shuffles of it (each replayed from the "
+        "start), which sees the data-order part of the seed noise of retraining. tracin-dda / ekfac-dda: "
+        "`dda=True` over the checkpoints of the last stage from its start (for two-stage, the pre-trained "
+        "model is the base).",
         "Ground truths. random: other seeds change the data order and the initialisation; that noise is part "
         "of what is predicted and no single-run attribution sees it. recorded order: exactly the "
-        "perturbations w_i: 1 → 0 that replay differentiates. With 5 % out the perturbation is small and the "
-        "derivative at w = 1 is the right linear model (replay ≥ 0.985 under SGD); with half the data out "
-        "the response is not linear in the weights, and the derivative taken at the centre of the halves "
-        "(replay-half) predicts best instead, averaged over data orders (replay-half-8-orders) when the "
-        "seeds change too. AdamW: the update is invariant to the loss scale, so weight ½ on every example "
-        "is the recorded run again (replay-half ≈ replay), and the run's response to removing half of the "
-        "data is far from linear (replay 0.85 on the recorded order); SOURCE's Adam variant (source; "
-        "source-sgd is the SGD formula on the same checkpoints) predicts retraining best there.",
+        "perturbations w_i: 1 → 0 that replay differentiates.",
+        *findings(rows),
         "Removal scale: the slope of the recorded-order retraining's measurements on the summed scores of "
-        "the kept examples (`evaluate.calibrate`, R² in brackets), 5 % or half of the data out: 1 means the "
-        "scores are effect sizes, as `Scores.removal_effect` assumes for replay; other methods' scores rank "
-        "but need that fitted scale.",
-        "Wall time and memory: each method in a fresh process, from model loaded to scores returned; memory "
-        "is the process's peak resident set above its level before the call. 1 thread. The cost rows time "
-        "replay alone on the recorded run of an MLP of that width (10 queries in one reverse pass).",
+        f"the kept examples (`evaluate.calibrate`, R² in brackets), {pct} or half of the data out: a unit "
+        "slope means the scores are effect sizes, as `Scores.removal_effect` assumes for scores that carry a "
+        "removal scale; other methods' scores rank but need that fitted scale.",
+        "Wall time and memory: each method in a fresh process on one thread, from model loaded to scores "
+        "returned; memory is the process's peak resident set above its level before the call. The cost rows "
+        "time replay alone on the recorded run of an MLP of that width (its queries in one reverse pass).",
         "Recorder overhead: each checkpoint is one durable write (safetensors, fsync, the step ids as JSON) "
-        f"and each step a few microseconds of bookkeeping, about {_per_checkpoint_ms(overhead):.1f} ms per "
-        "checkpoint in all on this machine, a fixed cost: "
+        f"and each step some bookkeeping, about {_per_checkpoint_ms(overhead):.1f} ms per checkpoint in all "
+        "on this machine, a fixed cost: "
         f"{overhead_lm['min_overhead_pct']:+.1f} % of the {overhead_lm['min_train_s']:.2f} s LM fine-tuning "
         f"run, {overhead_wide['min_overhead_pct']:+.0f} % of the {overhead_wide['min_train_s']:.2f} s run of "
         f"the wider MLP, {overhead['min_overhead_pct']:+.0f} % of the {overhead['min_train_s']:.2f} s digits "
-        "run, whose checkpoints are only ~17 ms of training apart. Below 10 % once training between "
-        "checkpoints takes ten times the fixed cost.",
+        f"run, whose checkpoints are only {1e3 * overhead['min_train_s'] / N_CHECKPOINTS:.0f} ms of training "
+        "apart. The fraction falls as the training between checkpoints grows.",
     ]
-    return write_results(out_dir, "replay", "replay", rows, info, columns, notes)
+    measurements = {"recorder_overhead": o}
+    return write_results(Path(path).parent, "replay", "replay", rows, info, columns, notes,
+                         extra=measurements)
+
+
+def _overheads_from_info(info: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The recorder overheads of a replay.json written before they were kept as numbers, read back from the
+    info lines that printed them."""
+    import re
+
+    pattern = re.compile(r"fastest: wall ([\d.]+) s recorded vs ([\d.]+) s plain \(([+-][\d.]+) %\)")
+    out = {}
+    for key, text in info.items():
+        match = pattern.search(str(text)) if key.startswith("recorder overhead") else None
+        if match:
+            name = "facts_lm" if "facts-lm" in key else "digits_hidden_1024" if "1024" in key else "digits"
+            recorded, plain, percent = (float(g) for g in match.groups())
+            out[name] = {"min_recorded_s": recorded, "min_train_s": plain, "min_overhead_pct": percent}
+    return out
+
+
+
+def describe(s: ReplaySetting) -> str:
+    """A setting's training recipe, written from its fields."""
+    def opt(lr: float) -> str:
+        name = "AdamW" if s.optimizer == "adamw" else "SGD"
+        return f"{name}{f' with momentum {s.momentum:g}' if s.momentum else ''} at lr {lr:g}"
+
+    decay = f"{'decoupled ' if s.optimizer == 'adamw' else ''}weight decay {s.weight_decay:g}"
+    if s.pretrain_epochs:
+        return (f"{s.pretrain_epochs} epochs on digits 0-{s.pretrain_classes - 1} ({opt(s.lr)}), then "
+                f"{s.epochs} epochs on all with a new {opt(s.finetune_lr)}; {decay}")
+    return f"{s.epochs} epochs of {opt(s.lr)}; {decay}"
+
+
+def findings(rows: list[dict[str, Any]]) -> list[str]:
+    """What the LDS and removal-scale columns show, written from the rows (no figure typed by hand)."""
+    scored = [r for r in rows if "lds_random_mean" in r]
+    settings = list(dict.fromkeys(r["setting"] for r in scored))
+    optimizer = {v: setting(v).optimizer if v in VARIANTS else "sgd" for v in settings}
+    pct = f"{100 * SMALL_OUT:g} %"
+    out = []
+    for key, what in (("lds_random_mean", "retraining on random halves with new seeds"),
+                      ("lds_recorded_mean", "the recorded run with half of the data weighted 0"),
+                      ("lds_small_mean", f"the recorded run with {pct} of the data weighted 0")):
+        best = [max((r for r in scored if r["setting"] == v), key=lambda r: r[key]) for v in settings]
+        out.append(f"Best at predicting {what}: " + "; ".join(
+            f"{r['setting']}: {r['method']} ({r[key]:.3f})" for r in best) + ".")
+    for method in REPLAY:
+        mine = [r for r in scored if r["method"] == method]
+        parts = []
+        for opt in ("sgd", "adamw"):
+            sel = [r for r in mine if optimizer[r["setting"]] == opt]
+            if not sel:
+                continue
+            small = [r["lds_small_mean"] for r in sel]
+            scale_s = [r["scale_small"] for r in sel]
+            scale_h = [r["scale_half"] for r in sel]
+            parts.append(f"under {opt.upper() if opt == 'sgd' else 'AdamW'} ({len(sel)} setting"
+                         f"{'s' if len(sel) > 1 else ''}): LDS with "
+                         f"{pct} out {_span(small, '.3f')}, removal scale {_span(scale_s, '.3g')} with {pct} "
+                         f"out (R² ≥ {min(r['r2_small'] for r in sel):.2f}) and {_span(scale_h, '.3g')} with "
+                         f"half out (R² ≥ {min(r['r2_half'] for r in sel):.2f})")
+        if parts:
+            out.append(f"{method}: " + "; ".join(parts) + ".")
+    return out
+
+
+def _span(values: list[float], fmt: str) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:{fmt}}" if f"{lo:{fmt}}" == f"{hi:{fmt}}" else f"{lo:{fmt}}–{hi:{fmt}}"
 
 
 def _per_checkpoint_ms(o: dict[str, float]) -> float:
@@ -403,11 +509,12 @@ def _per_checkpoint_ms(o: dict[str, float]) -> float:
 
 
 def _overhead_text(o: dict[str, float]) -> str:
-    return (f"{int(o['parameters']):,} parameters, {int(o['steps'])} steps, 6 checkpoints + the start: "
+    return (f"{int(o['parameters']):,} parameters, {int(o['steps'])} steps, {N_CHECKPOINTS} checkpoints + "
+            "the start: "
             f"fastest: wall {o['min_recorded_s']:.3f} s recorded vs {o['min_train_s']:.3f} s plain "
             f"({o['min_overhead_pct']:+.1f} %), CPU {o['min_cpu_overhead_pct']:+.1f} %; median: wall "
-            f"{o['median_overhead_pct']:+.1f} %, CPU {o['median_cpu_overhead_pct']:+.1f} % (1 thread, "
-            "interleaved runs)")
+            f"{o['median_overhead_pct']:+.1f} %, CPU {o['median_cpu_overhead_pct']:+.1f} % (one thread, "
+            f"{int(o['repeats'])} interleaved repeats)")
 
 
 def _registered(method: str) -> str:
