@@ -80,7 +80,7 @@ def test_kfac_equals_exact_ggn_for_one_linear_layer_with_scalar_output():
         curv.fit(ctx)
         expected = torch.linalg.solve(ggn + damping * torch.eye(5), v.T).T
         torch.testing.assert_close(curv.apply(v), expected, rtol=1e-9, atol=1e-10)
-    # the default damping is RELATIVE_DAMPING × the mean eigenvalue, i.e. × trace(GGN) / dim
+    # the default damping is DAMPING_FACTOR × the mean eigenvalue, i.e. × trace(GGN) / dim
     curv = KFAC()
     curv.fit(ctx)
     lam = curv.damping_factor * torch.trace(ggn) / 5

@@ -26,7 +26,7 @@ def defaults_chosen() -> list[str]:
 
     from ..curvature.damping import DEFAULT_FACTOR
     from ..curvature.iterative import Arnoldi
-    from ..curvature.kfac import RELATIVE_DAMPING
+    from ..curvature.kfac import DAMPING_FACTOR
     from ..methods.logra import LoGraOptions
     from ..methods.trak import DEFAULT_DAMPING_FACTOR
 
@@ -35,7 +35,7 @@ def defaults_chosen() -> list[str]:
     return [f"curvature/damping.py: λ = {DEFAULT_FACTOR:g} × the mean eigenvalue of the GGN (explicit, cg, "
             "lissa, arnoldi)",
             "curvature/kfac.py: λ = " + ", ".join(f"{v:g} × each block's mean eigenvalue ({k})"
-                                                 for k, v in RELATIVE_DAMPING.items()),
+                                                 for k, v in DAMPING_FACTOR.items()),
             f"methods/trak.py: λ = {DEFAULT_DAMPING_FACTOR:g} · tr(ΦᵀRΦ)/n",
             f"methods/logra.py: λ = {logra['damping_factor']:g} · tr(F)/n, rank {logra['rank']}",
             f"curvature/iterative.py: Arnoldi rank {rank}"]
@@ -93,7 +93,7 @@ RESOLVE = {"cg": "resolve:cg"}
 
 def _entries() -> list[tuple[str, str, Any, str, dict[str, Any]]]:
     """(label, library, runner, method or anchor, options) of every row."""
-    from ..curvature.kfac import RELATIVE_DAMPING
+    from ..curvature.kfac import DAMPING_FACTOR
     from ..methods.trak import DEFAULT_DAMPING_FACTOR
 
     kf_rule = {"strategy": "ekfac", "damping_factor": None}
@@ -124,9 +124,9 @@ def _entries() -> list[tuple[str, str, Any, str, dict[str, Any]]]:
              {"curvature_options": {"relative_damping": 0.1}}),
             (f"{strategy} (damping heuristic: 0.1 × mean eigenvalue)", "kronfluence", _anchor, "kronfluence",
              {**kf_rule, "strategy": strategy}),
-            (f"{strategy} ({OURS_RULE}: {RELATIVE_DAMPING[strategy]:g} × mean eigenvalue)", "kronfluence",
+            (f"{strategy} ({OURS_RULE}: {DAMPING_FACTOR[strategy]:g} × mean eigenvalue)", "kronfluence",
              _anchor, "kronfluence",
-             {**kf_rule, "strategy": strategy, "heuristic_scale": RELATIVE_DAMPING[strategy]}))],
+             {**kf_rule, "strategy": strategy, "heuristic_scale": DAMPING_FACTOR[strategy]}))],
         ("ekfac (default damping 1e-8)", "kronfluence", _anchor, "kronfluence", {"strategy": "ekfac"}),
     ]
 
