@@ -75,8 +75,11 @@ def _prose_constants(path: Path) -> list[tuple[int, str]]:
             if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
             and node.body and isinstance(node.body[0], ast.Expr)
             and isinstance(node.body[0].value, ast.Constant)}
+    specs = {id(part) for node in ast.walk(tree) if isinstance(node, ast.FormattedValue) and node.format_spec
+             for part in ast.walk(node.format_spec)}  # f"{x:.1%}": a format, not a figure
     return [(node.lineno, node.value) for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs]
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docs | specs]
 
 
 def test_generators_type_no_measured_figure():

@@ -59,12 +59,12 @@ def test_whatif_relabel_and_acquire_predict_without_retraining(folder):
 )
 def test_whatif_errors_say_what_to_do(folder, args, message):
     result = CliRunner().invoke(app, ["whatif", str(folder), *args])
-    assert result.exit_code == 2 and message in result.output
+    assert result.exit_code == 1 and message in result.output
 
 
 def test_whatif_without_a_setting_points_to_the_example(tmp_path):
     result = CliRunner().invoke(app, ["whatif", str(tmp_path), "--rows", "1"])
-    assert result.exit_code == 2 and "--example" in result.output
+    assert result.exit_code == 1 and "--example" in result.output
 
 
 def test_readme_insights_example_runs(tmp_path, monkeypatch):

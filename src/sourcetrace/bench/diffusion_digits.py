@@ -192,7 +192,7 @@ def _entries(setting: Setting) -> list[tuple[str, str, Any]]:
                 label = f"{name} K={k} (damping factor {factor:g})"
                 out.append((label, "grid", functools.partial(
                     _attribute, setting, method="trak", k=k, objective=objective,
-                    options={"proj_dim": 2048, "curvature": "unweighted", "damping_factor": factor})))
+                    options={"proj_dim": 2048, "curvature": "covariance", "damping_factor": factor})))
     out.append(("TracIn K=10 (3 checkpoints)", "baseline",
                 functools.partial(_attribute, setting, method="tracin", k=10, objective="loss", options={})))
     out.append(("EK-FAC K=10", "baseline",

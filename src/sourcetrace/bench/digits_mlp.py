@@ -108,7 +108,7 @@ def _entries() -> list[tuple[str, str, Any, str, dict[str, Any]]]:
             (f"TRAK (5 checkpoints, proj {k}, {OURS_RULE}: λ = {DEFAULT_DAMPING_FACTOR:g} · tr(ΦᵀΦ)/n)",
              "traker", _anchor, "traker", {"proj_dim": k, "damping_factor": DEFAULT_DAMPING_FACTOR}))],
         (f"trak (5 checkpoints, proj 2048, unweighted ΦᵀΦ as traker, λ = {DEFAULT_DAMPING_FACTOR:g} · "
-         "tr(ΦᵀΦ)/n)", "sourcetrace", _ours, "trak", {"proj_dim": 2048, "curvature": "unweighted"}),
+         "tr(ΦᵀΦ)/n)", "sourcetrace", _ours, "trak", {"proj_dim": 2048, "curvature": "covariance"}),
         ("cg (defaults)", "sourcetrace", _ours, "cg", {}),
         ("cg (defaults, λ=0)", "dattri", _anchor, "dattri", {"method": "cg"}),
         (f"cg ({OURS_RULE}: λ = sourcetrace's resolved λ)", "dattri", _anchor, "dattri",

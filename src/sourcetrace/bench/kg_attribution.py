@@ -256,7 +256,7 @@ def run(
         "relation, inventions an attribute of a relation the garments never show (neckline, sleeves, "
         "opening); measured on the training images: " + "; ".join(f"{k}: {v}" for k, v in extraction.items()),
         "retrains": f"{len(cache)} distinct removal sets retrained",
-        "scaled": "per the house budget (~25 min of one core): 384 training images, 16×16 pixels, "
+        "scaled": f"to fit this machine: {n_train} training images, {garments.SIZE}×{garments.SIZE} pixels, "
         f"{s.n_tuning + s.n_reporting} prompts, one retraining seed; the paper used Fashionpedia "
         "images, DALLE-pytorch and 152 prompts",
         "versions": versions("torch", "rdflib", "pyoxigraph"),
@@ -297,7 +297,7 @@ def _notes(
         "",
         f"- Δ is the judge similarity after removal minus before (mean over {s.generations} generations; "
         f"before: {before_mean:.4f} on average over the reporting prompts); negative means the removal moved "
-        "the generations away from the prompt. CIs are bootstrap 95 % intervals over prompts; "
+        "the generations away from the prompt. CIs are 95 % bootstrap intervals over prompts; "
         "`Δ − Δ random` is paired by prompt.",
         f"- The attribute reader (standing in for a VLM on generated images) read "
         f"{100 * read_accuracy:.1f} % of the generated images' attributes correctly before the simulated "

@@ -529,6 +529,11 @@ def f(v: Any, d: int = 3) -> str:
 
 
 def render(out: dict) -> str:
+    import inspect
+
+    from ..insights.planted import plant
+
+    planted_defaults = {k: p.default for k, p in inspect.signature(plant).parameters.items()}
     sets = [k for k in out if not k.startswith("_")]
     L = [
         "# practitioner-tasks",
@@ -537,10 +542,13 @@ def render(out: dict) -> str:
         "problems "
         "(`sourcetrace.insights.planted`): scikit-learn's digits and a generated Gaussian-mixture table, "
         "each "
-        "with 10 % flipped training labels, a shortcut column on half of one class's training rows, an "
-        "undersampled sub-population (3 training rows) and a 30-row source `batch-P` of near-copies of one "
+        f"with {planted_defaults['flip']:.0%} flipped training labels, a shortcut column on half of one "
+        "class's training rows, an "
+        f"undersampled sub-population ({planted_defaults['n_rare']} training rows) and a "
+        f"{planted_defaults['n_poison']}-row source `batch-P` of near-copies of one "
         "sub-population labelled as another class. The model is a softmax regression trained to convergence "
-        "(L-BFGS, float64, weight decay 1e-3), so every prediction is checked by retraining exactly.",
+        f"(L-BFGS, float64, weight decay {planted_defaults['wd']:g}), so every prediction is checked by "
+        "retraining exactly.",
         "",
         "**Splits.** The queries are split in half at random: the *tuning* half chose the defaults (the "
         "undersampled flag fraction among " + ", ".join(str(x) for x in FRACTIONS) + "; the held-out rows "

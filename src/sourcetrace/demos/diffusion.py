@@ -88,7 +88,7 @@ def run(out: Path) -> Path:
     print("attributing the generated digits with D-TRAK (squared norm of the predicted noise, K=10)")
     task = DiffusionTask(schedule, 10, measurement="square-norm", train_objective="square-norm")
     attr = st.Attributor(model, task, "trak", workdir=out / "d-trak", overwrite=True, proj_dim=2048,
-                         curvature="unweighted")
+                         curvature="covariance")
     attr.fit(train)
     scores = attr.score(queries)
 
