@@ -63,6 +63,12 @@ def lm_score(query, model=None):
     return attr.fit([{"prompt": [1, 2], "completion": [3, 4]}]).score(query)
 
 
+def batch_encoding():
+    from transformers import BatchEncoding
+
+    return BatchEncoding({"input_ids": [[1, 2, 3], [4, 5, 6]], "attention_mask": [[1, 1, 1], [1, 1, 1]]})
+
+
 def scores(query_ids=("a", "b"), train_ids=("t0", "t1", "t2")) -> st.Scores:
     m = torch.arange(len(query_ids) * len(train_ids), dtype=torch.float64).reshape(len(query_ids), -1)
     return st.Scores(m, list(train_ids), list(query_ids), "grad-dot")
@@ -85,7 +91,9 @@ CASES = [
     ("3-tuple (x, y, w)", lambda: classify((X, Y, torch.ones(12))), ShapeError, "tuple of 3 arrays"),
     ("DataLoader", lambda: classify(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y))),
      ShapeError, "pass its dataset (loader.dataset)"),
-    ("dict of columns", lambda: classify({"x": X, "y": Y}), ShapeError, "is a dict; give a list of examples"),
+    ("dict of columns", lambda: classify({"x": X, "y": Y}), ShapeError, "is a mapping of columns (x, y)"),
+    ("a tokenizer's output (BatchEncoding)", lambda: lm_fit(batch_encoding()), ShapeError,
+     "for a tokenizer's output"),
     ("empty list", lambda: classify([]), EmptyDataError, "training data is empty"),
     ("a generator", lambda: classify(((x, y) for x, y in zip(X, Y))), ShapeError, "must be sized"),
     ("x and y of different lengths", lambda: classify((X, Y[:5])), ShapeError, "12 inputs but 5 targets"),

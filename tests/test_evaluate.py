@@ -227,3 +227,17 @@ def test_lds_matches_ground_truth_by_id_whatever_the_order():
     np.testing.assert_allclose(matched, expected, atol=1e-12)
     # taken in the order they come, the shuffled scores are wrong: the ids are what makes them right
     assert not np.allclose(lds(shuffled, gt).per_query[np.argsort(rows)], expected)
+
+
+def test_loo_matches_by_id_too():
+    import sourcetrace as st
+
+    rng = np.random.default_rng(2)
+    n_query, n_train, indices = 4, 12, [1, 2, 5, 7, 10]
+    scores = rng.normal(size=(n_query, n_train))
+    gt = loo_truth(scores[:, indices].T + 0.3 * rng.normal(size=(len(indices), n_query)), indices, n_train)
+    expected = loo(scores, gt).per_query
+    cols = rng.permutation(n_train)
+    shuffled = st.Scores(torch.from_numpy(scores[:, cols]), [f"t{c}" for c in cols], list(range(n_query)))
+    got = loo(shuffled, gt, train_ids=[f"t{i}" for i in range(n_train)], query_ids=list(range(n_query)))
+    np.testing.assert_allclose(got.per_query, expected, atol=1e-12)

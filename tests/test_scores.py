@@ -139,3 +139,12 @@ def test_query_positions_and_ids_are_unambiguous():
     names = Scores(torch.eye(2), ["t0", "t1"], ["a", "b"])
     assert names.top(1, k=1) == names.top("b", k=1) == names.top(row=1, k=1)  # no int ids: a position
     assert names.top(k=1) == names.top(row=0, k=1)
+
+
+def test_numpy_and_tensor_positions():
+    import numpy as np
+
+    s = Scores(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), ["t0", "t1"], ["a", "b"])
+    assert s.top(np.int64(1), k=1) == s.top(row=torch.tensor(1), k=1) == s.top("b", k=1)
+    with pytest.raises(ScoresError, match="row must be a position"):
+        s.top(row=1.0)

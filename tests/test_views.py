@@ -395,3 +395,23 @@ def test_backend_on_a_llama_with_sdpa_and_a_bpe_tokenizer(tmp_path):
     served = load_view(tmp_path / "view")
     assert served.backend.method_name == "grad-dot" and served.backend.modules is None
     assert torch.allclose(served.scores.matrix[0], scores.matrix[0], rtol=1e-5, atol=1e-7)
+
+
+def test_readme_explorer_example_runs(tmp_path, monkeypatch):
+    """The README's LMBackend + save_view block; a tiny GPT-2 and tokenizer stand in for the user's."""
+    pytest.importorskip("transformers")
+    from pathlib import Path
+
+    from sourcetrace.demos.tiny_lm import tiny_corpus, tiny_gpt2, word_tokenizer
+    from sourcetrace.views import load_view
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "LMBackend" in b)
+    texts = [r["text"] for r in tiny_corpus(per_topic=3)]
+    tokenizer = word_tokenizer(texts)
+    namespace = {"model": tiny_gpt2(len(tokenizer)), "tokenizer": tokenizer, "train_texts": texts}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), namespace)
+    view = load_view(tmp_path / "runs/explorer")
+    assert view.backend is not None and view.scores.shape == (1, len(texts))
+    assert view.query_items[0]["tokens"] == [" bakes", " fresh", " bread", " ."]

@@ -5,7 +5,6 @@ import contextlib
 import copy
 import inspect
 import socket
-import time
 
 import pytest
 
@@ -138,11 +137,9 @@ def test_two_hundred_concurrent_requests(workdir):
                     return await c.post("/api/queries/0/attribute", content=b"{")
                 return await asyncio.gather(*(one(i) for i in range(200)))
 
-        t = time.time()
         replies = asyncio.run(hammer())
         codes = [r.status_code for r in replies]
         assert codes.count(200) == 150 and codes.count(422) == 50, sorted(set(codes))
-        assert time.time() - t < 60
         assert httpx.get(url + "/api/queries").status_code == 200  # still up
 
 

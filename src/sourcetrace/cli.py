@@ -62,6 +62,7 @@ def demo(name: str = typer.Argument("digits", help="which demo: digits (default)
     if name != "digits" and name not in DEMOS:
         fail(f"unknown demo {name!r}", f"available: {', '.join(demo_names())}", code=2)
     out = output_folder(out or Path("sourcetrace-demo" if name == "digits" else f"sourcetrace-demo-{name}"))
+    report: Path | None
     with user_errors("see `sourcetrace demo --help`"):
         if name == "digits":
             from .demos.digits import run

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,9 +130,11 @@ def _refuse_unsupported(data: Any, name: str) -> None:
                 and data[0].ndim >= 2 and data[1].ndim == 1:
             raise ShapeError(f"{name} is a list of two arrays of {len(data[0])} rows; for inputs and "
                              "targets pass a tuple (x, y), not a list [x, y]")
-    if isinstance(data, dict):
-        raise ShapeError(f"{name} is a dict; give a list of examples (e.g. a list of dicts), a Dataset, "
-                         "an (inputs, targets) tuple or a JSONL path")
+    if isinstance(data, Mapping):
+        columns = ", ".join(map(str, list(data)[:4]))
+        raise ShapeError(f"{name} is a mapping of columns ({columns}); give a list of examples, e.g. "
+                         "[{'input_ids': ids} for ids in enc['input_ids']] for a tokenizer's output, a "
+                         "Dataset, an (inputs, targets) tuple or a JSONL path")
 
 
 def _is_tensor_pair(data: Any) -> bool:

@@ -81,21 +81,22 @@ class Scores:
             raise ScoresError(f"give one of query, row and query_id; got {' and '.join(given)}")
         n = len(self.query_ids)
         if row is not None or not given:
-            row = 0 if row is None else row
-            if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < n:
+            position = _position(0 if row is None else row)
+            if position is None or not 0 <= position < n:
                 raise ScoresError(f"row must be a position in [0, {n}); got {row!r}")
-            return row
+            return position
         if query_id is not None:
             return self._row_of_id(query_id)
-        is_position = isinstance(query, int) and not isinstance(query, bool) and 0 <= query < n
+        position = _position(query)
+        is_position = position is not None and 0 <= position < n
         if query in self.query_ids:
             r = self._row_of_id(query)
-            if is_position and r != query:
+            if is_position and r != position:
                 raise ScoresError(f"query={query!r} is ambiguous: it is the id of row {r} and also the "
                                   f"position of row {query}; say query_id={query!r} or row={query!r}")
             return r
         if is_position:
-            return query
+            return position  # type: ignore[return-value]
         raise ScoresError(f"no query {query!r}; give a query id (e.g. {self.query_ids[0]!r}) or row=position "
                           f"< {n}")
 
@@ -245,3 +246,13 @@ def check_k(k: Any, name: str = "k", optional: bool = False) -> int | None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidOptionError(f"{name} must be a positive int; got {k!r}")
     return k
+
+
+def _position(value: Any) -> int | None:
+    """An int, numpy integer or 0-d integer tensor as an int; None for anything else (ids, bools)."""
+    if isinstance(value, (bool, float)) or not hasattr(value, "__index__"):
+        return None
+    try:
+        return value.__index__()
+    except TypeError:  # e.g. a floating-point tensor
+        return None

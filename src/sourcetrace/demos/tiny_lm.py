@@ -64,7 +64,7 @@ def tiny_gpt2(vocab_size: int, n_positions: int = 64, seed: int = 0, attention: 
     torch.manual_seed(seed)
     cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=n_positions,
                      bos_token_id=2, eos_token_id=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, attn_implementation=attention)
+                     attn_pdrop=0.0, attn_implementation=attention)  # type: ignore[call-arg]
     return GPT2LMHeadModel(cfg).eval()
 
 

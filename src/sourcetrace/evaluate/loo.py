@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from ..ensembles import LeaveOneOut
 from ..errors import EmptyDataError, InvalidOptionError, NonFiniteError, ShapeError
-from .lds import columnwise_correlation, score_matrix, warn_and_mean
+from .lds import aligned_matrix, columnwise_correlation, warn_and_mean
 
 
 @dataclass(frozen=True, eq=False)  # arrays inside: == would be ambiguous
@@ -23,15 +24,17 @@ class LOOResult:
         return f"{self.mean:.3f}"
 
 
-def loo(scores: Any, ground_truth: LeaveOneOut, *, method: str = "spearman") -> LOOResult:
+def loo(scores: Any, ground_truth: LeaveOneOut, *, method: str = "spearman",
+        train_ids: Sequence[Any] | None = None, query_ids: Sequence[Any] | None = None) -> LOOResult:
     """Per query, correlate `scores[:, indices]` with the actual effect of removal, `full - removed`.
 
     Removing a proponent lowers the query's measurement, so under the project's sign convention (positive
-    score = proponent) a good method correlates positively.
+    score = proponent) a good method correlates positively. `train_ids` (every training example, in the
+    order `indices` refers to) and `query_ids` match a `Scores` to the ground truth by id, as in `lds`.
     """
     if method not in ("spearman", "pearson"):
         raise InvalidOptionError(f"unknown correlation method {method!r}; use 'spearman' or 'pearson'")
-    matrix = score_matrix(scores)
+    matrix = aligned_matrix(scores, ground_truth, train_ids, query_ids)
     indices = np.asarray(ground_truth.indices, dtype=np.int64)
     effect = np.asarray(ground_truth.full, dtype=np.float64)[None, :] - np.asarray(ground_truth.removed)
     if effect.ndim != 2 or effect.shape[0] != indices.size:

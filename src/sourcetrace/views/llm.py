@@ -197,6 +197,10 @@ class LMBackend:
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the model and tokenizer (`save_pretrained`), the training texts and the method to
         `folder`."""
+        if not hasattr(self.model, "save_pretrained"):
+            raise ShapeError(f"{type(self.model).__name__} has no save_pretrained, so a saved view cannot "
+                             "reload it; serve it live: views.create_app(views.Session(scores, ..., "
+                             "backend=backend))")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(folder / "model")  # type: ignore[operator]
