@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .corpus.cli import app as corpus_app
+from .kg.cli import app as kg_app
 from .views.server import serve
 
 app = typer.Typer(help="Trace what a model produces back to the training data that caused it.",
@@ -17,6 +18,7 @@ console = Console()
 app.command("serve")(serve)  # fastapi and uvicorn load when the command runs
 app.add_typer(corpus_app, name="corpus",
               help="Verbatim tracing: index a corpus, trace text into it, mine spans.")
+app.add_typer(kg_app, name="kg", help="Knowledge-graph attribution for generated images.")
 
 SHADES = " ░▒▓█"
 
