@@ -275,7 +275,7 @@ def test_measures_by_hand(fashion):
     ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["oxigraph", pytest.param("rdflib", marks=pytest.mark.slow)])
 def test_measures_match_incidence_matrices_and_sparql(fashion, backend):
     rng = np.random.default_rng(3)
     vocab = [(r, v) for r, vs in VOCAB.items() for v in vs]

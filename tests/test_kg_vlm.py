@@ -251,3 +251,56 @@ def test_both_extractors_follow_the_protocol_and_images_are_checked(fashion, ser
     with pytest.raises(ExtractionError, match="does not exist"):
         extractor(fashion, server).extract(tmp_path / "missing.png")
     assert server.requests == []
+
+
+def test_cli_extracts_scores_and_exports(fashion, server, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from sourcetrace.cli import app
+
+    for name, shade in (("train/a.png", 0.2), ("train/b.png", 0.8), ("gen/g.png", 0.5)):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(np.full((8, 8, 3), int(255 * shade), dtype=np.uint8)).save(tmp_path / name)
+    server.script = [
+        {"content": '{"hasColor": "red", "hasPattern": "striped"}'},
+        {"content": '{"hasColor": "blue", "hasPattern": "striped"}'},
+        {"content": '{"hasColor": "red", "hasPattern": "dotted", "hasMood": "calm"}'},
+    ]
+    run = CliRunner().invoke
+    common = ["--store", str(tmp_path / "kg"), "--base-url", server.url, "--model", "m"]
+    assert run(app, ["kg", "extract", str(tmp_path / "train"), *common]).exit_code == 0
+    result = run(
+        app,
+        ["kg", "extract", str(tmp_path / "gen"), *common, "--role", "generated", "--prompt", "a red dress"],
+    )
+    assert result.exit_code == 0 and "unknown relations" in result.output
+    result = run(
+        app,
+        [
+            "kg",
+            "score",
+            "--store",
+            str(tmp_path / "kg"),
+            "--measure",
+            "relation",
+            "--out",
+            str(tmp_path / "scores"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "a.png: hasColor red" in result.output
+    from sourcetrace import Scores
+
+    assert Scores.load(tmp_path / "scores").matrix.tolist() == [[1.0, 0.0]]
+    out = tmp_path / "kg.jsonld"
+    assert (
+        run(app, ["kg", "export", "--store", str(tmp_path / "kg"), str(out), "--format", "json-ld"]).exit_code
+        == 0
+    )
+    assert out.stat().st_size > 0
+    assert "shared-triples" in run(app, ["kg", "queries"]).output
+    assert "- hasPattern:" in run(app, ["kg", "prompt", "fashion"]).output
+    bad = run(app, ["kg", "extract", str(tmp_path / "nothing"), *common])
+    assert bad.exit_code == 2
+    assert len(server.requests) == 3

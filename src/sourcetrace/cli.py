@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .corpus.cli import app as corpus_app
 from .errors import SourcetraceError
+from .kg.cli import app as kg_app
 from .similarity.cli import app as similarity_app
 
 app = typer.Typer(help="Trace what a model produces back to the training data that caused it.",
@@ -22,6 +23,7 @@ app.add_typer(corpus_app, name="corpus",
               help="Verbatim tracing: index a corpus, trace text into it, mine spans.")
 app.add_typer(similarity_app, name="similarity",
               help="Similarity attribution: index audio, match a recording.")
+app.add_typer(kg_app, name="kg", help="Knowledge-graph attribution for generated images.")
 
 
 def fail(message: object, hint: str = "", code: int = 1) -> NoReturn:
