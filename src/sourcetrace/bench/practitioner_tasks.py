@@ -661,6 +661,26 @@ def render(out: dict) -> str:
                 f"{f(a['actual_ci'])} | {f(a['error_before'])} | {f(a['predicted_error_after'])} | "
                 f"{f(a['actual_error_after'])} |"
             )
+        acts = d["actions"]
+        same_sign = sum(np.sign(a["predicted_change"]) == np.sign(a["actual_change"]) for a in acts)
+        overlap = sum(
+            a["predicted_ci"][0] <= a["actual_ci"][1] and a["actual_ci"][0] <= a["predicted_ci"][1]
+            for a in acts
+        )
+        clear = [a for a in acts if a["actual_ci"][0] > 0 or a["actual_ci"][1] < 0]
+        ratios = [a["predicted_change"] / a["actual_change"] for a in clear]
+        L += [
+            "",
+            f"The prediction has the retrained change's sign for {same_sign} of {len(acts)} actions and "
+            f"the two intervals overlap for {overlap} of {len(acts)}."
+            + (
+                f" Where the retrained interval excludes 0 ({len(clear)} actions), predicted / retrained "
+                f"change ranges from {min(ratios):.2f} to {max(ratios):.2f}: the prediction is first "
+                "order, so large changes are under- or over-predicted."
+                if clear
+                else ""
+            ),
+        ]
         u = d["undersampled"]
         L += [
             "",
@@ -693,7 +713,14 @@ def render(out: dict) -> str:
                 f"{f(v['unstable_share'])} | {f(v['lds_unstable'])} | {f(v['lds_stable'])} | "
                 f"{f(v['stability_lds_corr'])} | {f(v['train_agreement'])} |"
             )
-        L.append("")
+        corr = [v["stability_lds_corr"] for v in d["reliability"].values()]
+        L += [
+            "",
+            f"Spearman correlation of a query's stability with its LDS lies between {min(corr):.3f} and "
+            f"{max(corr):.3f} over the {len(corr)} comparisons: here the flag marks lists on which runs "
+            "disagree, not lists that retraining contradicts more.",
+            "",
+        ]
     meta = out["_meta"]
     L += [
         f"Wall time {meta['wall_s']:.0f} s on one thread; versions: "
