@@ -47,7 +47,8 @@ def _recorded(folder):
 CASES = [
     ("grad-dot", {}), ("grad-cos", {}), ("grad-dot", {"relatif": True}),
     ("explicit", {}), ("cg", {}), ("lissa", {"curvature_options": {"depth": 25}}),
-    ("arnoldi", {"curvature_options": {"rank": 8}}), ("kfac", {}), ("ekfac", {}), ("ekfac", {"query_rank": 1}),
+    ("arnoldi", {"curvature_options": {"rank": 8}}), ("kfac", {}), ("ekfac", {}),
+    ("ekfac", {"query_rank": 1}),
     ("ekfac", {"relatif": True}), ("diagonal", {}), ("datainf", {}),
     ("trak", {"proj_dim": 12}), ("trak", {"proj_dim": 12, "curvature": "cg"}),
     ("trak", {"projection": "none", "curvature": "covariance", "out_to_loss": "per-model"}),
