@@ -39,9 +39,9 @@ class PrivateNamesContract(Contract):
             for node in ast.walk(tree):
                 if not isinstance(node, ast.ImportFrom):
                     continue
-                base = package.split(".")
-                target = (".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
-                          if node.level else node.module or "")
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                named = [node.module] if node.module else []
+                target = (".".join(base + named) if node.level else node.module) or ""
                 if not any(target == r or target.startswith(r + ".") for r in roots):
                     continue
                 for alias in node.names:
