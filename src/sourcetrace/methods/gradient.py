@@ -90,24 +90,30 @@ class GradientOptions(Options):
                 raise InvalidOptionError("give trajectory=... or checkpoints=[...], not both")
             object.__setattr__(self, "trajectory", as_trajectory(self.trajectory))
         checks = [
-            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1",
+             self.batch_size),
             (self.store_dtype in ("float32", "float64", "float16"),
-             "store_dtype must be 'float32', 'float64' or 'float16'"),
-            (self.features in FEATURE_MAPS, f"features must be one of {', '.join(FEATURE_MAPS)}"),
-            (self.proj_dim >= 1 and self.rank >= 1, "proj_dim and rank must be at least 1"),
-            (self.projection in (*KINDS, "none"), f"projection must be one of {', '.join((*KINDS, 'none'))}"),
-            (self.query_rank is None or self.query_rank >= 1, "query_rank must be at least 1"),
+             "store_dtype must be 'float32', 'float64' or 'float16'", self.store_dtype),
+            (self.features in FEATURE_MAPS, f"features must be one of {', '.join(FEATURE_MAPS)}",
+             self.features),
+            (self.proj_dim >= 1, "proj_dim must be at least 1", self.proj_dim),
+            (self.rank >= 1, "rank must be at least 1", self.rank),
+            (self.projection in (*KINDS, "none"), f"projection must be one of {', '.join((*KINDS, 'none'))}",
+             self.projection),
+            (self.query_rank is None or self.query_rank >= 1, "query_rank must be at least 1",
+             self.query_rank),
             (self.combination in (*COMBINATIONS, "segments"),
-             f"combination must be one of {', '.join(COMBINATIONS)}"),
-            (self.out_to_loss in ("mean", "per-model"), "out_to_loss must be 'mean' or 'per-model'"),
-            (self.dda_reference >= 1, "dda_reference must be at least 1"),
+             f"combination must be one of {', '.join(COMBINATIONS)}", self.combination),
+            (self.out_to_loss in ("mean", "per-model"), "out_to_loss must be 'mean' or 'per-model'",
+             self.out_to_loss),
+            (self.dda_reference >= 1, "dda_reference must be at least 1", self.dda_reference),
             (self.learning_rates is None or (self.checkpoints is not None and len(self.learning_rates)
                                              == len(self.checkpoints)),
-             "give one learning rate per checkpoint"),
+             "give one learning rate per checkpoint", self.learning_rates),
         ]
-        for ok, message in checks:
+        for ok, message, value in checks:
             if not ok:
-                raise InvalidOptionError(f"{message}; got {self!r}"[:400])
+                raise InvalidOptionError(f"{message}; got {value!r}")
 
 
 class GradientMethod(Method):
