@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from ..artifacts import load_tensors, save_tensors
 from ..errors import InvalidOptionError, NonFiniteError
-from ..grads.capture import PerExampleFn
+from ..grads.capture import PerExampleFn, is_norm
 from .base import CurvatureContext, Preconditioner, register_curvature
 from .damping import check_damping
 
@@ -353,9 +353,9 @@ class KFAC(Preconditioner):
         self.blocks: list[_Block] = []
         covered: set[str] = set()
         for (lname, local), pname in hooked.items():
-            if local != "weight" or uses[pname] > 1:
-                continue
             module = cap.layers[lname]
+            if local != "weight" or uses[pname] > 1 or is_norm(module):  # norms: a diagonal block
+                continue
             bname = hooked.get((lname, "bias"))
             bias = bname if bname is not None and uses[bname] == 1 else None
             kind = _kind(module)
