@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -238,7 +238,7 @@ class KFAC(Preconditioner):
     """
 
     name = "kfac"
-    FEATURES = ("identity", "kronecker")
+    FEATURES: ClassVar[tuple[str, ...]] = ("identity", "kronecker")
     corrected = False
     features: Any = None  # Kronecker features, when the blocks live in projected space
     diag_sum: dict[str, torch.Tensor]  # running Σ g² of the parameters outside hooked layers
@@ -340,8 +340,9 @@ class KFAC(Preconditioner):
             self._eigen()
             if self.corrected or self.diag_names:
                 self._second_moments(ctxs)
-            if cache and self._cache(ctxs[0]) is not None:
-                save_tensors(self._cache(ctxs[0]), self._tensors(), self._key(ctxs[0]))
+            path = self._cache(ctxs[0]) if cache else None
+            if path is not None:
+                save_tensors(path, self._tensors(), self._key(ctxs[0]))
         self._finish()
         self.fit_seconds = time.perf_counter() - start
 

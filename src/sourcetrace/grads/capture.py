@@ -16,7 +16,7 @@ import fnmatch
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -51,7 +51,8 @@ def _normalized(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
         eps = module.eps if module.eps is not None else torch.finfo(a.dtype).eps
         return a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + eps)
     x = a.to(torch.float32)  # Llama-style RMSNorm normalises in float32
-    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(a.dtype)
+    eps = float(cast(float, module.variance_epsilon))
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(a.dtype)
 
 
 def hookable(module: nn.Module) -> bool:

@@ -32,7 +32,7 @@ from ..tasks import collate
 from ..trajectory import as_trajectory
 from . import register
 from .base import Context, Method, Options, at_checkpoint, example_shapes, to_device
-from .parts import COMBINATIONS, Cosine, DDANormalize, RelatIF
+from .parts import COMBINATIONS, Combination, Cosine, DDANormalize, RelatIF
 
 SHARD_BYTES = 256 * 2**20  # a shard is read into memory whole while scoring
 #: which options belong to which part, and the values of that part they apply to
@@ -129,12 +129,12 @@ class GradientMethod(Method):
         if o.dda and o.combination not in ("single", "tracin"):
             raise InvalidOptionError(f"dda=True replaces the checkpoint combination; {name!r} combines "
                                      f"checkpoints as {o.combination!r}")
-        self.combination = COMBINATIONS[combination](o) if combination in COMBINATIONS else None
-        if self.combination is not None:
+        self.combination = COMBINATIONS.get(combination, Combination)(o)  # SOURCE sets its own
+        if combination in COMBINATIONS:
             self.combination.check()
         self.featuremap = FeatureMap(o.features, o.proj_dim, o.projection, o.rank, o.seed)
         self.new_preconditioner()  # unknown names and options, and impossible pairings, fail here
-        if o.relatif and (o.cosine or not (self.combination is None or self.combination.has_self_influence)):
+        if o.relatif and (o.cosine or not self.combination.has_self_influence):
             raise InvalidOptionError(f"relatif=True needs a self-influence, which {name!r} with these "
                                      "options does not define")
 
@@ -280,12 +280,14 @@ class GradientMethod(Method):
         """Per checkpoint, each query's mean and standard deviation over the training set (two passes)."""
         out = []
         for c, q in enumerate(feats):
-            n = self.stores[c].n
-            mean = sum(self._block(c, q, g, lo, hi).double().sum(1)
-                       for lo, hi, g in self.stores[c].shards()) / n
-            var = sum((self._block(c, q, g, lo, hi).double() - mean[:, None]).pow(2).sum(1)
-                      for lo, hi, g in self.stores[c].shards()) / n
-            out.append((mean[:, None], var.sqrt().clamp_min(1e-300)[:, None]))
+            total = torch.zeros(q.shape[0], dtype=torch.float64)
+            for lo, hi, g in self.stores[c].shards():
+                total += self._block(c, q, g, lo, hi).double().sum(1)
+            mean = (total / self.stores[c].n)[:, None]
+            total = torch.zeros(q.shape[0], dtype=torch.float64)
+            for lo, hi, g in self.stores[c].shards():
+                total += (self._block(c, q, g, lo, hi).double() - mean).pow(2).sum(1)
+            out.append((mean, (total / self.stores[c].n).sqrt().clamp_min(1e-300)[:, None]))
         return out
 
     def score(self, ctx: Context, queries: Examples, top_k: int | None = None) -> Scores:
