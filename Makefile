@@ -41,7 +41,9 @@ bench: setup
 	$(BIN)/sourcetrace bench digits-mlp
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests tools
+	# the layering of docs/architecture.md: layers, no cycles, no private names across packages
+	PYTHONPATH=src:. $(BIN)/lint-imports --no-cache
 	$(BIN)/mypy
 
 clean:

@@ -235,7 +235,7 @@ def test_nan_loss(data):
 
 def test_unsupported_module_without_fallback(data):
     train, queries = data
-    model = nn.Sequential(nn.Linear(D, 6), nn.LayerNorm(6), nn.Linear(6, C)).double()
+    model = nn.Sequential(nn.Linear(D, 6), nn.PReLU(6), nn.Linear(6, C)).double()
     with pytest.raises(UnsupportedModuleError, match="fallback=True"):
         attributor(model, None, fallback=False).fit(train)
     # leaving the unsupported module out works without the fallback

@@ -92,7 +92,7 @@ def test_embedding_and_layernorm():
     ids[0, 0] = 0
     batch = (ids, torch.randint(0, 3, (6,)))
     cap = assert_matches(model, ClassificationTask().train_loss, batch, take_pair)
-    assert set(cap.fallback_names) == {"norm.weight", "norm.bias"}
+    assert not cap.fallback_names  # the LayerNorm's weight and bias are hooked too
 
 
 def test_tiny_gpt2_conv1d_and_tied_embeddings():
@@ -131,7 +131,7 @@ def test_float32_and_bfloat16():
 
 
 def test_unsupported_module_without_fallback_is_refused():
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model = nn.Sequential(nn.Linear(4, 4), nn.PReLU(), nn.Linear(4, 2))
     with pytest.raises(UnsupportedModuleError, match="fallback=True"):
         GradientCapture(model, fallback=False)
 
@@ -165,3 +165,41 @@ def test_nan_loss_and_bad_shapes():
         GradientCapture(model).flat(task.train_loss, (x, torch.tensor([0, 1])))
     with pytest.raises(ShapeError, match="labels"):
         GradientCapture(model).flat(task.train_loss, (torch.randn(2, 3), torch.tensor([[0], [1]])))
+
+
+class _Normed(nn.Module):
+    """Linear layers around a LayerNorm and an RMSNorm (used on [B, T, d] sequences)."""
+
+    def __init__(self, rms: nn.Module):
+        super().__init__()
+        self.inp, self.ln, self.rms, self.out = nn.Linear(3, 4), nn.LayerNorm(4), rms, nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.rms(torch.tanh(self.ln(self.inp(x))))).mean(1)
+
+
+@pytest.mark.parametrize("rms", ["torch", "llama"])
+def test_norm_weights_are_captured_by_hooks_and_match_the_loop(rms):
+    torch.manual_seed(0)
+    if rms == "llama":
+        transformers = pytest.importorskip("transformers")
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        layer = LlamaRMSNorm(4, eps=1e-5)
+        assert transformers is not None
+    else:
+        layer = nn.RMSNorm(4, eps=1e-5)
+    model = _Normed(layer).double()
+    with torch.no_grad():
+        for p in (model.ln.weight, model.ln.bias, model.rms.weight):
+            p.normal_()
+    batch = (torch.randn(5, 6, 3, dtype=torch.float64), torch.randint(0, 2, (5,)))
+    fn = ClassificationTask().train_loss
+    cap = GradientCapture(model)
+    assert {"ln", "rms"} <= set(cap.layers)  # hooked, not left to the torch.func fallback
+    got = cap.flat(fn, batch)
+    assert not cap.fallback_names
+    want = loop_grads(model, fn, batch, list(cap.params), take_pair)
+    # Llama's RMSNorm normalises in float32 even for a float64 model, so its hook agrees to float32 precision
+    tol = 1e-10 if rms == "torch" else 1e-6
+    assert torch.allclose(got, want, rtol=tol, atol=tol)

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from ..artifacts import load_tensors, save_tensors
 from ..errors import InvalidOptionError, NonFiniteError
-from ..grads.capture import PerExampleFn
+from ..grads.capture import PerExampleFn, is_norm
 from .base import CurvatureContext, Preconditioner, register_curvature
 from .damping import check_damping
 
@@ -238,7 +238,7 @@ class KFAC(Preconditioner):
     """
 
     name = "kfac"
-    FEATURES = ("identity", "kronecker")
+    FEATURES: ClassVar[tuple[str, ...]] = ("identity", "kronecker")
     corrected = False
     features: Any = None  # Kronecker features, when the blocks live in projected space
     diag_sum: dict[str, torch.Tensor]  # running Σ g² of the parameters outside hooked layers
@@ -340,8 +340,9 @@ class KFAC(Preconditioner):
             self._eigen()
             if self.corrected or self.diag_names:
                 self._second_moments(ctxs)
-            if cache and self._cache(ctxs[0]) is not None:
-                save_tensors(self._cache(ctxs[0]), self._tensors(), self._key(ctxs[0]))
+            path = self._cache(ctxs[0]) if cache else None
+            if path is not None:
+                save_tensors(path, self._tensors(), self._key(ctxs[0]))
         self._finish()
         self.fit_seconds = time.perf_counter() - start
 
@@ -353,9 +354,9 @@ class KFAC(Preconditioner):
         self.blocks: list[_Block] = []
         covered: set[str] = set()
         for (lname, local), pname in hooked.items():
-            if local != "weight" or uses[pname] > 1:
-                continue
             module = cap.layers[lname]
+            if local != "weight" or uses[pname] > 1 or is_norm(module):  # norms: a diagonal block
+                continue
             bname = hooked.get((lname, "bias"))
             bias = bname if bname is not None and uses[bname] == 1 else None
             kind = _kind(module)

@@ -1,6 +1,7 @@
 """Per-example gradients without a per-example loop.
 
-Supported layers (`nn.Linear`, `nn.Conv2d`, `nn.Embedding`, transformers' `Conv1D`) are handled by hooks:
+Supported layers (`nn.Linear`, `nn.Conv2d`, `nn.Embedding`, transformers' `Conv1D`, and the weights of
+LayerNorm / RMSNorm layers, so that a Llama's norms need no per-example loop) are handled by hooks:
 the forward hook keeps the layer input, a tensor hook on the output keeps the output gradient, and the
 per-example weight gradient is formed per layer from the two (summed over sequence/spatial positions).
 Every other selected parameter goes through a `torch.func` fallback (functional_call + vmap + grad), or a
@@ -15,7 +16,7 @@ import fnmatch
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -31,9 +32,32 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
 
 
+def is_norm(module: nn.Module) -> bool:
+    """An elementwise-affine normalisation over the last axis: LayerNorm, RMSNorm, Llama's RMSNorm."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return False
+    if isinstance(module, nn.LayerNorm):
+        return len(module.normalized_shape) == 1
+    return isinstance(module, nn.RMSNorm) or (type(module).__name__.endswith("RMSNorm")
+                                              and hasattr(module, "variance_epsilon"))
+
+
+def _normalized(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """x̂ of a norm layer's input (its output is w ⊙ x̂ (+ b)), computed as the layer computes it."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+    if isinstance(module, nn.RMSNorm):
+        eps = module.eps if module.eps is not None else torch.finfo(a.dtype).eps
+        return a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + eps)
+    x = a.to(torch.float32)  # Llama-style RMSNorm normalises in float32
+    eps = float(cast(float, module.variance_epsilon))
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(a.dtype)
+
+
 def hookable(module: nn.Module) -> bool:
     """Whether hooks can form this layer's per-example gradients."""
-    if isinstance(module, nn.Linear) or is_conv1d(module):
+    if isinstance(module, nn.Linear) or is_conv1d(module) or is_norm(module):
         return True
     if isinstance(module, nn.Conv2d):
         return module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
@@ -44,6 +68,12 @@ def hookable(module: nn.Module) -> bool:
 
 def _layer_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example gradients of a hookable layer's parameters from its input `a` and output gradient `g`."""
+    if is_norm(module):  # y = w ⊙ x̂ + b: the weight's gradient is Σ_t g_t ⊙ x̂_t
+        b, d = g.shape[0], g.shape[-1]
+        out = {"weight": (g * _normalized(module, a).to(g.dtype)).reshape(b, -1, d).sum(1)}
+        if getattr(module, "bias", None) is not None:
+            out["bias"] = g.reshape(b, -1, d).sum(1)
+        return out
     if isinstance(module, nn.Linear):
         out = {"weight": torch.einsum("b...o,b...i->boi", g, a)}
         if module.bias is not None:

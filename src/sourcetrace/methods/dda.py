@@ -18,15 +18,12 @@ measured on `sourcetrace bench facts-lm` (figures in benchmarks/facts-lm.md):
 - `normalize_train`: divide each training example's column by its scale across queries (train-side
   denoise: an example fitted less than others has larger gradients and would outscore them everywhere).
 
-`dda(per_checkpoint, errors)` is the default composition (see `DEFAULT`): `combine` with fitting-error
-weights, then `normalize_train`. Measured on facts-lm (benchmarks/facts-lm.md), with checkpoints on a
-geometric schedule (dense early in fine-tuning): the train-side step lifts MRR from about 0.78 to 0.85;
-with six evenly spaced checkpoints the same composition gives about 0.81 MRR / 0.89 entity top-1.
-Beyond fine-tuned LMs (benchmarks/replay.md, digits MLP, LDS on random halves, every checkpoint of the
-last stage): `dda=True` raises EK-FAC in all four settings (converged 0.716 → 0.786, non-converged
-0.749 → 0.764, two-stage 0.760 → 0.807, AdamW 0.726 → 0.830) and TracIn in three (0.577 → 0.621,
-0.780 → 0.875, 0.835 → 0.872); it costs TracIn 0.005 on the non-converged run (0.986 → 0.981), where the
-plain checkpoint sum is already near the ceiling.
+`dda=True` on a gradient method is this project's reading of the paper, not its published equations:
+`combine` with fitting-error weights, then each column divided by its root-mean-square over a fixed
+reference set of training examples chosen when fitting (`dda_reference`, seeded), so one query scored alone
+gets the scores it gets in any batch. `dda(per_checkpoint, errors)` here normalises over the rows it is
+given instead (an analysis tool for a fixed query set). The figures of benchmarks/facts-lm.md and
+benchmarks/replay.md say which normalisation they were measured with.
 """
 
 from __future__ import annotations
@@ -43,7 +40,7 @@ from .gradient import reduce_blocks
 from .parts import fitting_errors
 
 #: the default: fitting-error-weighted mean of per-query standardized checkpoint scores, each training
-#: example's column then divided by its root-mean-square over the queries (train-side normalisation)
+#: example's column then divided by its root-mean-square (over a reference set for `dda=True`)
 DEFAULT = {"standardize": True, "weights": "fitting-error", "normalize_train": True}
 
 
@@ -162,8 +159,8 @@ def dda(per_checkpoint: Sequence[Scores], errors: torch.Tensor, *, standardize: 
         normalize_train: bool = True) -> Scores:
     """The default DDA: checkpoint scores (base model first) standardized per query and weighted by the
     query's fitting error at each checkpoint (`fitting_errors`), then each training example's column
-    divided by its root-mean-square over the queries (`normalize_train`; it depends on the set of queries
-    scored together, so score a query set, not one query at a time).
+    divided by its root-mean-square over these queries (`normalize_train`: it depends on the query set;
+    `dda=True` on an Attributor uses a fixed reference set instead).
 
     The weights only carry signal when some checkpoints were taken while the queries' facts were being
     learned: record checkpoints densely early in fine-tuning (facts-lm uses a geometric schedule)."""

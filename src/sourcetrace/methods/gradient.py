@@ -32,7 +32,7 @@ from ..tasks import collate
 from ..trajectory import as_trajectory
 from . import register
 from .base import Context, Method, Options, at_checkpoint, example_shapes, to_device
-from .parts import COMBINATIONS, Cosine, DDANormalize, RelatIF
+from .parts import COMBINATIONS, Combination, Cosine, DDANormalize, RelatIF
 
 SHARD_BYTES = 256 * 2**20  # a shard is read into memory whole while scoring
 #: which options belong to which part, and the values of that part they apply to
@@ -90,24 +90,30 @@ class GradientOptions(Options):
                 raise InvalidOptionError("give trajectory=... or checkpoints=[...], not both")
             object.__setattr__(self, "trajectory", as_trajectory(self.trajectory))
         checks = [
-            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1",
+             self.batch_size),
             (self.store_dtype in ("float32", "float64", "float16"),
-             "store_dtype must be 'float32', 'float64' or 'float16'"),
-            (self.features in FEATURE_MAPS, f"features must be one of {', '.join(FEATURE_MAPS)}"),
-            (self.proj_dim >= 1 and self.rank >= 1, "proj_dim and rank must be at least 1"),
-            (self.projection in (*KINDS, "none"), f"projection must be one of {', '.join((*KINDS, 'none'))}"),
-            (self.query_rank is None or self.query_rank >= 1, "query_rank must be at least 1"),
+             "store_dtype must be 'float32', 'float64' or 'float16'", self.store_dtype),
+            (self.features in FEATURE_MAPS, f"features must be one of {', '.join(FEATURE_MAPS)}",
+             self.features),
+            (self.proj_dim >= 1, "proj_dim must be at least 1", self.proj_dim),
+            (self.rank >= 1, "rank must be at least 1", self.rank),
+            (self.projection in (*KINDS, "none"), f"projection must be one of {', '.join((*KINDS, 'none'))}",
+             self.projection),
+            (self.query_rank is None or self.query_rank >= 1, "query_rank must be at least 1",
+             self.query_rank),
             (self.combination in (*COMBINATIONS, "segments"),
-             f"combination must be one of {', '.join(COMBINATIONS)}"),
-            (self.out_to_loss in ("mean", "per-model"), "out_to_loss must be 'mean' or 'per-model'"),
-            (self.dda_reference >= 1, "dda_reference must be at least 1"),
+             f"combination must be one of {', '.join(COMBINATIONS)}", self.combination),
+            (self.out_to_loss in ("mean", "per-model"), "out_to_loss must be 'mean' or 'per-model'",
+             self.out_to_loss),
+            (self.dda_reference >= 1, "dda_reference must be at least 1", self.dda_reference),
             (self.learning_rates is None or (self.checkpoints is not None and len(self.learning_rates)
                                              == len(self.checkpoints)),
-             "give one learning rate per checkpoint"),
+             "give one learning rate per checkpoint", self.learning_rates),
         ]
-        for ok, message in checks:
+        for ok, message, value in checks:
             if not ok:
-                raise InvalidOptionError(f"{message}; got {self!r}"[:400])
+                raise InvalidOptionError(f"{message}; got {value!r}")
 
 
 class GradientMethod(Method):
@@ -123,12 +129,12 @@ class GradientMethod(Method):
         if o.dda and o.combination not in ("single", "tracin"):
             raise InvalidOptionError(f"dda=True replaces the checkpoint combination; {name!r} combines "
                                      f"checkpoints as {o.combination!r}")
-        self.combination = COMBINATIONS[combination](o) if combination in COMBINATIONS else None
-        if self.combination is not None:
+        self.combination = COMBINATIONS.get(combination, Combination)(o)  # SOURCE sets its own
+        if combination in COMBINATIONS:
             self.combination.check()
         self.featuremap = FeatureMap(o.features, o.proj_dim, o.projection, o.rank, o.seed)
         self.new_preconditioner()  # unknown names and options, and impossible pairings, fail here
-        if o.relatif and (o.cosine or not (self.combination is None or self.combination.has_self_influence)):
+        if o.relatif and (o.cosine or not self.combination.has_self_influence):
             raise InvalidOptionError(f"relatif=True needs a self-influence, which {name!r} with these "
                                      "options does not define")
 
@@ -274,12 +280,14 @@ class GradientMethod(Method):
         """Per checkpoint, each query's mean and standard deviation over the training set (two passes)."""
         out = []
         for c, q in enumerate(feats):
-            n = self.stores[c].n
-            mean = sum(self._block(c, q, g, lo, hi).double().sum(1)
-                       for lo, hi, g in self.stores[c].shards()) / n
-            var = sum((self._block(c, q, g, lo, hi).double() - mean[:, None]).pow(2).sum(1)
-                      for lo, hi, g in self.stores[c].shards()) / n
-            out.append((mean[:, None], var.sqrt().clamp_min(1e-300)[:, None]))
+            total = torch.zeros(q.shape[0], dtype=torch.float64)
+            for lo, hi, g in self.stores[c].shards():
+                total += self._block(c, q, g, lo, hi).double().sum(1)
+            mean = (total / self.stores[c].n)[:, None]
+            total = torch.zeros(q.shape[0], dtype=torch.float64)
+            for lo, hi, g in self.stores[c].shards():
+                total += (self._block(c, q, g, lo, hi).double() - mean).pow(2).sum(1)
+            out.append((mean, (total / self.stores[c].n).sqrt().clamp_min(1e-300)[:, None]))
         return out
 
     def score(self, ctx: Context, queries: Examples, top_k: int | None = None) -> Scores:
