@@ -568,7 +568,7 @@ def mine_low_perplexity(
     that occur in the corpus (`matches`); a model tokenizer other than the index's is bridged by decoding
     the span and re-encoding it.
     """
-    _check_mining_options(
+    check_mining_options(
         window=window,
         threshold=threshold,
         temperature=temperature,
@@ -677,23 +677,35 @@ def _trace_spans(
             s.matches.append(Match(m.start, m.end, sub.tolist(), m.text, m.count, bucket(m.count), occ))
 
 
-def _check_mining_options(**opts: Any) -> None:
+def check_mining_options(
+    *,
+    window: int = 6,
+    threshold: float = 0.9,
+    temperature: float = 0.7,
+    top_k: int | None = 20,
+    top_p: float | None = 0.8,
+    max_new_tokens: int = 100,
+    samples_per_prompt: int = 1,
+    docs_per_span: int = 10,
+    context: int = 20,
+    batch_size: int = 64,
+) -> None:
     """Refuse mining options that cannot mean anything, before any work is done."""
-
-    def whole(name: str, low: int) -> None:
-        v = opts[name]
+    whole = {
+        "window": (window, 1),
+        "max_new_tokens": (max_new_tokens, 1),
+        "samples_per_prompt": (samples_per_prompt, 1),
+        "docs_per_span": (docs_per_span, 1),
+        "batch_size": (batch_size, 1),
+        "context": (context, 0),
+        "top_k": (1 if top_k is None else top_k, 1),
+    }
+    for name, (v, low) in whole.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise CorpusError(f"{name}={v!r} must be a whole number >= {low}")
-
-    for name in ("window", "max_new_tokens", "samples_per_prompt", "docs_per_span", "batch_size"):
-        whole(name, 1)
-    whole("context", 0)
-    if opts["top_k"] is not None:
-        whole("top_k", 1)
-    if not (isinstance(opts["threshold"], int | float) and 0 <= opts["threshold"] <= 1):
-        raise CorpusError(f"threshold={opts['threshold']!r} must be a probability in [0, 1]")
-    if not (isinstance(opts["temperature"], int | float) and opts["temperature"] >= 0):
-        raise CorpusError(f"temperature={opts['temperature']!r} must be >= 0 (0 means greedy)")
-    top_p = opts["top_p"]
+    if not (isinstance(threshold, int | float) and 0 <= threshold <= 1):
+        raise CorpusError(f"threshold={threshold!r} must be a probability in [0, 1]")
+    if not (isinstance(temperature, int | float) and temperature >= 0):
+        raise CorpusError(f"temperature={temperature!r} must be >= 0 (0 means greedy)")
     if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
         raise CorpusError(f"top_p={top_p!r} must be a probability in (0, 1]")

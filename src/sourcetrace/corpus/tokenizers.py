@@ -268,8 +268,8 @@ def as_tokenizer(obj: Any, **kwargs: Any) -> Tokenizer:
         return HFTokenizer(obj)
     if isinstance(obj, str) and obj == "word":
         raise CorpusError(
-            "the 'word' tokenizer is a vocabulary made from the corpus when the index is built; an index "
-            "built with it stores it, so open the index without naming a tokenizer"
+            "'word' names a vocabulary made from the corpus when an index is built, and the index stores "
+            "it; to use it, pass tokenizer=None"
         )
     if isinstance(obj, str | Path):
         path = Path(obj)
