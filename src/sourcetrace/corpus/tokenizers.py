@@ -309,6 +309,13 @@ def _from_json_file(path: Path) -> Tokenizer:
 def _from_folder(path: Path) -> Tokenizer:
     if (path / STORED).is_file():  # an index folder, or a folder holding a config sourcetrace wrote
         return _from_json_file(path / STORED)
+    old = path / "tokenizer.json"  # an index built before the config was renamed
+    if (
+        old.is_file()
+        and (path / "manifest.json").is_file()
+        and '"kind"' in old.read_text(encoding="utf-8")[:200]
+    ):
+        return _from_json_file(old)
     from ..errors import require
 
     transformers = require("transformers", "llm")
