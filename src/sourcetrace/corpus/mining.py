@@ -329,6 +329,8 @@ def generate(
     if any(not p for p in prompts):
         raise CorpusError("generation needs prompts of at least one token")
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+    if len(seeds) != len(prompts):
+        raise CorpusError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per prompt")
     gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
     max_len = _max_len(model)
     pick = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
