@@ -258,7 +258,7 @@ def mine(
 
     if (prompts is None) == (texts is None):
         _fail(ctx, "pass exactly one of --prompts or --texts")
-    options = {
+    options: dict[str, Any] = {
         "window": window,
         "threshold": threshold,
         "temperature": temperature,

@@ -235,7 +235,7 @@ def token_probs_batch(model: Any, seqs: Sequence[Sequence[int]], batch_size: int
     """`token_probs` of many sequences; those that fit the model's context go through it in batches."""
     import torch
 
-    seqs = [[int(i) for i in q] for q in seqs]
+    seqs = [[int(i) for i in q] for q in seqs]  # type: ignore[misc]  # now lists
     out = [np.full(len(q), np.nan) for q in seqs]
     max_len = _max_len(model)
     device = _device(model)
@@ -264,7 +264,7 @@ def token_probs_batch(model: Any, seqs: Sequence[Sequence[int]], batch_size: int
                 out[k][1:] = got[r, : len(seqs[k]) - 1]
         for k, q in enumerate(seqs):
             if len(q) >= 2 and max_len is not None and len(q) > max_len:
-                out[k] = _windowed_probs(model, q, max_len, device)
+                out[k] = _windowed_probs(model, list(q), max_len, device)
     return out
 
 
@@ -325,7 +325,7 @@ def generate(
         raise CorpusError(f"temperature={temperature!r} must be >= 0 (0 means greedy)")
     if max_new_tokens < 1 or batch_size < 1:
         raise CorpusError("max_new_tokens and batch_size must be at least 1")
-    prompts = [[int(i) for i in p] for p in prompts]
+    prompts = [[int(i) for i in p] for p in prompts]  # type: ignore[misc]  # now lists
     if any(not p for p in prompts):
         raise CorpusError("generation needs prompts of at least one token")
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
@@ -342,7 +342,7 @@ def generate(
         rows = cached[g : g + batch_size]
         _generate_cached(
             model,
-            [prompts[k] for k in rows],
+            [list(prompts[k]) for k in rows],
             [new[k] for k in rows],
             [new_probs[k] for k in rows],
             [gens[k] for k in rows],
@@ -353,12 +353,12 @@ def generate(
         )
     # rows with a plain module, and rows that outgrow the model's context: no cache, a sliding context
     for k, p in enumerate(prompts):
-        _generate_uncached(model, p, new[k], new_probs[k], gens[k], max_new_tokens, max_len, pick, stop)
+        _generate_uncached(model, list(p), new[k], new_probs[k], gens[k], max_new_tokens, max_len, pick, stop)
     out = []
     for p, n, pn, pp in zip(prompts, new, new_probs, token_probs_batch(model, prompts), strict=True):
         if max_len is not None and len(p) + len(n) > max_len:
             # scored in windows, as `token_probs` scores any sequence longer than the context
-            out.append(Generation(n, token_probs(model, p + n)))
+            out.append(Generation(n, token_probs(model, [*p, *n])))
         else:
             out.append(Generation(n, np.concatenate([pp, np.asarray(pn, dtype=float)])))
     return out
