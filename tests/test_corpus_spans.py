@@ -154,3 +154,41 @@ def test_min_len_counts_words_for_every_tokenizer(tmp_path):
         assert [s.text.strip() for s in three.spans] == ["dog sat on the"]
         assert idx.trace("my dog sat on the sofa", min_len=5, density=None).spans == []
         idx.close()
+
+
+# ---------------------------------------------------------------------- Hugging Face tokenizers keep spacing
+
+
+def byte_level_bpe():
+    """A GPT-2-style byte-level BPE, trained here on a few sentences (no download)."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the café — a fox jumps, over (the) lazy dog.\n  and then"] * 10, trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_hf_tokenizer_object_traces_keep_the_text(tmp_path):
+    from sourcetrace.corpus.tokenizers import HFTokenizer, pieces_by_prefix
+
+    hf = byte_level_bpe()
+    docs = ["we met at the café — a fox jumps over the lazy dog.", "the lazy dog slept\n  all day"]
+    idx = CorpusIndex.build(docs, hf, tmp_path / "ix", engine="portable", progress=False)
+    idx.close()
+    idx = CorpusIndex.open(tmp_path / "ix")  # the tokenizer was stored with the index
+    query = "Then  the café — a fox jumps over the LAZY cat"
+    res = idx.trace(query, min_len=2, density=None)
+    assert res.text == query and "".join(res.pieces) == query
+    assert [s.text.strip() for s in res.spans] == ["the café — a fox jumps over the"]
+    occ = res.spans[0].docs[0]
+    assert occ.doc_id == "0" and occ.before + occ.match + occ.after == docs[0]
+    idx.close()
+    # pieces of any ids join to their decoded text, even where a token holds part of a character
+    tok = HFTokenizer(hf)
+    ids = tok.encode("café — ok")
+    assert "".join(tok.pieces(ids)) == tok.decode(ids) == "café — ok"
+    assert "".join(pieces_by_prefix(tok.decode, ids)) == "café — ok"

@@ -184,7 +184,12 @@ class CorpusIndex:
                 f"glob={_one(glob)!r} picks files in a folder, and {_name(docs)} is not a folder"
             )
         skipped: dict[str, int] = {}
-        read = {"text_field": text_field, "id_field": id_field, "glob": glob, "skipped": skipped}
+        read: dict[str, Any] = {
+            "text_field": text_field,
+            "id_field": id_field,
+            "glob": glob,
+            "skipped": skipped,
+        }
         if isinstance(tokenizer, str) and tokenizer == "word":
             from .tokenizers import WordTokenizer
 

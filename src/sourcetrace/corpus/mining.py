@@ -235,7 +235,7 @@ def token_probs_batch(model: Any, seqs: Sequence[Sequence[int]], batch_size: int
     """`token_probs` of many sequences; those that fit the model's context go through it in batches."""
     import torch
 
-    seqs = [[int(i) for i in q] for q in seqs]
+    seqs = [[int(i) for i in q] for q in seqs]  # type: ignore[misc]  # now lists
     out = [np.full(len(q), np.nan) for q in seqs]
     max_len = _max_len(model)
     device = _device(model)
@@ -264,7 +264,7 @@ def token_probs_batch(model: Any, seqs: Sequence[Sequence[int]], batch_size: int
                 out[k][1:] = got[r, : len(seqs[k]) - 1]
         for k, q in enumerate(seqs):
             if len(q) >= 2 and max_len is not None and len(q) > max_len:
-                out[k] = _windowed_probs(model, q, max_len, device)
+                out[k] = _windowed_probs(model, list(q), max_len, device)
     return out
 
 
@@ -325,10 +325,12 @@ def generate(
         raise CorpusError(f"temperature={temperature!r} must be >= 0 (0 means greedy)")
     if max_new_tokens < 1 or batch_size < 1:
         raise CorpusError("max_new_tokens and batch_size must be at least 1")
-    prompts = [[int(i) for i in p] for p in prompts]
+    prompts = [[int(i) for i in p] for p in prompts]  # type: ignore[misc]  # now lists
     if any(not p for p in prompts):
         raise CorpusError("generation needs prompts of at least one token")
     seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+    if len(seeds) != len(prompts):
+        raise CorpusError(f"got {len(seeds)} seeds for {len(prompts)} prompts; pass one seed per prompt")
     gens = [torch.Generator().manual_seed(int(sd)) for sd in seeds]
     max_len = _max_len(model)
     pick = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
@@ -340,7 +342,7 @@ def generate(
         rows = cached[g : g + batch_size]
         _generate_cached(
             model,
-            [prompts[k] for k in rows],
+            [list(prompts[k]) for k in rows],
             [new[k] for k in rows],
             [new_probs[k] for k in rows],
             [gens[k] for k in rows],
@@ -351,12 +353,12 @@ def generate(
         )
     # rows with a plain module, and rows that outgrow the model's context: no cache, a sliding context
     for k, p in enumerate(prompts):
-        _generate_uncached(model, p, new[k], new_probs[k], gens[k], max_new_tokens, max_len, pick, stop)
+        _generate_uncached(model, list(p), new[k], new_probs[k], gens[k], max_new_tokens, max_len, pick, stop)
     out = []
     for p, n, pn, pp in zip(prompts, new, new_probs, token_probs_batch(model, prompts), strict=True):
         if max_len is not None and len(p) + len(n) > max_len:
             # scored in windows, as `token_probs` scores any sequence longer than the context
-            out.append(Generation(n, token_probs(model, p + n)))
+            out.append(Generation(n, token_probs(model, [*p, *n])))
         else:
             out.append(Generation(n, np.concatenate([pp, np.asarray(pn, dtype=float)])))
     return out
@@ -568,7 +570,7 @@ def mine_low_perplexity(
     that occur in the corpus (`matches`); a model tokenizer other than the index's is bridged by decoding
     the span and re-encoding it.
     """
-    _check_mining_options(
+    check_mining_options(
         window=window,
         threshold=threshold,
         temperature=temperature,
@@ -677,23 +679,35 @@ def _trace_spans(
             s.matches.append(Match(m.start, m.end, sub.tolist(), m.text, m.count, bucket(m.count), occ))
 
 
-def _check_mining_options(**opts: Any) -> None:
+def check_mining_options(
+    *,
+    window: int = 6,
+    threshold: float = 0.9,
+    temperature: float = 0.7,
+    top_k: int | None = 20,
+    top_p: float | None = 0.8,
+    max_new_tokens: int = 100,
+    samples_per_prompt: int = 1,
+    docs_per_span: int = 10,
+    context: int = 20,
+    batch_size: int = 64,
+) -> None:
     """Refuse mining options that cannot mean anything, before any work is done."""
-
-    def whole(name: str, low: int) -> None:
-        v = opts[name]
+    whole = {
+        "window": (window, 1),
+        "max_new_tokens": (max_new_tokens, 1),
+        "samples_per_prompt": (samples_per_prompt, 1),
+        "docs_per_span": (docs_per_span, 1),
+        "batch_size": (batch_size, 1),
+        "context": (context, 0),
+        "top_k": (1 if top_k is None else top_k, 1),
+    }
+    for name, (v, low) in whole.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise CorpusError(f"{name}={v!r} must be a whole number >= {low}")
-
-    for name in ("window", "max_new_tokens", "samples_per_prompt", "docs_per_span", "batch_size"):
-        whole(name, 1)
-    whole("context", 0)
-    if opts["top_k"] is not None:
-        whole("top_k", 1)
-    if not (isinstance(opts["threshold"], int | float) and 0 <= opts["threshold"] <= 1):
-        raise CorpusError(f"threshold={opts['threshold']!r} must be a probability in [0, 1]")
-    if not (isinstance(opts["temperature"], int | float) and opts["temperature"] >= 0):
-        raise CorpusError(f"temperature={opts['temperature']!r} must be >= 0 (0 means greedy)")
-    top_p = opts["top_p"]
+    if not (isinstance(threshold, int | float) and 0 <= threshold <= 1):
+        raise CorpusError(f"threshold={threshold!r} must be a probability in [0, 1]")
+    if not (isinstance(temperature, int | float) and temperature >= 0):
+        raise CorpusError(f"temperature={temperature!r} must be >= 0 (0 means greedy)")
     if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
         raise CorpusError(f"top_p={top_p!r} must be a probability in (0, 1]")

@@ -268,8 +268,8 @@ def as_tokenizer(obj: Any, **kwargs: Any) -> Tokenizer:
         return HFTokenizer(obj)
     if isinstance(obj, str) and obj == "word":
         raise CorpusError(
-            "the 'word' tokenizer is a vocabulary made from the corpus when the index is built; an index "
-            "built with it stores it, so open the index without naming a tokenizer"
+            "'word' names a vocabulary made from the corpus when an index is built, and the index stores "
+            "it; to use it, pass tokenizer=None"
         )
     if isinstance(obj, str | Path):
         path = Path(obj)
@@ -309,6 +309,13 @@ def _from_json_file(path: Path) -> Tokenizer:
 def _from_folder(path: Path) -> Tokenizer:
     if (path / STORED).is_file():  # an index folder, or a folder holding a config sourcetrace wrote
         return _from_json_file(path / STORED)
+    old = path / "tokenizer.json"  # an index built before the config was renamed
+    if (
+        old.is_file()
+        and (path / "manifest.json").is_file()
+        and '"kind"' in old.read_text(encoding="utf-8")[:200]
+    ):
+        return _from_json_file(old)
     from ..errors import require
 
     transformers = require("transformers", "llm")
