@@ -17,6 +17,7 @@ from sourcetrace.diffusion import (
     model_eps,
     predict_eps,
     sample,
+    sample_trajectory,
     spaced_timesteps,
     train_eps_model,
 )
@@ -161,7 +162,7 @@ def test_x0_measurement_and_trajectory():
     ab = linear_schedule(T)
     noise = StoredNoise.draw(2, SHAPE, num_steps=5)
     with torch.no_grad():
-        x, traj, steps = sample(model_eps(model), noise, ab, num_steps=5, return_trajectory=True)
+        x, traj, steps = sample_trajectory(model_eps(model), noise, ab, num_steps=5)
     queries = generated_examples(x, traj, steps)
     task = DiffusionTask(ab, timesteps=2, measurement="x0")
     batch = task.collate(queries)

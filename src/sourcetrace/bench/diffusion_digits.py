@@ -352,8 +352,8 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/dif
         except Exception as exc:  # a method that fails is a result too
             rows.append({"method": label, "group": group, "note": f"failed: {str(exc).splitlines()[0][:80]}"})
             continue
-        row = {"method": label, "group": group, "wall_s": result.wall_s, "peak_mb": result.peak_mb,
-               "lds": _split_lds(result.scores, truth, n)}
+        row: dict[str, Any] = {"method": label, "group": group, "wall_s": result.wall_s,
+                               "peak_mb": result.peak_mb, "lds": _split_lds(result.scores, truth, n)}
         rows.append(row)
         if progress:
             print(label, {k: round(v["mean"], 3) for k, v in row["lds"].items()}, f"{result.wall_s:.1f} s")
