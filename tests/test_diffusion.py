@@ -281,3 +281,11 @@ def test_sampled_loss_gradients_give_the_gauss_newton_matrix():
     grads = GradientCapture(model).flat(lambda m, b: task.sampled_loss(m, b, g), many)
     second = grads.T @ grads / draws
     assert (second - ggn).norm() < 0.1 * ggn.norm()
+
+
+def test_demo_and_benchmark_are_registered():
+    from sourcetrace.bench import BENCHMARKS
+    from sourcetrace.demos import demo_names, load_demo
+
+    assert "diffusion" in demo_names() and callable(load_demo("diffusion"))
+    assert "diffusion-digits" in BENCHMARKS
