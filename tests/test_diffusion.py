@@ -17,6 +17,7 @@ from sourcetrace.diffusion import (
     model_eps,
     predict_eps,
     sample,
+    sample_trajectory,
     spaced_timesteps,
     train_eps_model,
 )
@@ -161,7 +162,7 @@ def test_x0_measurement_and_trajectory():
     ab = linear_schedule(T)
     noise = StoredNoise.draw(2, SHAPE, num_steps=5)
     with torch.no_grad():
-        x, traj, steps = sample(model_eps(model), noise, ab, num_steps=5, return_trajectory=True)
+        x, traj, steps = sample_trajectory(model_eps(model), noise, ab, num_steps=5)
     queries = generated_examples(x, traj, steps)
     task = DiffusionTask(ab, timesteps=2, measurement="x0")
     batch = task.collate(queries)
@@ -280,3 +281,11 @@ def test_sampled_loss_gradients_give_the_gauss_newton_matrix():
     grads = GradientCapture(model).flat(lambda m, b: task.sampled_loss(m, b, g), many)
     second = grads.T @ grads / draws
     assert (second - ggn).norm() < 0.1 * ggn.norm()
+
+
+def test_demo_and_benchmark_are_registered():
+    from sourcetrace.bench import BENCHMARKS
+    from sourcetrace.demos import demo_names, load_demo
+
+    assert "diffusion" in demo_names() and callable(load_demo("diffusion"))
+    assert "diffusion-digits" in BENCHMARKS

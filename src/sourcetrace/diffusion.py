@@ -136,13 +136,16 @@ class DiffusionTask:
     Examples are dicts with the image under `input_key` (e.g. [C, H, W] in [-1, 1]), a stable id under
     `id_key` (the noise is seeded from it) and, for class-conditional models, the label under `label_key`;
     `diffusion_examples` builds them. `timesteps`: K (spaced as D-TRAK, `range(0, T, T // K)`) or the list
-    itself. `measurement`: "loss", "square-norm" or "x0" (queries then carry `trajectory` [S, *shape], the
-    stored states x_t of their sampling run, and `steps` [S], their timesteps). `train_objective`: what the
-    training-side gradients differentiate, "loss" (the ε-MSE, for every method) or "square-norm" (D-TRAK's
-    repository uses the squared norm of the predicted noise for training images too; use it with trak).
+    itself; the default K=100 was chosen on the tuning split of benchmarks/diffusion-digits.md (each
+    gradient method there did better at K=100 than at K=10 on both tuning query sets, EK-FAC on the loss
+    best of all). `measurement`: "loss", "square-norm" or "x0" (queries then carry `trajectory`
+    [S, *shape], the stored states x_t of their sampling run, and `steps` [S], their timesteps).
+    `train_objective`: what the training-side gradients differentiate, "loss" (the ε-MSE, for every
+    method) or "square-norm" (D-TRAK's repository uses the squared norm of the predicted noise for
+    training images too; use it with trak).
     """
 
-    def __init__(self, scheduler: Any, timesteps: int | Sequence[int] = 10, noise_draws: int = 1, *,
+    def __init__(self, scheduler: Any, timesteps: int | Sequence[int] = 100, noise_draws: int = 1, *,
                  measurement: str = "loss", train_objective: str = "loss", seed: int = 0,
                  input_key: str = "x", id_key: str = "id", label_key: str = "y", flatten: bool | None = None):
         self.alphas_cumprod = alphas_cumprod_of(scheduler)
@@ -237,7 +240,7 @@ class DiffusionTask:
             return self.measurement_from_outputs(self.outputs(model, batch), batch)
         if "trajectory" not in batch or "steps" not in batch:
             raise ShapeError("the 'x0' measurement needs queries with 'trajectory' [S, *shape] and 'steps' "
-                             "[S] (the stored sampling states); sample with return_trajectory=True")
+                             "[S] (the stored sampling states); see sample_trajectory")
         x_t, t = batch["trajectory"].to(batch[self.input_key].dtype), batch["steps"].long()
         eps = predict_eps(model, x_t, t, self._labels(batch, t.shape[1]), self.flatten)
         x0_hat = x0_from_eps(x_t, eps, t, self.alphas_cumprod)
@@ -355,15 +358,20 @@ def x0_from_eps(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cu
 
 
 def sample(eps_fn: EpsFn, noise: StoredNoise, scheduler: Any, *, kind: str = "ddim",
-           num_steps: int | None = None, clip: float | None = None, return_trajectory: bool = False
-           ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, list[int]]:
+           num_steps: int | None = None, clip: float | None = None) -> torch.Tensor:
     """Deterministic reverse process from stored noise: DDIM (eta 0) or DDPM ("fixed small" variance).
 
     `eps_fn(x_t [N, *shape], t [N])` predicts the noise (a model, an ensemble mix, a closure with labels).
     `clip` clamps x̂₀ to [-clip, clip] (diffusers' clip_sample). No in-place updates, so the sample can be
     differentiated (torch.func.jvp) through it.
-    With `return_trajectory`, also returns the states x_t [N, S, *shape] and their timesteps.
     """
+    return sample_trajectory(eps_fn, noise, scheduler, kind=kind, num_steps=num_steps, clip=clip)[0]
+
+
+def sample_trajectory(eps_fn: EpsFn, noise: StoredNoise, scheduler: Any, *, kind: str = "ddim",
+                      num_steps: int | None = None, clip: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """`sample`, plus the states x_t [N, S, *shape] it passed through and their timesteps (for "x0")."""
     if kind not in ("ddim", "ddpm"):
         raise InvalidOptionError(f"kind must be 'ddim' or 'ddpm'; got {kind!r}")
     ab = alphas_cumprod_of(scheduler)
@@ -394,9 +402,7 @@ def sample(eps_fn: EpsFn, noise: StoredNoise, scheduler: Any, *, kind: str = "dd
                     + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x)
             var = (1 - a_prev) / (1 - a_t) * beta
             x = mean + math.sqrt(max(var, 1e-20)) * noise.steps[k].to(x.dtype) if t > 0 else mean
-    if return_trajectory:
-        return x, torch.stack(states, 1), ts
-    return x
+    return x, torch.stack(states, 1), ts
 
 
 def model_eps(model: nn.Module, labels: torch.Tensor | None = None, flatten: bool | None = None) -> EpsFn:

@@ -425,7 +425,11 @@ def train_members(
             model = train_fn(np.flatnonzero(codes[:, j]), j)
             if path is not None:
                 state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-                atomic_write(path, lambda tmp, state=state: torch.save(state, tmp))
+
+                def write(tmp: str, state: dict[str, Any] = state) -> None:
+                    torch.save(state, tmp)
+
+                atomic_write(path, write)
         members.append(model)
     return members
 
@@ -566,8 +570,9 @@ class EncodedEnsemble:
         out = None
         with torch.no_grad():
             for j in range(self.n_members):
-                out, col = jvp(run, (w0,), (torch.eye(self.n_members, dtype=w0.dtype)[j],))
-                cols.append(col)
+                primal_and_tangent = jvp(run, (w0,), (torch.eye(self.n_members, dtype=w0.dtype)[j],))
+                out = primal_and_tangent[0]
+                cols.append(primal_and_tangent[1])
         return {"sample": out, "jacobian": torch.stack(cols)}
 
     def ablation_scores(self, task: Any, queries: Any, ids: Sequence[Any] | None = None,
