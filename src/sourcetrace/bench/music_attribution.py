@@ -152,7 +152,7 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     import io
 
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
@@ -256,7 +256,7 @@ def planted(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
     unplanted = [i for i in range(len(chorales)) if i not in planted_ids][: setting.unplanted_generations]
     jobs = [(i, s) for i in planted_ids for s in range(setting.generations_per_planted)] + \
            [(i, 0) for i in unplanted]
-    gens = []
+    gens: list[dict[str, Any]] = []
     for i, s in jobs:
         source_tokens = to_tokens(chorales[i], setting.steps)
         seq = generate(model, source_tokens[:prompt], len(source_tokens), seed=1000 * s + i)
@@ -331,14 +331,14 @@ def index_scale(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
             pick = rng.choice(n, 200, replace=False)
             queries = np.asarray(idx.vectors[pick]) + 0.05 * rng.standard_normal((200, d)).astype(np.float32)
             truth = pick
-        latencies = []
-        found = []
+        latencies, top = [], []
         for qv in queries:
             t = time.perf_counter()
             s = idx.search(qv[None], 10, fingerprint="generated")
             latencies.append((time.perf_counter() - t) * 1000)
-            found.append(s.top_indices[0].numpy())  # type: ignore[union-attr]
-        found = np.stack(found)
+            assert s.top_indices is not None
+            top.append(s.top_indices[0].numpy())
+        found = np.stack(top)
         out[kind] = {"build_s": build_s, "vectors_per_s": n / build_s,
                      "p50_ms": float(np.percentile(latencies, 50)),
                      "p95_ms": float(np.percentile(latencies, 95)), "settings": idx.manifest["faiss"],
