@@ -43,8 +43,8 @@ class MusicBenchSetting:
     planted: int = 4
     copies: int = 12
     generator_steps: int = 300
-    generations_per_planted: int = 4
-    unplanted_generations: int = 8
+    generations_per_planted: int = 3
+    unplanted_generations: int = 4
     index_vectors: int = 1_000_000
     index_dim: int = 128
     seed: int = 0
@@ -228,8 +228,8 @@ def robustness(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
     return results
 
 
-def planted(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
-    """Train the planted generator, generate, and ask each embedder for the nearest training piece."""
+def generations(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
+    """Train the planted generator and render its generations (cached in `workdir`)."""
     import torch
 
     from ..demos.music import (
@@ -242,8 +242,11 @@ def planted(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
         token_agreement,
         train_generator,
     )
-    from ..similarity import ClipWindows, aggregate_tracks, make_embedder
 
+    path = workdir / "generations.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return json.loads(str(z["info"])) | {"audio": [z[f"audio{j}"] for j in range(int(z["n"]))]}
     torch.manual_seed(setting.seed)
     data = corpus(setting, workdir)
     demo, chorales = data["demo"], data["chorales"]
@@ -256,14 +259,29 @@ def planted(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
     unplanted = [i for i in range(len(chorales)) if i not in planted_ids][: setting.unplanted_generations]
     jobs = [(i, s) for i in planted_ids for s in range(setting.generations_per_planted)] + \
            [(i, 0) for i in unplanted]
-    gens: list[dict[str, Any]] = []
+    gens, audio = [], []
     for i, s in jobs:
         source_tokens = to_tokens(chorales[i], setting.steps)
         seq = generate(model, source_tokens[:prompt], len(source_tokens), seed=1000 * s + i)
-        audio = synthesize(from_tokens(seq), timbre_of(i + 1 + s), setting.sample_rate, demo.bpm,
-                           setting.steps * 0.5)
+        audio.append(synthesize(from_tokens(seq), timbre_of(i + 1 + s), setting.sample_rate, demo.bpm,
+                                setting.steps * 0.5))
         gens.append({"piece": i, "planted": i in planted_ids,
-                     "agreement": token_agreement(seq, source_tokens, prompt), "audio": audio})
+                     "agreement": token_agreement(seq, source_tokens, prompt)})
+    info = {"generator_train_s": train_s, "planted_pieces": [chorales[i].name for i in planted_ids],
+            "generations": gens, "training_sequences": int(len(tokens))}
+    arrays = {f"audio{j}": a for j, a in enumerate(audio)}
+    atomic_write_bytes(path, _npz_bytes({"info": np.asarray(json.dumps(info)), "n": np.asarray(len(audio)),
+                                         **arrays}))
+    return info | {"audio": audio}
+
+
+def planted(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
+    """Ask each embedder for the nearest training piece of each generation of the planted generator."""
+    from ..similarity import ClipWindows, aggregate_tracks, make_embedder
+
+    data = corpus(setting, workdir)
+    made = generations(setting, workdir)
+    gens = [g | {"audio": a} for g, a in zip(made["generations"], made["audio"])]
     windows = ClipWindows()
     tracks = [str(p) for p in data["piece"]]
     rows = {}
@@ -294,9 +312,9 @@ def planted(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
         summary_rows.append({"embedder": name, "reproducing": int(rep.sum()),
                              "planted_rank1": float(f[rep].mean()) if rep.any() else None,
                              "unplanted_prompt_piece_rank1": float(f[unp].mean()) if unp.any() else None})
-    return {"generator_train_s": train_s, "planted_pieces": [chorales[i].name for i in planted_ids],
-            "generations": [{k: v for k, v in g.items() if k != "audio"} for g in gens],
-            "rows": summary_rows, "training_sequences": int(len(tokens))}
+    return {"generator_train_s": made["generator_train_s"], "planted_pieces": made["planted_pieces"],
+            "generations": made["generations"], "rows": summary_rows,
+            "training_sequences": made["training_sequences"]}
 
 
 def index_scale(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
