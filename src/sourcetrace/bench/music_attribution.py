@@ -80,19 +80,33 @@ def chromaprint_codes(clips: np.ndarray, sample_rate: int) -> list[np.ndarray]:
 
 
 def chromaprint_similarity(query: list[np.ndarray], train: list[np.ndarray], shift: int = 2) -> np.ndarray:
-    """Share of equal bits between aligned codes, best over offsets of up to `shift` codes: [nq, nt]."""
-    out = np.zeros((len(query), len(train)))
-    for i, q in enumerate(query):
-        for j, t in enumerate(train):
-            best = 0.0
-            for s in range(-shift, shift + 1):
-                a, b = (q[s:], t) if s >= 0 else (q, t[-s:])
-                n = min(len(a), len(b))
-                if n:
-                    bits = np.unpackbits((a[:n] ^ b[:n]).view(np.uint8)).mean()
-                    best = max(best, 1.0 - float(bits))
-            out[i, j] = best
-    return out
+    """Share of equal bits between aligned codes, best over offsets of up to `shift` codes: [nq, nt].
+
+    Clips of one length give codes of one length; those are compared all at once."""
+    lengths = {len(c) for c in query} | {len(c) for c in train}
+    if len(lengths) != 1 or 0 in lengths:  # one pair at a time
+        return np.asarray([[chromaprint_similarity([a], [b], shift)[0, 0] if len(a) == len(b) and len(a)
+                            else pair_similarity(a, b, shift) for b in train] for a in query])
+    q, t = np.stack(query), np.stack(train)
+    n = q.shape[1]
+    best = np.zeros((len(q), len(t)))
+    for s in range(-min(shift, n - 1), min(shift, n - 1) + 1):
+        a, b = (q[:, s:], t[:, : n - s]) if s >= 0 else (q[:, : n + s], t[:, -s:])
+        x = np.bitwise_xor(a[:, None, :], b[None, :, :])
+        bits = np.unpackbits(x.view(np.uint8).reshape(len(q), len(t), -1), axis=2).mean(2)
+        best = np.maximum(best, 1.0 - bits)
+    return best
+
+
+def pair_similarity(a: np.ndarray, b: np.ndarray, shift: int) -> float:
+    """`chromaprint_similarity` of two code sequences of different lengths."""
+    best = 0.0
+    for s in range(-shift, shift + 1):
+        x, y = (a[s:], b) if s >= 0 else (a, b[-s:])
+        n = min(len(x), len(y))
+        if n:
+            best = max(best, 1.0 - float(np.unpackbits((x[:n] ^ y[:n]).view(np.uint8)).mean()))
+    return best
 
 
 def ranks(sim: np.ndarray, source: np.ndarray) -> np.ndarray:
