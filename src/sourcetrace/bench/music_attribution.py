@@ -308,6 +308,10 @@ def planted(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
             emb = make_embedder("contrastive", sample_rate=setting.sample_rate, temperature=chosen,
                                 steps=setting.contrastive_steps, views=setting.contrastive_views,
                                 seed=setting.seed)
+        cache = workdir / f"planted-{vec_path.stem[4:]}.json"
+        if cache.exists():
+            rows[name] = json.loads(cache.read_text())
+            continue
         with np.load(vec_path) as z:
             train = z["train"]
             emb.load_state_dict({k[6:]: z[k] for k in z.files if k.startswith("state/")})
@@ -316,6 +320,7 @@ def planted(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
             clips, offsets = windows.cut(g["audio"], setting.sample_rate)
             matches = aggregate_tracks(emb.embed(clips), offsets, train, tracks, data["offsets"])
             found.append(int(matches[0].track) == g["piece"])
+        atomic_write_json(cache, found)
         rows[name] = found
         print("planted", name, np.mean(found), flush=True)
     summary_rows = []
