@@ -168,7 +168,8 @@ def corpus(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("name", ["logmel", "mfcc", "chroma", "chroma2dftm"])
+@pytest.mark.parametrize("name", ["logmel", "mfcc", "chroma",
+                                  pytest.param("chroma2dftm", marks=pytest.mark.slow)])  # beat tracking JIT
 def test_dsp_embedders_find_an_indexed_track_itself(tmp_path, corpus, name):
     emb = make_embedder(name, sample_rate=SR)
     index = build_audio_index(corpus, tmp_path / "idx", emb, progress=False)

@@ -9,6 +9,7 @@ pitch, "hold" or "rest").
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,7 +249,8 @@ def render_training_set(chorales: list[Chorale], folder: Path, setting: MusicSet
         path = folder / f"{c.name}.wav"
         if not path.exists():
             audio = synthesize(c.notes, timbre_of(i), setting.sample_rate, setting.bpm, setting.steps * STEP)
-            atomic_write(path, lambda tmp, a=audio: sf.write(tmp, a, setting.sample_rate, format="WAV"))
+            atomic_write(path, functools.partial(sf.write, data=audio, samplerate=setting.sample_rate,
+                                                 format="WAV"))
         paths.append(path)
     return paths
 

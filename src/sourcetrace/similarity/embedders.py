@@ -204,7 +204,7 @@ class Chroma2DFTM(AudioEmbedder):
         _, frames = librosa.beat.beat_track(y=clip, sr=self.sample_rate, hop_length=hop, trim=False)
         frames = np.asarray(frames, dtype=int)
         if len(frames) >= 3:
-            c = librosa.util.sync(c, frames, aggregate=np.mean)
+            c = librosa.util.sync(c, frames.tolist(), aggregate=np.mean)
         return fourier_magnitude(resample_columns(c, self.config["beats"]), self.config["power"])
 
 

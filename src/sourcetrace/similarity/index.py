@@ -15,6 +15,7 @@ The finished folder is renamed into place, so an interrupted build never leaves 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -133,7 +134,7 @@ class SimilarityIndex:
                 raise ShapeError(f"unit {units[i]!r} gave vectors of shape {vectors.shape} for {len(metas)} "
                                  "metadata entries; give one metadata dict per vector")
             text = json.dumps(metas, default=str)
-            atomic_write(part, lambda tmp, v=vectors, t=text: save_npz(tmp, vectors=v, meta=t))
+            atomic_write(part, functools.partial(save_npz, vectors=vectors, meta=text))
         blocks, items = [], []
         for i in range(len(units)):
             with np.load(parts / f"{i:07d}.npz") as z:
