@@ -9,6 +9,8 @@ gap between libraries splits into what the default rule gives and what remains.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +154,7 @@ ON_REQUEST = {"lissa", "explicit"}
 ANCHOR_IMPORTS = {"kronfluence": "kronfluence", "captum": "captum.influence", "traker": "trak",
                   "dattri": "dattri"}
 SPLITS = ("tuning", "reporting")
+ROW_VERSION = 1  # bump when a row's computation changes outside sourcetrace's library code
 HEADINGS = {"tuning": "Tuning split (sourcetrace's defaults were chosen here)",
             "reporting": "Reporting split (other queries, training draw and seed; nothing was chosen here)"}
 
@@ -160,11 +163,13 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/dig
         n_subsets: int = 100, seeds: tuple[int, ...] = (0, 1, 2), only: list[str] | None = None,
         splits: tuple[str, ...] = SPLITS, progress: bool = True) -> Path:
     from .. import evaluate
+    from ..artifacts import atomic_write_json
     from ..ensembles import retrain_subsets
     from .anchors import available_anchors
+    from .runner import code_fingerprint
 
     have = available_anchors()
-    load = load_average()
+    load, code = load_average(), code_fingerprint()
     rows: list[dict[str, Any]] = []
     for split in splits:
         setting = DigitsSetting(split=split, seed=SEEDS[split])
@@ -184,29 +189,38 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/dig
             if library != "sourcetrace" and not have.get(library):
                 rows.append({**row, "note": "not installed"})
                 continue
+            key = {"code": code, "rows": ROW_VERSION, "library": library, "options": repr(options),
+                   "truth": [n_subsets, list(seeds)]}
+            digest = hashlib.sha256(f"{library}|{label}".encode()).hexdigest()[:16]
+            cache = folder / "rows" / f"{digest}.json"
+            if cache.exists() and json.loads(cache.read_text())["key"] == key:  # a row of an interrupted run
+                rows.append(json.loads(cache.read_text())["row"])
+                continue
             modules = ("sklearn.datasets", ANCHOR_IMPORTS.get(library, "sourcetrace.methods.gradient"))
             try:
-                for key, value in options.items():
+                for opt, value in options.items():
                     if isinstance(value, str) and value.startswith("resolve:"):
                         method = value.split(":")[1]
                         if method not in resolved:
                             job = functools.partial(_resolved_damping, split, method, str(folder))
                             resolved[method] = float(measure(job, modules[:1]).scores[0])
-                        options = {**options, key: resolved[method]}
+                        options = {**options, opt: resolved[method]}
                         row["note"] = f"λ = {resolved[method]:.3g}"
                 result = measure(functools.partial(runner, split, what, str(folder), options), modules)
                 score = evaluate.lds(result.scores, truth)
             except Exception as exc:  # an anchor that fails (NaN scores, out of memory) is a result too
                 why = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
-                rows.append({**row, "note": f"failed: {why}"})
+                row["note"] = f"failed: {why}"
                 if progress:
                     print(f"{split:>9} {library:>12} {label:<40} failed: {exc}", flush=True)
-                continue
-            rows.append({**row, "lds": score.mean, "ci_low": score.ci_low, "ci_high": score.ci_high,
-                         "lds_ci": str(score), "wall_s": result.wall_s, "peak_mb": result.peak_mb})
-            if progress:
-                print(f"{split:>9} {library:>12} {label:<40} LDS {score}  {result.wall_s:6.2f} s  "
-                      f"{result.peak_mb:7.1f} MB", flush=True)
+            else:
+                row.update({"lds": score.mean, "ci_low": score.ci_low, "ci_high": score.ci_high,
+                            "lds_ci": str(score), "wall_s": result.wall_s, "peak_mb": result.peak_mb})
+                if progress:
+                    print(f"{split:>9} {library:>12} {label:<40} LDS {score}  {result.wall_s:6.2f} s  "
+                          f"{result.peak_mb:7.1f} MB", flush=True)
+            atomic_write_json(cache, {"key": key, "row": row})
+            rows.append(row)
     tuning = DigitsSetting()
     info = {"data": f"sklearn digits, {tuning.n_train} train / {tuning.n_query} queries per split",
             "tuning split": f"the first {tuning.n_train} images of a fixed permutation to train, the next "
