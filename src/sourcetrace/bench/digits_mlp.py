@@ -9,6 +9,8 @@ gap between libraries splits into what the default rule gives and what remains.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,16 @@ def _entries() -> list[tuple[str, str, Any, str, dict[str, Any]]]:
     ]
 
 
+def _priority(entry: tuple[str, str, Any, str, dict[str, Any]]) -> int:
+    """Run order on a busy machine: sourcetrace's defaults, the EK-FAC and TRAK anchors, then the rest."""
+    label, library = entry[0], entry[1]
+    if library == "sourcetrace" and ("defaults" in label or "(" not in label or label.startswith("tracin")):
+        return 0
+    if label.startswith("ekfac") or "proj 2048" in label:
+        return 1
+    return 2 if label.startswith(("kfac", "diagonal")) else 3
+
+
 def _pairs() -> list[tuple[str, str, str, str]]:
     """(what is compared, sourcetrace's row, the anchor at its own default, the anchor at sourcetrace's
     rule): labels of `_entries`."""
@@ -152,19 +164,24 @@ ON_REQUEST = {"lissa", "explicit"}
 ANCHOR_IMPORTS = {"kronfluence": "kronfluence", "captum": "captum.influence", "traker": "trak",
                   "dattri": "dattri"}
 SPLITS = ("tuning", "reporting")
+ROW_VERSION = 1  # bump when a row's computation changes outside sourcetrace's library code
 HEADINGS = {"tuning": "Tuning split (sourcetrace's defaults were chosen here)",
             "reporting": "Reporting split (other queries, training draw and seed; nothing was chosen here)"}
 
 
 def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/digits-mlp"), *,
         n_subsets: int = 100, seeds: tuple[int, ...] = (0, 1, 2), only: list[str] | None = None,
-        splits: tuple[str, ...] = SPLITS, progress: bool = True) -> Path:
+        splits: tuple[str, ...] = SPLITS, cached_only: bool = False, progress: bool = True) -> Path:
+    """Score every row of each split (cached per row, so a run resumes) and write digits-mlp.md / .json;
+    `cached_only`: write what earlier runs cached, marking the other rows as not run."""
     from .. import evaluate
+    from ..artifacts import atomic_write_json
     from ..ensembles import retrain_subsets
     from .anchors import available_anchors
+    from .runner import code_fingerprint
 
     have = available_anchors()
-    load = load_average()
+    load, code = load_average(), code_fingerprint()
     rows: list[dict[str, Any]] = []
     for split in splits:
         setting = DigitsSetting(split=split, seed=SEEDS[split])
@@ -175,38 +192,53 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/dig
                                 fraction=0.5, seeds=seeds, workdir=folder / "ground-truth",
                                 fingerprint=setting.fingerprint(), progress=progress)
         resolved: dict[str, float] = {}
-        for label, library, runner, what, options in _entries():
+        entries = _entries()
+        done: dict[str, dict[str, Any]] = {}
+        for label, library, runner, what, options in sorted(entries, key=_priority):  # most wanted first
             name = label.split()[0]
             wanted = not only or name in only or library in only
             if not wanted or (name in ON_REQUEST and name not in (only or ())):
                 continue
             row: dict[str, Any] = {"split": split, "method": label, "library": library}
             if library != "sourcetrace" and not have.get(library):
-                rows.append({**row, "note": "not installed"})
+                done[label] = {**row, "note": "not installed"}
+                continue
+            key = {"code": code, "rows": ROW_VERSION, "library": library, "options": repr(options),
+                   "truth": [n_subsets, list(seeds)]}
+            digest = hashlib.sha256(f"{library}|{label}".encode()).hexdigest()[:16]
+            cache = folder / "rows" / f"{digest}.json"
+            if cache.exists() and json.loads(cache.read_text())["key"] == key:  # a row of an interrupted run
+                done[label] = json.loads(cache.read_text())["row"]
+                continue
+            if cached_only:
+                done[label] = {**row, "note": "not run (CPU budget)"}
                 continue
             modules = ("sklearn.datasets", ANCHOR_IMPORTS.get(library, "sourcetrace.methods.gradient"))
             try:
-                for key, value in options.items():
+                for opt, value in options.items():
                     if isinstance(value, str) and value.startswith("resolve:"):
                         method = value.split(":")[1]
                         if method not in resolved:
                             job = functools.partial(_resolved_damping, split, method, str(folder))
                             resolved[method] = float(measure(job, modules[:1]).scores[0])
-                        options = {**options, key: resolved[method]}
+                        options = {**options, opt: resolved[method]}
                         row["note"] = f"λ = {resolved[method]:.3g}"
                 result = measure(functools.partial(runner, split, what, str(folder), options), modules)
                 score = evaluate.lds(result.scores, truth)
             except Exception as exc:  # an anchor that fails (NaN scores, out of memory) is a result too
                 why = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
-                rows.append({**row, "note": f"failed: {why}"})
+                row["note"] = f"failed: {why}"
                 if progress:
                     print(f"{split:>9} {library:>12} {label:<40} failed: {exc}", flush=True)
-                continue
-            rows.append({**row, "lds": score.mean, "ci_low": score.ci_low, "ci_high": score.ci_high,
-                         "lds_ci": str(score), "wall_s": result.wall_s, "peak_mb": result.peak_mb})
-            if progress:
-                print(f"{split:>9} {library:>12} {label:<40} LDS {score}  {result.wall_s:6.2f} s  "
-                      f"{result.peak_mb:7.1f} MB", flush=True)
+            else:
+                row.update({"lds": score.mean, "ci_low": score.ci_low, "ci_high": score.ci_high,
+                            "lds_ci": str(score), "wall_s": result.wall_s, "peak_mb": result.peak_mb})
+                if progress:
+                    print(f"{split:>9} {library:>12} {label:<40} LDS {score}  {result.wall_s:6.2f} s  "
+                          f"{result.peak_mb:7.1f} MB", flush=True)
+            atomic_write_json(cache, {"key": key, "row": row})
+            done[label] = row
+        rows += [done[e[0]] for e in entries if e[0] in done]  # in the table's order
     tuning = DigitsSetting()
     info = {"data": f"sklearn digits, {tuning.n_train} train / {tuning.n_query} queries per split",
             "tuning split": f"the first {tuning.n_train} images of a fixed permutation to train, the next "
