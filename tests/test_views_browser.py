@@ -305,7 +305,7 @@ mod.default.render({ model, el: document.getElementById("w") });
 
 def test_widget_front_end_renders_and_sends_selection(page, lm):
     pytest.importorskip("anywidget")
-    from sourcetrace.views.report import script_json
+    from sourcetrace.views.page import script_json
     from sourcetrace.views.widget import AttributionWidget
 
     backend, train, queries = lm

@@ -179,12 +179,6 @@ class Scores:
         columns = torch.tensor(sorted({where[i] for i in train_ids}), dtype=torch.long)
         return -float(scale) * matrix[:, columns].double().sum(1)
 
-    def to_html(self, path: str | os.PathLike, **kwargs: Any) -> Path:
-        """Write a self-contained HTML report of these scores (options: `sourcetrace.views.write_report`)."""
-        from .views import write_report
-
-        return write_report(self, path, **kwargs)
-
     def to_pandas(self) -> Any:
         """A DataFrame with one row per query and one column per training example."""
         try:

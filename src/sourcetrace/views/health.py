@@ -12,7 +12,7 @@ from typing import Any
 
 from ..artifacts import atomic_write_bytes
 from ..errors import EmptyDataError
-from .report import script_json, static_text
+from .page import script_json, static_text
 
 
 def health_payload(*, title: str = "data health", subtitle: str = "", ranking: Any = None,

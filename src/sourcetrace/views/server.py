@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from ..errors import MissingExtraError, SourcetraceError
-from .report import render_html
+from .page import render_html
 from .session import NoBackendError, Session, load_view
 
 MAX_SELECTION = 4096

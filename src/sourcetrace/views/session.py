@@ -238,7 +238,7 @@ def save_view(workdir: str | os.PathLike, scores: Scores | None = None, *,
     # keys in their given order: a table row's columns keep theirs
     atomic_write_bytes(workdir / VIEW_FILE, (json.dumps(spec, indent=1, default=str) + "\n").encode("utf-8"))
     if report:
-        from .report import render_html
+        from .page import render_html
 
         session = Session(scores, train_items, query_items, title=title, groups=groups, backend=backend,
                           columns=columns)

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import MissingExtraError, SourcetraceError
 from ..scores import Scores
-from .report import static_text
+from .page import static_text
 from .session import Session
 
 try:
