@@ -13,8 +13,8 @@ from sourcetrace import Scores
 from sourcetrace.errors import ShapeError
 from sourcetrace.views import report_payload, write_report
 from sourcetrace.views.media import MAX_AUDIO_SECONDS, audio_json, row_json
-from sourcetrace.views.payload import image_json
 from sourcetrace.views.page import render_html, script_json
+from sourcetrace.views.payload import image_json
 from sourcetrace.views.text import Keywords, joiner, word_diff, words
 
 
