@@ -283,7 +283,7 @@ def run(out: Path, setting: MusicSetting | None = None, progress: bool = True) -
                   f"({setting.copies} copies each): {', '.join(chorales[i].name for i in planted)}")
     model = train_generator(tokens, steps=setting.generator_steps, seed=setting.seed, progress=progress)
     prompt = 1 + 4 * setting.prompt_steps
-    queries = []
+    queries, labels = [], []
     embedder = make_embedder(DEFAULT_EMBEDDER, sample_rate=setting.sample_rate)
     index = build_audio_index(out / "train", out / "index", embedder, overwrite=True, progress=False)
     unplanted = [i for i in range(len(chorales)) if i not in planted][:2]
@@ -293,11 +293,12 @@ def run(out: Path, setting: MusicSetting | None = None, progress: bool = True) -
         audio = synthesize(from_tokens(seq), timbre_of(j + 1), setting.sample_rate, setting.bpm,
                            setting.steps * STEP)
         kind = "planted" if i in planted else "unplanted"
-        name = f"generation {j} (prompt: {chorales[i].name}, {kind}, {agree:.0%} of tokens as the source)"
-        q = query_samples(audio, setting.sample_rate, index, k=5, embedder=embedder, name=name)
+        label = f"prompt: {chorales[i].name}, {kind}, {agree:.0%} of tokens as the source"
+        q = query_samples(audio, setting.sample_rate, index, k=5, embedder=embedder, name=f"generation {j}")
         queries.append(q)
+        labels.append(label)
         best = q.matches[0]
-        console.print(f"{name}: nearest training track {best.track} ({best.score:.3f}) at "
-                      f"{best.train_offset:.1f} s")
-    return write_audio_report(queries, index, out / "report.html",
+        console.print(f"generation {j} ({label}): nearest training track {best.track} ({best.score:.3f}) "
+                      f"at {best.train_offset:.1f} s")
+    return write_audio_report(queries, index, out / "report.html", labels=labels,
                               title="sourcetrace demo: which Bach chorales does the generator copy?")

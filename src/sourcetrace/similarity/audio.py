@@ -136,13 +136,14 @@ def clip_at(audio: np.ndarray, sample_rate: int, offset: float, seconds: float) 
 
 
 def write_audio_report(queries: AudioQuery | list[AudioQuery], index: SimilarityIndex,
-                       path: str | os.PathLike, *, title: str | None = None, train_audio: Any = None) -> Path:
+                       path: str | os.PathLike, *, title: str | None = None, train_audio: Any = None,
+                       labels: list[str] | None = None) -> Path:
     """An HTML report: each query's best-matching clip and the matched training clips at their offsets.
 
     The columns are the matched training clips (a track at an offset); a query's score for a clip is the
     best cosine between any of its clips and that one. The views' player starts at 0 s, so each item holds
     the clip itself, cut at its offset. `train_audio` (optional) maps a track to its samples; by default
-    they are read from the indexed source folder.
+    they are read from the indexed source folder. `labels` (one per query) describe the queries.
     """
     import torch
 
@@ -167,10 +168,10 @@ def write_audio_report(queries: AudioQuery | list[AudioQuery], index: Similarity
         train_items.append({"audio": clip_at(cache[track], rate, offset, seconds), "sample_rate": rate,
                             "label": track, "source": f"{track} at {offset:.1f} s"})
     query_items = []
-    for q in queries:
+    for q, label in zip(queries, labels or [q.name for q in queries]):
         best = q.matches[0]
         query_items.append({"audio": clip_at(q.audio, q.sample_rate, best.query_offset, seconds),
-                            "sample_rate": q.sample_rate, "label": q.name,
+                            "sample_rate": q.sample_rate, "label": label,
                             "source": f"{q.name} at {best.query_offset:.1f} s (best match: {best.track} "
                                       f"at {best.train_offset:.1f} s)"})
     scores = Scores(torch.from_numpy(matrix.astype(np.float32)), [f"{t}@{o:.1f}s" for t, o in clips],
