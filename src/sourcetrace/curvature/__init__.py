@@ -10,11 +10,6 @@ from ..errors import InvalidOptionError
 from .base import CURVATURES, CurvatureContext, Preconditioner, register_curvature
 
 
-def available_curvatures() -> list[str]:
-    _load_builtins()
-    return sorted(CURVATURES)
-
-
 def build_curvature(name: str, features: str = "identity", **options: Any) -> Preconditioner:
     """The preconditioner called `name` for features of kind `features`; unknown names, unknown options and
     pairings it does not support are errors (raised before any pass over the data)."""
@@ -62,5 +57,4 @@ def _load_builtins() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-__all__ = ["CURVATURES", "CurvatureContext", "Preconditioner", "available_curvatures", "build_curvature",
-           "register_curvature"]
+__all__ = ["CURVATURES", "CurvatureContext", "Preconditioner", "build_curvature", "register_curvature"]

@@ -217,10 +217,6 @@ class _Block:
         return m if self.qa is None else m @ self.qa.T
 
 
-def _batch_seed(seed: int, index: int) -> int:
-    return (seed * 1_000_003 + index) % (2**63 - 1)
-
-
 def _check_finite(name: str, t: torch.Tensor) -> None:
     if not torch.isfinite(t).all():
         raise NonFiniteError(f"the Fisher statistics of {name} are NaN or infinite; check the model and the "
@@ -265,7 +261,7 @@ class KFAC(Preconditioner):
                 f"{type(ctx.task).__name__} has no sampled_loss(model, batch, generator), which the true "
                 "Fisher needs; add one to the task or pass fisher='empirical'")
         # a generator per batch: every pass over the data draws the same labels for the same batch
-        gen = torch.Generator().manual_seed(_batch_seed(ctx.seed, index))
+        gen = torch.Generator().manual_seed((ctx.seed * 1_000_003 + index) % (2**63 - 1))
         return lambda model, batch: sampled(model, batch, gen)
 
     @staticmethod
