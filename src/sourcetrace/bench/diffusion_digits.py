@@ -134,6 +134,14 @@ class Setting:
 
 
 # ---- methods, each run in a fresh process -----------------------------------------------------------------
+
+def _default_tolerance() -> float:
+    import inspect
+
+    from ..ensembles import EncodedEnsemble
+
+    return float(inspect.signature(EncodedEnsemble.influence).parameters["tolerance"].default)
+
 def _attribute(setting: Setting, workdir: str, method: str, k: int, objective: str,
                options: dict[str, Any]) -> np.ndarray:
     import sourcetrace as st
@@ -538,8 +546,8 @@ def _notes(rows: list[dict[str, Any]], best: dict[str, Any] | None, floor: dict[
         f"; change from another training seed: {validity['seed_change']:.3f}; mean sample norm "
         f"{validity['sample_norm']:.2f}",
         f"- counterfactual radius per sample: {', '.join(f'{r:.2f}' for r in validity['radius'])}; "
-        f"{unattributable} of {len(validity['radius'])} flagged unattributable (radius < 5 % of the "
-        "sample norm)",
+        f"{unattributable} of {len(validity['radius'])} flagged unattributable (radius below "
+        f"{_default_tolerance():.0%} of the sample norm, the default tolerance)",
         "",
         "Not run here: sample quality of the ensemble vs one model (FID-style) and the counterfactual radius "
         "against training-set size.",

@@ -23,16 +23,15 @@ from .runner import load_average, measure, versions, write_results
 def defaults_chosen() -> list[str]:
     """Each damping default of sourcetrace, read from the code, and where it was chosen: every one by
     comparing LDS on this benchmark's tuning split (its sweep is in the docstring of the file named)."""
-    import dataclasses
     import inspect
 
     from ..curvature.damping import DEFAULT_FACTOR
     from ..curvature.iterative import Arnoldi
     from ..curvature.kfac import DAMPING_FACTOR
-    from ..methods.logra import LoGraOptions
+    from ..methods import REGISTRY
     from ..methods.trak import DEFAULT_DAMPING_FACTOR
 
-    logra = {f.name: f.default for f in dataclasses.fields(LoGraOptions)}
+    logra = REGISTRY["logra"].defaults
     rank = inspect.signature(Arnoldi.__init__).parameters["rank"].default
     return [f"curvature/damping.py: λ = {DEFAULT_FACTOR:g} × the mean eigenvalue of the GGN (explicit, cg, "
             "lissa, arnoldi)",
@@ -66,7 +65,7 @@ def _resolved_damping(split: str, method: str, workdir: str) -> np.ndarray:
     model, _, _ = setting.trained(Path(workdir))
     attr = st.Attributor(model, st.ClassificationTask(), method, workdir=None, progress=False)
     attr.fit(setting.train)
-    return np.array([attr.method.curvatures[0].lam])
+    return np.array([attr.method.preconditioners[0].lam])
 
 
 def _anchor(split: str, name: str, workdir: str, options: dict[str, Any]) -> np.ndarray:
@@ -123,7 +122,7 @@ def _entries() -> list[tuple[str, str, Any, str, dict[str, Any]]]:
         *[row for strategy in ("ekfac", "kfac", "diagonal") for row in (
             (f"{strategy} (defaults)", "sourcetrace", _ours, strategy, {}),
             (f"{strategy} (kronfluence's rule: 0.1 × mean eigenvalue)", "sourcetrace", _ours, strategy,
-             {"curvature_options": {"relative_damping": 0.1}}),
+             {"curvature_options": {"damping_factor": 0.1}}),
             (f"{strategy} (damping heuristic: 0.1 × mean eigenvalue)", "kronfluence", _anchor, "kronfluence",
              {**kf_rule, "strategy": strategy}),
             (f"{strategy} ({OURS_RULE}: {DAMPING_FACTOR[strategy]:g} × mean eigenvalue)", "kronfluence",
