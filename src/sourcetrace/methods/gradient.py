@@ -91,8 +91,8 @@ class GradientOptions(Options):
             object.__setattr__(self, "trajectory", as_trajectory(self.trajectory))
         checks = [
             (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1"),
-            (self.store_dtype in ("float32", "float64", "float16"),
-             "store_dtype must be 'float32', 'float64' or 'float16'"),
+            (self.store_dtype in ("float32", "float64", "float16", "bfloat16"),
+             "store_dtype must be 'float32', 'float64', 'float16' or 'bfloat16'"),
             (self.features in FEATURE_MAPS, f"features must be one of {', '.join(FEATURE_MAPS)}"),
             (self.proj_dim >= 1 and self.rank >= 1, "proj_dim and rank must be at least 1"),
             (self.projection in (*KINDS, "none"), f"projection must be one of {', '.join((*KINDS, 'none'))}"),
