@@ -160,6 +160,21 @@ class GradientStore:
                  for k in range(self.num_shards)]
         return torch.from_numpy(np.concatenate(parts))
 
+    def take(self, indices: Any) -> torch.Tensor:
+        """Rows at `indices` (any order), in that order: each shard holding some is mapped once."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"row indices must lie in [0, {self.n})")
+        out = torch.empty(len(idx), self.dim, dtype=TORCH_DTYPES[self.dtype])
+        shard_of = idx // self.shard_size
+        for k in np.unique(shard_of):
+            at = np.nonzero(shard_of == k)[0]
+            shard = self._memory.get(int(k))
+            if shard is None:
+                shard = np.load(self._path(int(k)), mmap_mode="r")
+            out[torch.from_numpy(at)] = self.to_torch(np.ascontiguousarray(shard[idx[at] - k * self.shard_size]))
+        return out
+
     def read(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """Rows [lo, hi) as one tensor in memory (for small stores and tests)."""
         hi = self.n if hi is None else hi
