@@ -58,8 +58,8 @@ class GradientIndex:
         self.nprobe = nprobe or max(1, self.nlist // 16)
         path = None
         if folder is not None:
-            key = {"kind": "gradient-index", "index": self.kind, "store": str(store.folder), "n": n, "dim": dim,
-                   "normalize": normalize, "nlist": self.nlist, "m": self.m, "seed": seed}
+            key = {"kind": "gradient-index", "index": self.kind, "store": str(store.folder), "n": n,
+                   "dim": dim, "normalize": normalize, "nlist": self.nlist, "m": self.m, "seed": seed}
             folder = Path(folder)
             path = folder / "index.faiss"
             if check_manifest(folder, key, what="gradient index") and path.exists():
@@ -160,8 +160,8 @@ class AttributorIndex:
         comb = method.combination
         cosine = bool(method.options.cosine)
         if len(stores) != 1 or method.final is not None or comb.columns[0] is not None or comb.standardize:
-            raise InvalidOptionError(f"method {method.name!r} with these options rescales scores per training "
-                                     "example or combines checkpoints, which an inner-product index cannot "
+            raise InvalidOptionError(f"method {method.name!r} with these options rescales scores per "
+                                     "training example or combines checkpoints, which an inner-product index cannot "
                                      "hold; score it with attributor.score(queries, top_k=k)")
         self.attributor, self.method, self.weight = attributor, method, float(comb.weights[0])
         folder = options.pop("folder", attributor.workdir / "index" if method.stores[0].persist else None)

@@ -172,7 +172,8 @@ class GradientStore:
             shard = self._memory.get(int(k))
             if shard is None:
                 shard = np.load(self._path(int(k)), mmap_mode="r")
-            out[torch.from_numpy(at)] = self.to_torch(np.ascontiguousarray(shard[idx[at] - k * self.shard_size]))
+            rows = np.ascontiguousarray(shard[idx[at] - k * self.shard_size])
+            out[torch.from_numpy(at)] = self.to_torch(rows)
         return out
 
     def read(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
