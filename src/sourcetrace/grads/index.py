@@ -161,8 +161,8 @@ class AttributorIndex:
         cosine = bool(method.options.cosine)
         if len(stores) != 1 or method.final is not None or comb.columns[0] is not None or comb.standardize:
             raise InvalidOptionError(f"method {method.name!r} with these options rescales scores per "
-                                     "training example or combines checkpoints, which an inner-product index cannot "
-                                     "hold; score it with attributor.score(queries, top_k=k)")
+                                     "training example or combines checkpoints, which an inner-product "
+                                     "index cannot hold; score it with attributor.score(queries, top_k=k)")
         self.attributor, self.method, self.weight = attributor, method, float(comb.weights[0])
         folder = options.pop("folder", attributor.workdir / "index" if method.stores[0].persist else None)
         self.index = GradientIndex(stores[0], normalize=cosine, folder=folder, **options)
