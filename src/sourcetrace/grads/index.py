@@ -53,7 +53,7 @@ class GradientIndex:
         self.store, self.normalize, self.rerank = store, normalize, max(1, int(rerank))
         self.kind = kind if kind != "auto" else ("ivfpq" if store.n >= IVF_THRESHOLD else "flat")
         n, dim = store.n, store.dim
-        self.nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))  # FAISS wants ≥ 39 rows a cluster
+        self.nlist = nlist or max(1, min(int(math.sqrt(n)), n // 39))  # FAISS wants ≥ 39 rows a cluster
         self.m = m or _subquantisers(dim)
         self.nprobe = nprobe or max(1, self.nlist // 16)
         path = None
@@ -75,7 +75,8 @@ class GradientIndex:
             quantizer = faiss.IndexFlatIP(dim)
             self.index = faiss.IndexIVFPQ(quantizer, dim, self.nlist, self.m, 8, faiss.METRIC_INNER_PRODUCT)
             self._quantizer = quantizer
-            self.index.train(self._sample(max(64 * self.nlist, 256 * 40), seed))
+            # 40 rows a cluster, and 10,000 for the 256 codewords of each sub-quantiser
+            self.index.train(self._sample(max(40 * self.nlist, 10_000), seed))
         from tqdm.auto import tqdm
 
         for _, _, rows in tqdm(store.shards(), total=store.num_shards, desc="index", disable=not progress):
@@ -134,8 +135,9 @@ class GradientIndex:
 
 
 def _subquantisers(dim: int) -> int:
-    """The most sub-quantisers (of at least 2 dimensions each, at most 64) that divide `dim`."""
-    for m in range(min(64, dim // 2), 0, -1):
+    """The most sub-quantisers (at most 64) that divide `dim` into pieces of at least 8 dimensions: one
+    byte per 8 dimensions, the usual PQ trade-off (its candidates are rescored exactly anyway)."""
+    for m in range(min(64, dim // 8), 0, -1):
         if dim % m == 0:
             return m
     return 1
