@@ -124,6 +124,47 @@ class GradientStore:
                                                               dtype=DTYPES[self.dtype], write=write,
                                                               before=lambda k=k: self._save_norms(k)))
 
+    def write_at(self, indices: Any, rows: torch.Tensor) -> None:
+        """Write rows at these positions, in any order (a shuffled training batch): each shard is gathered
+        in a preallocated partial file and renamed into place once all its rows are written, so a killed
+        run keeps what it wrote. A row already written keeps its first value."""
+        if not self.persist:
+            raise ValueError("write_at needs a store on disk (persist=True)")
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if rows.shape != (len(idx), self.dim):
+            raise ValueError(f"{len(idx)} positions but rows of shape {tuple(rows.shape)}; expected "
+                             f"{(len(idx), self.dim)}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"row positions must lie in [0, {self.n})")
+        values = self.to_numpy(rows)
+        shard_of = idx // self.shard_size
+        for k in (int(k) for k in np.unique(shard_of)):
+            if self._path(k).exists():
+                continue
+            lo, hi = self.bounds(k)
+            part, seen = self.folder / f"partial-{k:05d}.npy", self.folder / f"partial-{k:05d}.mask.npy"
+            mode = "r+" if part.exists() and seen.exists() else "w+"
+            shape = (hi - lo, self.dim)
+            mm = np.lib.format.open_memmap(part, mode=mode, dtype=DTYPES[self.dtype], shape=shape)
+            mask = np.lib.format.open_memmap(seen, mode=mode, dtype=np.bool_, shape=(hi - lo,))
+            at = np.nonzero(shard_of == k)[0]
+            local = idx[at] - lo
+            fresh = ~mask[local]
+            mm[local[fresh]] = values[at[fresh]]
+            mm.flush()
+            mask[local[fresh]] = True  # after the rows: a row marked written is on disk
+            mask.flush()
+            full = bool(mask.all())
+            if full:
+                self._norms[k] = self.to_torch(np.asarray(mm)).double().pow(2).sum(1).numpy()
+            del mm, mask
+            if full:
+                self._save_norms(k)
+                with open(part, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(part, self._path(k))
+                seen.unlink()
+
     def _save_norms(self, k: int) -> None:
         atomic_write(self._norms_path(k), functools.partial(_save_npy, array=self._norms[k]))
 
