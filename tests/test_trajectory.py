@@ -232,7 +232,7 @@ def test_trajectory_option_on_tracin_and_dda(tmp_path):
 
 # ---- gradients collected during training ----------------------------------------------------------------
 
-def separate_pass(model, state, x, y, folder):
+def separate_pass(state, x, y, folder):
     """The Attributor's own store of grad-dot rows (random projection, seed 0) at `state`: a second pass."""
     net = mlp().double()
     net.load_state_dict(state)
@@ -263,7 +263,7 @@ def test_collector_in_a_plain_loop_writes_the_rows_of_a_separate_pass(tmp_path):
     assert collector.complete and not list((tmp_path / "store").glob("partial-*"))
     rows = collector.store.read()
     for step, (idx, state) in used.items():  # each row is the row of a second pass at its step's model
-        want = separate_pass(model, state, x, y, tmp_path / f"pass{step}")
+        want = separate_pass(state, x, y, tmp_path / f"pass{step}")
         torch.testing.assert_close(rows[idx], want[idx], rtol=1e-12, atol=1e-14)
     assert not torch.allclose(used[1][1]["0.weight"], used[4][1]["0.weight"])  # the model did move
 
@@ -305,8 +305,8 @@ def test_trainer_callback_collects_the_store_of_a_separate_pass(tmp_path):
             states.append((used, {k.removeprefix("body."): v.clone() for k, v in model.state_dict().items()}))
 
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=0.05,
-        max_grad_norm=0.0, remove_unused_columns=False, dataloader_num_workers=0, report_to=[],
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=1,
+        learning_rate=0.05, max_grad_norm=0.0, remove_unused_columns=False, dataloader_num_workers=0, report_to=[],
         save_strategy="no", logging_strategy="no", use_cpu=True, seed=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
                                    data_collator=callback.collator(), callbacks=[Snapshot(), callback])
@@ -314,5 +314,5 @@ def test_trainer_callback_collects_the_store_of_a_separate_pass(tmp_path):
     assert collector.complete and len(states) == trainer.state.global_step == N // 4
     got = collector.store.read()
     for step, (used, state) in enumerate(states):
-        want = separate_pass(model, state, x, y, tmp_path / f"pass{step}")
+        want = separate_pass(state, x, y, tmp_path / f"pass{step}")
         torch.testing.assert_close(got[used], want[used], rtol=1e-12, atol=1e-14)
