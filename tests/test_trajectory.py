@@ -302,7 +302,8 @@ def test_trainer_callback_collects_the_store_of_a_separate_pass(tmp_path):
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
             used = [ids.index(f["id"]) for batch in callback.seen for f in batch]
-            states.append((used, {k.removeprefix("body."): v.clone() for k, v in model.state_dict().items()}))
+            state_now = {k.removeprefix("body."): v.clone() for k, v in model.state_dict().items()}
+            states.append((used, state_now))
 
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=1,
