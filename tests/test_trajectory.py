@@ -307,8 +307,8 @@ def test_trainer_callback_collects_the_store_of_a_separate_pass(tmp_path):
 
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=1,
-        learning_rate=0.05, max_grad_norm=0.0, remove_unused_columns=False, dataloader_num_workers=0, report_to=[],
-        save_strategy="no", logging_strategy="no", use_cpu=True, seed=0)
+        learning_rate=0.05, max_grad_norm=0.0, remove_unused_columns=False, dataloader_num_workers=0,
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
                                    data_collator=callback.collator(), callbacks=[Snapshot(), callback])
     trainer.train()
