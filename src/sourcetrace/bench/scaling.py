@@ -23,6 +23,8 @@ from torch import nn
 
 SIZES = (1_000, 10_000, 100_000, 1_000_000)
 DIM, CLASSES, PROJ, BATCH, BLOCK = 32, 10, 64, 1024, 4096
+LINEAR_SPREAD = 1.25  # time counts as linear when the CPU time per example varies less than this factor
+FLAT_SHARE = 0.1  # memory counts as flat when the fit's peak grows by less than this share of the store
 N_QUERY = 20  # reporting queries: fresh examples (another seed), never used to choose anything
 OPTIONS = {"features": "random", "proj_dim": PROJ, "store_dtype": "float16", "batch_size": BATCH}
 
@@ -210,9 +212,10 @@ def render(result: dict[str, Any]) -> str:
     growth = last["peak_rss_fit_mib"] - first["peak_rss_fit_mib"]
     ratio = last["n_train"] / first["n_train"]
     stored = last["store_mib"] - first["store_mib"]
-    flat = "flat (under 10 % of the store)" if growth < 0.1 * stored else "not flat"
+    flat = (f"flat (under {FLAT_SHARE} × the store's growth)" if growth < FLAT_SHARE * stored
+            else f"not flat (at least {FLAT_SHARE} × the store's growth)")
     lines += ["", f"Time: CPU seconds per example vary by a factor {spread:.2f} across the sizes from 10,000 "
-              f"up ({'linear within 25 %' if spread <= 1.25 else 'not linear within 25 %'}); from "
+              f"up ({'' if spread <= LINEAR_SPREAD else 'not '}linear within a factor {LINEAR_SPREAD}); from "
               f"{first['n_train']:,} to {last['n_train']:,} examples ({ratio:,.0f}× the data) the fit took "
               f"{last['fit_cpu_s'] / first['fit_cpu_s']:.0f}× the CPU time.",
               f"Memory: the peak RSS of the fit grew by {growth:.0f} MiB over {ratio:,.0f}× the data, "
