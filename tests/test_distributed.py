@@ -31,6 +31,9 @@ class DyingTask(st.ClassificationTask):
     def sampled_loss(self, model, batch, generator=None):
         os._exit(3)
 
+    def config(self):  # the same task as far as the workdir is concerned: only the fault is injected
+        return st.ClassificationTask().config()
+
 
 def attribute(folder: Path, methods=METHODS, task=None) -> dict[str, dict[str, torch.Tensor]]:
     model, train, queries = problem()

@@ -114,6 +114,13 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return moved.to(tensor.device)
 
 
+def barrier() -> None:
+    """Wait for every rank (e.g. until all have checked the shared workdir's manifest)."""
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (pickled; for small results such as top-k lists)."""
     dist = _dist()
@@ -152,5 +159,5 @@ def check_supported(curvature: str, *, dda: bool, relatif: bool, combination: An
                                  "set, which a sharded fit does not gather; run them in one process")
 
 
-__all__ = ["CURVATURES", "all_agree", "all_gather_objects", "all_reduce_sum", "broadcast", "check_supported",
-           "init", "is_main", "merge_parts", "shard_bounds", "world"]
+__all__ = ["CURVATURES", "all_agree", "all_gather_objects", "all_reduce_sum", "barrier", "broadcast",
+           "check_supported", "init", "is_main", "merge_parts", "shard_bounds", "world"]

@@ -163,6 +163,7 @@ class GradientMethod(Method):
         self.train_ids = train.ids
         # under torchrun each rank collects and scores its own slice (`sourcetrace.distributed`)
         distributed.check_supported(o.curvature, dda=o.dda, relatif=o.relatif, combination=comb)
+        distributed.barrier()  # every rank has checked the workdir's manifest before any rank writes in it
         lo, hi = distributed.shard_bounds(len(train), o.batch_size)
         rank, size = distributed.world()
         self.offset, suffix = lo, ("" if size == 1 else f"-rank{rank}of{size}")
