@@ -7,12 +7,10 @@ import contextlib
 import tempfile
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st_
 
-from sourcetrace.grads import store as store_module
 from sourcetrace.grads.store import GradientStore
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -28,8 +26,8 @@ def source(n: int, dim: int, seed: int) -> torch.Tensor:
 
 @SETTINGS
 @given(n=st_.integers(1, 60), dim=st_.integers(1, 7), shard=st_.integers(1, 25), batch=st_.integers(1, 30),
-       persist=st_.booleans(), in_memory=st_.booleans(), seed=st_.integers(0, 1000), data=st_.data())
-def test_rows_stream_out_as_they_went_in(n, dim, shard, batch, persist, in_memory, seed, data):
+       persist=st_.booleans(), seed=st_.integers(0, 1000), data=st_.data())
+def test_rows_stream_out_as_they_went_in(n, dim, shard, batch, persist, seed, data):
     rows = source(n, dim, seed)
     calls: list[tuple[int, int]] = []
 
@@ -37,9 +35,7 @@ def test_rows_stream_out_as_they_went_in(n, dim, shard, batch, persist, in_memor
         calls.append((lo, hi))
         return rows[lo:hi]
 
-    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
-        if not in_memory:  # nothing kept in memory: every shard is read back from disk
-            mp.setattr(store_module, "MEMORY_BUDGET", 0)
+    with tempfile.TemporaryDirectory() as tmp:
         store = GradientStore(tmp, n, dim, dtype="float64", shard_size=shard, persist=persist)
         store.fill(compute, batch_size=batch, progress=False)
         # every row computed exactly once, in blocks no larger than the batch, never across a shard edge

@@ -1,5 +1,7 @@
 """GradientStore: sharded, atomic, resumable; its contents are exactly the rows it was given."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +110,89 @@ def test_throwaway_store_stays_in_memory(tmp_path, source):
     assert store.complete and torch.equal(store.read(), source)
     assert torch.allclose(store.sqnorms(), source.pow(2).sum(1), rtol=1e-12)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["manifest.json"]  # nothing else written
+
+
+# ---- scale: half precision, memory maps, a killed fill -------------------------------------------------
+
+@pytest.mark.parametrize("dtype, torch_dtype", [("float16", torch.float16), ("bfloat16", torch.bfloat16)])
+def test_half_precision_store_holds_the_rounded_rows(tmp_path, source, dtype, torch_dtype):
+    store = GradientStore(tmp_path / "s", N, DIM, dtype=dtype, shard_size=SHARD)
+    store.fill(counting(source)[0], batch_size=4, progress=False)
+    again = GradientStore.open(tmp_path / "s")
+    got = again.read()
+    assert got.dtype == torch_dtype and torch.equal(got, source.to(torch_dtype))
+    # the norms are those of the rows as stored, so self-influence matches what scoring sees
+    assert torch.allclose(again.sqnorms(), source.to(torch_dtype).double().pow(2).sum(1), rtol=1e-12)
+    assert store.nbytes == N * DIM * 2
+
+
+def test_shards_are_memory_maps_one_at_a_time(tmp_path, source):
+    make(tmp_path / "s").fill(counting(source)[0], batch_size=4, progress=False)
+    store = GradientStore.open(tmp_path / "s")
+    stream = store.shards()
+    lo, hi, rows = next(stream)
+    assert mapped(rows.data_ptr()) == str(store._path(0).resolve())  # in a map of the file
+    assert mapped(next(stream)[2].data_ptr()) == str(store._path(1).resolve())
+    assert torch.equal(rows, source[lo:hi])
+    rows += 1.0  # copy-on-write: the file is never changed by a reader
+    assert torch.equal(GradientStore.open(tmp_path / "s").read(0, hi), source[:hi])
+
+
+def mapped(address: int) -> str | None:
+    """The file whose memory mapping holds `address` in this process (Linux /proc/self/maps), if any."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= address < hi:
+            return fields[5] if len(fields) > 5 else None
+    return None
+
+
+def _fill_and_die(folder: str) -> None:
+    """Child process: fill a store, SIGKILL itself inside the third shard (no cleanup runs)."""
+    import os
+    import signal
+
+    src = torch.randn(N, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+    def rows(lo, hi):
+        if lo >= 2 * SHARD:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return src[lo:hi]
+
+    GradientStore(folder, N, DIM, dtype="float64", shard_size=SHARD).fill(rows, batch_size=4, progress=False)
+
+
+def test_resume_after_a_kill(tmp_path, source):
+    import multiprocessing
+
+    proc = multiprocessing.get_context("spawn").Process(target=_fill_and_die, args=(str(tmp_path / "s"),))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == -9  # killed, not finished
+    store = make(tmp_path / "s")
+    assert store.missing() == [2, 3]
+    rows, calls = counting(source)
+    store.fill(rows, batch_size=4, progress=False)
+    assert {lo // SHARD for lo, _ in calls} == {2, 3}
+    assert torch.equal(store.read(), source)
+    assert not [p for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_scores_match_float32(tmp_path, dtype):
+    """Projected gradients kept in 16 bits score like the float32 store, within the rounding of 16 bits."""
+    import sourcetrace as st
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    scores = {}
+    for d in ("float32", dtype):
+        attr = st.Attributor(model, st.ClassificationTask(), "grad-dot", tmp_path / d, progress=False,
+                             features="random", proj_dim=16, store_dtype=d)
+        scores[d] = attr.fit((x, y)).score((x[:5], y[:5])).matrix
+    ref, got = scores["float32"], scores[dtype]
+    eps = 2.0**-8 if dtype == "bfloat16" else 2.0**-11  # unit roundoff of the stored rows
+    assert (got - ref).abs().max() <= 4 * eps * ref.abs().max()
+    assert not torch.equal(got, ref)  # the rows really were rounded

@@ -228,3 +228,92 @@ def test_trajectory_option_on_tracin_and_dda(tmp_path):
         st.Attributor(model, task, "tracin", trajectory=traj, **traj.checkpoint_options("tracin"))
     with pytest.raises(InvalidOptionError, match="uses one model"):
         st.Attributor(model, task, "grad-dot", trajectory=traj)
+
+
+# ---- gradients collected during training ----------------------------------------------------------------
+
+def separate_pass(state, x, y, folder):
+    """The Attributor's own store of grad-dot rows (random projection, seed 0) at `state`: a second pass."""
+    net = mlp().double()
+    net.load_state_dict(state)
+    attr = st.Attributor(net, st.ClassificationTask(), "grad-dot", folder, progress=False, features="random",
+                         proj_dim=8, store_dtype="float64").fit((x, y))
+    return attr.method.stores[0].read()
+
+
+def test_collector_in_a_plain_loop_writes_the_rows_of_a_separate_pass(tmp_path):
+    from sourcetrace.trajectory import GradientCollector
+
+    x, y = data()
+    x = x.double()
+    torch.manual_seed(0)
+    model = mlp().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    collector = GradientCollector(tmp_path / "store", model, st.ClassificationTask(), N, proj_dim=8,
+                                  store_dtype="float64", shard_size=7)
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(1))
+    used = {}  # step -> (positions, state the step's gradient was taken at)
+    for step, lo in enumerate(range(0, N, B), 1):
+        idx = order[lo:lo + B]
+        used[step] = (idx, {k: v.clone() for k, v in model.state_dict().items()})
+        assert collector.collect(step, (x[idx], y[idx]), idx.tolist())
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    assert collector.complete and not list((tmp_path / "store").glob("partial-*"))
+    rows = collector.store.read()
+    for step, (idx, state) in used.items():  # each row is the row of a second pass at its step's model
+        want = separate_pass(state, x, y, tmp_path / f"pass{step}")
+        torch.testing.assert_close(rows[idx], want[idx], rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(used[1][1]["0.weight"], used[4][1]["0.weight"])  # the model did move
+
+
+def test_trainer_callback_collects_the_store_of_a_separate_pass(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from sourcetrace.trajectory import GradientCollector, gradient_callback
+
+    x, y = data()
+    x = x.double()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp().double()
+
+        def forward(self, x, labels=None):
+            logits = self.body(x)
+            if labels is None:
+                return logits  # what the task calls: Net(inputs) -> logits
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    torch.manual_seed(0)
+    model = Net()
+    ids = [f"ex{i}" for i in range(N)]
+    rows = [{"id": ids[i], "x": x[i], "labels": int(y[i])} for i in range(N)]
+    task = st.ClassificationTask(input_key="x", target_key="labels")
+    collector = GradientCollector(tmp_path / "store", model, task, N, proj_dim=8, store_dtype="float64",
+                                  shard_size=6)
+    callback = gradient_callback(collector, ids)
+    states = []
+
+    class Snapshot(transformers.TrainerCallback):
+        """Before each optimizer step: the examples it used and the parameters its gradient was taken at."""
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            used = [ids.index(f["id"]) for batch in callback.seen for f in batch]
+            state_now = {k.removeprefix("body."): v.clone() for k, v in model.state_dict().items()}
+            states.append((used, state_now))
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=1,
+        learning_rate=0.05, max_grad_norm=0.0, remove_unused_columns=False, dataloader_num_workers=0,
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows,
+                                   data_collator=callback.collator(), callbacks=[Snapshot(), callback])
+    trainer.train()
+    assert collector.complete and len(states) == trainer.state.global_step == N // 4
+    got = collector.store.read()
+    for step, (used, state) in enumerate(states):
+        want = separate_pass(state, x, y, tmp_path / f"pass{step}")
+        torch.testing.assert_close(got[used], want[used], rtol=1e-12, atol=1e-14)

@@ -746,3 +746,114 @@ def adam_preconditioner(state: dict[str, dict[str, torch.Tensor]], group: dict[s
 __all__ = ["OptimizerSpec", "Stage", "Trajectory", "TrajectoryRecorder", "adam_preconditioner",
            "as_trajectory", "build_optimizer", "load_optimizer_state", "model_signature", "optimizer_spec",
            "source_options", "trajectory_callback"]
+
+
+# ---- gradients collected during training ----------------------------------------------------------------
+
+class GradientCollector:
+    """Write the projected per-example gradients of training batches into a `GradientStore` while the
+    model trains, so the run leaves its attribution store behind without a second pass over the data.
+
+    Call `collector.collect(step, batch, positions)` in the loop before `optimizer.step()`: when `step` is
+    one of `steps` (default: every step), the batch's per-example training-loss gradients at the model's
+    current parameters (the point the step's gradient is taken at) go through the feature map (`features`,
+    `proj_dim`, `projection`, `seed`, as `Attributor` options) into the store rows at `positions` (each
+    example's index in the training set). A row keeps the first value collected for it, so collect over one
+    epoch to cover the training set. The model is run in eval mode for this (dropout off, as `Attributor`
+    does), at the cost of one extra forward and backward per collected batch. Each shard is renamed into
+    place once complete, so a killed run keeps what it collected.
+    """
+
+    def __init__(self, folder: str | os.PathLike, model: nn.Module, task: Any, n_train: int, *,
+                 steps: Sequence[int] | None = None, features: str = "random", proj_dim: int = 2048,
+                 projection: str = "gaussian", rank: int = 32, seed: int = 0, store_dtype: str = "float32",
+                 modules: Sequence[str] | None = None, shard_size: int = 8192):
+        from .grads import GradientCapture
+        from .grads.features import FEATURE_MAPS, FeatureMap
+        from .grads.store import GradientStore
+
+        if features not in FEATURE_MAPS:
+            raise InvalidOptionError(f"features must be one of {', '.join(FEATURE_MAPS)}; got {features!r}")
+        self.model, self.task = model, task
+        self.steps = None if steps is None else {int(s) for s in steps}
+        self.capture = GradientCapture(model, modules)
+        self.featuremap = FeatureMap(features, proj_dim, projection, rank, seed)
+        self.features = self.featuremap.bind(self.capture, 0)
+        key = {"collected": "during training", "modules": modules,
+               "features": [features, proj_dim, projection, rank, seed]}
+        self.store = GradientStore(folder, n_train, self.features.dim, dtype=store_dtype,
+                                   shard_size=shard_size, key=key)
+
+    def collect(self, step: int, batch: Any, positions: Sequence[int]) -> bool:
+        """Collect this collated batch's rows at `positions` if `step` is chosen; whether it was."""
+        if self.steps is not None and int(step) not in self.steps:
+            return False
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                rows = self.features(self.task.train_loss, batch)
+        finally:
+            self.model.train(was)
+        self.store.write_at(list(positions), rows.detach())
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return self.store.complete
+
+
+def gradient_callback(collector: GradientCollector, train_ids: Sequence[Any], *, id_key: str = "id") -> Any:
+    """A transformers `TrainerCallback` that feeds a Trainer's training batches to `collector`.
+
+    As with `trajectory_callback`, build the Trainer with `data_collator=callback.collator(your_collator)`,
+    examples that carry an `id_key` field (its position in `train_ids` is its store row),
+    `remove_unused_columns=False` and `dataloader_num_workers=0`. The collector's task receives the
+    examples (without the id field) collated by `sourcetrace.tasks.collate`; each micro-batch is collected
+    at `state.global_step + 1` (the step it is part of), before the optimizer steps.
+    """
+    from .errors import require
+    from .tasks import collate
+
+    transformers = require("transformers", "llm")
+    position = {_plain_id(i): p for p, i in enumerate(train_ids)}
+
+    class GradientCallback(transformers.TrainerCallback):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            self.queue: list[list[dict[str, Any]]] = []  # collated micro-batches' examples, in order
+            self.seen: list[list[dict[str, Any]]] = []  # the micro-batches this step has run forward
+            self.model: Any = None
+
+        def collator(self, inner: Any = None) -> Any:
+            base = inner or transformers.default_data_collator
+
+            def collate_batch(features: list[dict[str, Any]]) -> Any:
+                if self.model is None or self.model.training:
+                    self.queue.append(features)
+                return base([{k: v for k, v in f.items() if k != id_key} for f in features])
+
+            return collate_batch
+
+        def _forward(self, module: Any, args: Any) -> None:
+            if module.training and torch.is_grad_enabled() and self.queue:
+                self.seen.append(self.queue.pop(0))
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            self.model = model
+            self.hook = model.register_forward_pre_hook(self._forward)
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            for features in self.seen:
+                try:
+                    rows = [position[_plain_id(f[id_key])] for f in features]
+                except KeyError as exc:
+                    raise SourcetraceError(f"example id {exc.args[0]!r} is not among train_ids; give the ids "
+                                           "of the training set in store order") from None
+                items = [{k: v for k, v in f.items() if k != id_key} for f in features]
+                collector.collect(state.global_step + 1, collate(collector.task, items), rows)
+            self.seen = []
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.hook.remove()
+
+    return GradientCallback()

@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, str] = {
     "music-attribution": "music_attribution:run",
     "practitioner-tasks": "practitioner_tasks:run",
     "replay": "replay_bench:run",
+    "scaling": "scaling:run",
     "source": "source_bench:run",
 }
 

@@ -37,6 +37,7 @@ class CurvatureContext:
     store: Any = None  # the GradientStore of the training rows, when the method has one
     features: Any = None  # the bound feature map of those rows (None: the flat gradient)
     row_weights: torch.Tensor | None = None  # ∂²L_i/∂f_i² when the rows are gradients of an output f (TRAK)
+    batch_offset: int = 0  # the index of the first batch in the whole training set (a torchrun rank's slice)
 
     def batches(self, examples: Examples | None = None) -> Iterator[Any]:
         """Collated batches of the training data (or of `examples`), on the model's device."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import distributed
 from .base import CurvatureContext, Preconditioner, register_curvature
 from .damping import check_damping, resolve_damping
 
@@ -46,10 +47,13 @@ class FeatureGram(Preconditioner):
             weighted = rows if weights is None else rows * weights[lo:hi, None].double()
             for gram, sl in zip(grams, self.slices):
                 gram.addmm_(weighted[:, sl].T, rows[:, sl])
+        n = distributed.all_reduce_sum(store.n)  # sums over every process's rows under torchrun
+        for gram in grams:
+            distributed.all_reduce_sum(gram)
         self.lams, self.factors = [], []
         for gram in grams:
-            gram /= store.n
-            lam = resolve_damping(self.damping, float(gram.diagonal().sum()) / store.n, self.damping_factor)
+            gram /= n
+            lam = resolve_damping(self.damping, float(gram.diagonal().sum()) / n, self.damping_factor)
             gram.diagonal().add_(lam)
             self.lams.append(lam)
             self.factors.append(torch.linalg.cholesky(gram))

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import distributed
 from ..artifacts import load_tensors, save_tensors
 from ..errors import InvalidOptionError, NonFiniteError
 from ..grads.capture import PerExampleFn, is_norm
@@ -279,7 +280,7 @@ class KFAC(Preconditioner):
             total = math.ceil(len(ctx.train) / ctx.batch_size)
             for index, batch in enumerate(tqdm(ctx.batches(), total=total, desc=desc, leave=False,
                                                disable=not ctx.progress)):
-                yield ctx, index, batch
+                yield ctx, index + ctx.batch_offset, batch
 
     def _mean_damping(self, eig: torch.Tensor) -> float:
         if self.damping is not None:
@@ -329,13 +330,17 @@ class KFAC(Preconditioner):
         if scale is not None:
             self._set_scales(scale)
         cached = load_tensors(self._cache(ctxs[0]), self._key(ctxs[0])) if cache else None
+        if not distributed.all_agree(cached is not None):  # under torchrun: refit only all together
+            cached = None
         if cached is not None:
             self._load(cached)
         else:
             self._covariances(ctxs)
+            self._all_reduce("a_sum", "s_sum", "a_count", "s_count")
             self._eigen()
             if self.corrected or self.diag_names:
                 self._second_moments(ctxs)
+                self._all_reduce("lam_sum", "lam_count")
             path = self._cache(ctxs[0]) if cache else None
             if path is not None:
                 save_tensors(path, self._tensors(), self._key(ctxs[0]))
@@ -428,6 +433,20 @@ class KFAC(Preconditioner):
                     b.a_count += a2.shape[0]
                     b.s_sum += g2.T @ g2
                 b.s_count += n
+
+    def _all_reduce(self, *names: str) -> None:
+        """Sum the blocks' running statistics `names` (and the diagonal blocks') over the processes of a
+        torchrun: each rank has passed over its slice only. A no-op in one process."""
+        if distributed.world()[1] == 1:
+            return
+        for b in self.blocks:
+            for name in names:
+                if getattr(b, name) is not None:
+                    setattr(b, name, distributed.all_reduce_sum(getattr(b, name)))
+        if "lam_sum" in names:
+            for name in self.diag_names:
+                distributed.all_reduce_sum(self.diag_sum[name])
+            self.diag_count = distributed.all_reduce_sum(self.diag_count)
 
     def _eigen(self) -> None:
         """Eigendecompositions of A and S in float64; tiny negative eigenvalues (round-off) clipped to 0."""

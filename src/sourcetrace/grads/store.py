@@ -1,8 +1,11 @@
 """GradientStore: per-example feature rows (gradients or their projections) on disk, in shards.
 
-Each shard holds `shard_size` consecutive rows as a `.npy` file, written atomically, and is read back
-as a memory map, so scoring streams the store without loading it into RAM. A fit that is killed
-resumes by computing only the shards that are missing.
+Each shard holds `shard_size` consecutive rows in a `.npy` file that is preallocated under a temporary
+name, filled batch by batch through a memory map and renamed into place once complete (so a shard on disk
+is always whole). Reading maps one shard at a time (`np.load(mmap_mode=...)`) and unmaps it before the
+next, so scoring streams a store of any size without holding it in RAM. A fit that is killed resumes by
+computing only the shards that are missing. Rows may be kept in float64, float32, float16 or bfloat16
+(numpy has no bfloat16: its bits are stored as uint16 and viewed back as torch.bfloat16).
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +22,13 @@ from tqdm.auto import tqdm
 
 from ..artifacts import atomic_write, check_manifest, read_json
 
-DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
-MEMORY_BUDGET = 1 << 30  # shards a store has just written stay in memory up to this many bytes
+DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "bfloat16": np.uint16}
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}
 
 
 class GradientStore:
-    """Rows [n, dim] of per-example features, sharded on disk under `folder`."""
+    """Rows [n, dim] of per-example features, sharded on disk under `folder` (persist=False: in memory)."""
 
     def __init__(self, folder: str | os.PathLike, n: int, dim: int, *, dtype: str = "float32",
                  shard_size: int = 4096, key: dict[str, Any] | None = None, overwrite: bool = False,
@@ -55,6 +58,11 @@ class GradientStore:
     def num_shards(self) -> int:
         return -(-self.n // self.shard_size)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows on disk (headers aside)."""
+        return self.n * self.dim * np.dtype(DTYPES[self.dtype]).itemsize
+
     def bounds(self, k: int) -> tuple[int, int]:
         lo = k * self.shard_size
         return lo, min(lo + self.shard_size, self.n)
@@ -81,39 +89,100 @@ class GradientStore:
         todo = self.missing()
         if not todo:
             return
+        if self.persist:  # preallocated shards of a killed fill: one writer per store, so none is in use
+            for stale in self.folder.glob(".*.tmp"):
+                if stale.name.startswith((".shard-", ".sqnorm-")):
+                    stale.unlink(missing_ok=True)
         done = self.n - sum(self.bounds(k)[1] - self.bounds(k)[0] for k in todo)
-        # shards are written by a background thread while the next one is computed
-        with tqdm(total=self.n, initial=done, desc=desc, unit="ex", disable=not progress) as bar, \
-                ThreadPoolExecutor(max_workers=1) as writer:
-            pending: list[Future] = []
+        with tqdm(total=self.n, initial=done, desc=desc, unit="ex", disable=not progress) as bar:
             for k in todo:
                 lo, hi = self.bounds(k)
-                shard = np.empty((hi - lo, self.dim), dtype=DTYPES[self.dtype])
-                for start in range(lo, hi, batch_size):
-                    stop = min(start + batch_size, hi)
-                    block = rows(start, stop)
-                    if block.shape != (stop - start, self.dim):
-                        raise ValueError(f"feature rows of shape {tuple(block.shape)}, expected "
-                                         f"{(stop - start, self.dim)}")
-                    shard[start - lo: stop - lo] = block.detach().cpu().numpy()
-                    bar.update(stop - start)
-                self._norms[k] = np.einsum("ij,ij->i", shard, shard, dtype=np.float64)
-                if self.persist:
-                    pending.append(writer.submit(self._write, k, shard))
-                held = sum(a.nbytes for a in self._memory.values()) + shard.nbytes
-                if not self.persist or held <= MEMORY_BUDGET:
-                    self._memory[k] = shard
-            for done_write in pending:
-                done_write.result()  # a failed write raises here
 
-    def _write(self, k: int, shard: np.ndarray) -> None:
-        # squared row norms first, so that a shard on disk always has its norms beside it
+                def write(into: np.ndarray, lo: int = lo, hi: int = hi, k: int = k) -> None:
+                    norms = np.empty(hi - lo, dtype=np.float64)
+                    for start in range(lo, hi, batch_size):
+                        stop = min(start + batch_size, hi)
+                        block = rows(start, stop)
+                        if block.shape != (stop - start, self.dim):
+                            raise ValueError(f"feature rows of shape {tuple(block.shape)}, expected "
+                                             f"{(stop - start, self.dim)}")
+                        stored = self.to_numpy(block)
+                        into[start - lo: stop - lo] = stored
+                        back = self.to_torch(stored).double()  # the norms of the rows as stored
+                        norms[start - lo: stop - lo] = back.pow(2).sum(1).numpy()
+                        bar.update(stop - start)
+                    self._norms[k] = norms
+
+                shape = (hi - lo, self.dim)
+                if not self.persist:
+                    shard = np.empty(shape, dtype=DTYPES[self.dtype])
+                    write(shard)
+                    self._memory[k] = shard
+                    continue
+                # the norms first, so that a shard on disk always has its norms beside it
+                atomic_write(self._path(k), functools.partial(_fill_npy, shape=shape,
+                                                              dtype=DTYPES[self.dtype], write=write,
+                                                              before=lambda k=k: self._save_norms(k)))
+
+    def write_at(self, indices: Any, rows: torch.Tensor) -> None:
+        """Write rows at these positions, in any order (a shuffled training batch): each shard is gathered
+        in a preallocated partial file and renamed into place once all its rows are written, so a killed
+        run keeps what it wrote. A row already written keeps its first value."""
+        if not self.persist:
+            raise ValueError("write_at needs a store on disk (persist=True)")
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if rows.shape != (len(idx), self.dim):
+            raise ValueError(f"{len(idx)} positions but rows of shape {tuple(rows.shape)}; expected "
+                             f"{(len(idx), self.dim)}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"row positions must lie in [0, {self.n})")
+        values = self.to_numpy(rows)
+        shard_of = idx // self.shard_size
+        for k in (int(k) for k in np.unique(shard_of)):
+            if self._path(k).exists():
+                continue
+            lo, hi = self.bounds(k)
+            part, seen = self.folder / f"partial-{k:05d}.npy", self.folder / f"partial-{k:05d}.mask.npy"
+            mode = "r+" if part.exists() and seen.exists() else "w+"
+            shape = (hi - lo, self.dim)
+            mm = np.lib.format.open_memmap(part, mode=mode, dtype=DTYPES[self.dtype], shape=shape)
+            mask = np.lib.format.open_memmap(seen, mode=mode, dtype=np.bool_, shape=(hi - lo,))
+            at = np.nonzero(shard_of == k)[0]
+            local = idx[at] - lo
+            fresh = ~mask[local]
+            mm[local[fresh]] = values[at[fresh]]
+            mm.flush()
+            mask[local[fresh]] = True  # after the rows: a row marked written is on disk
+            mask.flush()
+            full = bool(mask.all())
+            if full:
+                self._norms[k] = self.to_torch(np.asarray(mm)).double().pow(2).sum(1).numpy()
+            del mm, mask
+            if full:
+                self._save_norms(k)
+                with open(part, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(part, self._path(k))
+                seen.unlink()
+
+    def _save_norms(self, k: int) -> None:
         atomic_write(self._norms_path(k), functools.partial(_save_npy, array=self._norms[k]))
-        atomic_write(self._path(k), functools.partial(_save_npy, array=shard))
+
+    def to_numpy(self, rows: torch.Tensor) -> np.ndarray:
+        """Rows as this store keeps them (bfloat16 as its uint16 bits)."""
+        t = rows.detach().cpu().to(TORCH_DTYPES[self.dtype])
+        return t.view(torch.int16).numpy().view(np.uint16) if self.dtype == "bfloat16" else t.numpy()
+
+    def to_torch(self, array: np.ndarray) -> torch.Tensor:
+        """A stored block as a tensor of the store's dtype (no copy: a memory map stays a memory map)."""
+        if self.dtype == "bfloat16":
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(array)
 
     # ---- reading -------------------------------------------------------------------------------------
     def shards(self) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Yield `(lo, hi, rows)` per shard: from memory if this store just wrote it, else from disk."""
+        """Yield `(lo, hi, rows)` per shard; a stored shard is a memory map (copy-on-write), opened when it
+        is reached and released when the next is, so at most one shard's pages are mapped at a time."""
         missing = self.missing()
         if missing:
             raise FileNotFoundError(f"gradient store {self.folder} is incomplete ({len(missing)} shards "
@@ -122,8 +191,9 @@ class GradientStore:
             lo, hi = self.bounds(k)
             shard = self._memory.get(k)
             if shard is None:
-                shard = np.load(self._path(k))  # one shard in memory at a time
-            yield lo, hi, torch.from_numpy(shard)
+                shard = np.load(self._path(k), mmap_mode="c")
+            yield lo, hi, self.to_torch(shard)
+            del shard
 
     def sqnorms(self) -> torch.Tensor:
         """Squared norm of every row [n] (float64), kept while filling: free self-influence and cosines."""
@@ -131,11 +201,39 @@ class GradientStore:
                  for k in range(self.num_shards)]
         return torch.from_numpy(np.concatenate(parts))
 
+    def take(self, indices: Any) -> torch.Tensor:
+        """Rows at `indices` (any order), in that order: each shard holding some is mapped once."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n):
+            raise IndexError(f"row indices must lie in [0, {self.n})")
+        out = torch.empty(len(idx), self.dim, dtype=TORCH_DTYPES[self.dtype])
+        shard_of = idx // self.shard_size
+        for k in np.unique(shard_of):
+            at = np.nonzero(shard_of == k)[0]
+            shard = self._memory.get(int(k))
+            if shard is None:
+                shard = np.load(self._path(int(k)), mmap_mode="r")
+            rows = np.ascontiguousarray(shard[idx[at] - k * self.shard_size])
+            out[torch.from_numpy(at)] = self.to_torch(rows)
+        return out
+
     def read(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """Rows [lo, hi) as one tensor (for small stores and tests)."""
+        """Rows [lo, hi) as one tensor in memory (for small stores and tests)."""
         hi = self.n if hi is None else hi
-        parts = [r[max(lo, a) - a: min(hi, b) - a] for a, b, r in self.shards() if a < hi and b > lo]
-        return torch.cat(parts) if parts else torch.empty(0, self.dim)
+        parts = [r[max(lo, a) - a: min(hi, b) - a].clone() for a, b, r in self.shards() if a < hi and b > lo]
+        return torch.cat(parts) if parts else torch.empty(0, self.dim, dtype=TORCH_DTYPES[self.dtype])
+
+
+def _fill_npy(path: str, shape: tuple[int, int], dtype: Any, write: Callable[[np.ndarray], None],
+              before: Callable[[], None]) -> None:
+    """Preallocate a .npy file at `path`, fill it through a memory map, and flush it."""
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        write(mm)
+        mm.flush()
+    finally:
+        del mm
+    before()
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:

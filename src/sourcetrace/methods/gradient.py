@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..curvature import CurvatureContext, build_curvature
 from ..curvature.base import Preconditioner
 from ..data import Examples, state_fingerprint
@@ -92,8 +93,8 @@ class GradientOptions(Options):
         checks = [
             (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1",
              self.batch_size),
-            (self.store_dtype in ("float32", "float64", "float16"),
-             "store_dtype must be 'float32', 'float64' or 'float16'", self.store_dtype),
+            (self.store_dtype in ("float32", "float64", "float16", "bfloat16"),
+             "store_dtype must be 'float32', 'float64', 'float16' or 'bfloat16'", self.store_dtype),
             (self.features in FEATURE_MAPS, f"features must be one of {', '.join(FEATURE_MAPS)}",
              self.features),
             (self.proj_dim >= 1, "proj_dim must be at least 1", self.proj_dim),
@@ -166,6 +167,14 @@ class GradientMethod(Method):
         self.resolve_trajectory(train)
         o, comb = self.options, self.combination
         self.train_ids = train.ids
+        # under torchrun each rank collects and scores its own slice (`sourcetrace.distributed`)
+        distributed.check_supported(o.curvature, dda=o.dda, relatif=o.relatif, combination=comb)
+        distributed.barrier()  # every rank has checked the workdir's manifest before any rank writes in it
+        lo, hi = distributed.shard_bounds(len(train), o.batch_size)
+        rank, size = distributed.world()
+        self.offset, suffix = lo, ("" if size == 1 else f"-rank{rank}of{size}")
+        part = train if size == 1 else Examples(torch.utils.data.Subset(train.items, range(lo, hi)),
+                                                ids=train.ids[lo:hi], name="this rank's training data")
         self.train_shapes = example_shapes(collate(ctx.task, [train[0]]))
         self.states = comb.states()
         with at_checkpoint(ctx.model, self.states[-1]) as model:
@@ -183,22 +192,24 @@ class GradientMethod(Method):
                 shard = max(1, min(8192, SHARD_BYTES // max(1, features.dim * itemsize)))
                 key = {"checkpoint": state_fingerprint(model.state_dict()), "modules": o.modules,
                        "features": [o.features, o.proj_dim, o.projection, o.rank, o.seed]}
-                store = GradientStore(ctx.workdir / f"train-grads-{c}", len(train), features.dim,
+                store = GradientStore(ctx.workdir / f"train-grads-{c}{suffix}", len(part), features.dim,
                                       dtype=o.store_dtype, shard_size=shard, key=key, overwrite=ctx.overwrite,
                                       persist=ctx.persist)
 
                 def rows(lo: int, hi: int, model: Any = model, features: Any = features) -> torch.Tensor:
-                    batch = collate(ctx.task, [train[i] for i in range(lo, hi)])
+                    batch = collate(ctx.task, [part[i] for i in range(lo, hi)])
                     return features(fn, to_device(batch, model))
 
                 desc = "train gradients" + (f" (checkpoint {c + 1})" if len(self.states) > 1 else "")
-                store.fill(rows, batch_size=o.batch_size, progress=ctx.progress, desc=desc)
-                row_weights = comb.fit_checkpoint(ctx, c, model, train)
+                store.fill(rows, batch_size=o.batch_size, progress=ctx.progress and rank == 0, desc=desc)
+                row_weights = comb.fit_checkpoint(ctx, c, model, part)
                 pre = self.new_preconditioner()
                 if comb.preconditions:
-                    pre.fit(CurvatureContext(model, ctx.task, capture, train, batch_size=o.batch_size,
-                                             folder=ctx.workdir / f"curvature-{c}", progress=ctx.progress,
-                                             store=store, features=features, row_weights=row_weights))
+                    pre.fit(CurvatureContext(model, ctx.task, capture, part, batch_size=o.batch_size,
+                                             folder=ctx.workdir / f"curvature-{c}{suffix}",
+                                             progress=ctx.progress and rank == 0, store=store,
+                                             features=features, row_weights=row_weights,
+                                             batch_offset=lo // o.batch_size))
             self.stores.append(store)
             self.preconditioners.append(pre)
             self.bound.append(features)
@@ -291,13 +302,22 @@ class GradientMethod(Method):
         return out
 
     def score(self, ctx: Context, queries: Examples, top_k: int | None = None) -> Scores:
-        feats = self.query_features(ctx, queries)
+        feats = [distributed.broadcast(q) for q in self.query_features(ctx, queries)]
         weights = self.combination.query_weights(self, ctx, queries)
-        parts = reduce_blocks(self.blocks(feats, weights), len(queries), len(self.train_ids), top_k)
+        parts = self.reduce(self.blocks(feats, weights), len(queries), top_k)
         attach = top_k is None and self.options.curvature == "identity" and not self.options.cosine
         return Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name,
                       metadata={"options": self.options.manifest()},
                       self_influence=self.self_influence(ctx) if attach else None, **parts)
+
+    def reduce(self, blocks: Iterator[tuple[int, int, torch.Tensor]], n_query: int, top_k: int | None
+               ) -> dict[str, torch.Tensor | None]:
+        """`reduce_blocks` over this process's rows, merged across processes under torchrun."""
+        parts = reduce_blocks(blocks, n_query, self.stores[0].n, top_k)
+        if distributed.world()[1] == 1:
+            return parts
+        return distributed.merge_parts(distributed.all_gather_objects((self.offset, parts)),
+                                       len(self.train_ids), top_k)
 
     def score_by_module(self, ctx: Context, queries: Examples) -> dict[str, Scores]:
         """Scores split by module (by feature block: a parameter, or a projected weight); they add up."""
@@ -311,7 +331,7 @@ class GradientMethod(Method):
         out = {}
         for module, slices in spans.items():
             cols = torch.cat([torch.arange(s.start, s.stop) for s in slices])
-            parts = reduce_blocks(self.blocks(feats, cols=cols), len(queries), len(self.train_ids), None)
+            parts = self.reduce(self.blocks(feats, cols=cols), len(queries), None)
             out[module] = Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name,
                                  metadata={"module": module, "options": self.options.manifest()}, **parts)
         return out
@@ -321,7 +341,7 @@ class GradientMethod(Method):
         if self.options.cosine or not self.combination.has_self_influence:
             return None
         if self._self_influence is None:
-            total = torch.zeros(len(self.train_ids), dtype=torch.float64)
+            total = torch.zeros(self.stores[0].n, dtype=torch.float64)
             for c, (store, w, col) in enumerate(zip(self.stores, self.combination.weights,
                                                     self.combination.columns)):
                 if self.options.curvature == "identity":  # gᵀg was saved with the store
@@ -330,6 +350,8 @@ class GradientMethod(Method):
                     values = torch.cat([(self.precondition(c, g.double()).double() * g.double()).sum(1)
                                         for _, _, g in store.shards()])
                 total += w * (values if col is None else col.double() ** 2 * values)
+            if distributed.world()[1] > 1:
+                total = torch.cat(distributed.all_gather_objects(total))
             self._self_influence = total if self.stores[0].dtype == "float64" else total.float()
         return self._self_influence
 
