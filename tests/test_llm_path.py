@@ -73,7 +73,7 @@ def test_dataset_like_rows_keep_their_ids_and_score_like_a_list(tok):
     lists = [{"input_ids": tok(r["text"])["input_ids"]} for r in ROWS]
     for rows in (RowsDataset(ROWS), PlainRows(ROWS)):
         data = st.lm_examples(rows, tok)
-        assert st.Examples(data).ids == (["a", "b", "c"] if isinstance(rows, RowsDataset) else [0, 1, 2])
+        assert st.Examples(data).ids == ["a", "b", "c"]  # the "id" column (or field) gives the ids
         attr = st.Attributor(model, task, "grad-dot", progress=False, features="identity")
         scores = attr.fit(data).score(data[:1] if isinstance(data, list) else [data[0]])
         plain = st.Attributor(model, task, "grad-dot", progress=False, features="identity").fit(lists)
@@ -153,3 +153,17 @@ def test_readme_lm_example_ranks_every_planted_document_in_the_top_5(tmp_path, m
         assert set(fact["documents"]) <= set(top), (fact, top)
     store_bytes = sum(f.stat().st_size for f in attr.workdir.rglob("*") if f.is_file())
     assert store_bytes <= 50 * 2**20
+
+
+def test_trial_ranks_and_rank_correlation_against_independent_computations():
+    from scipy.stats import spearmanr
+
+    from sourcetrace.bench.llm_trial import planted_ranks, spearman
+
+    matrix = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.4, 0.6]])
+    scores = st.Scores(matrix, [10, 11, 12, 13], ["f", "g"])
+    facts = [{"id": "f", "documents": [11, 13]}, {"id": "g", "documents": [12]}]
+    assert planted_ranks(scores, facts) == [[1, 3], [3]]
+    a, b = torch.randn(3, 20), torch.randn(3, 20)
+    want = sum(spearmanr(a[q], b[q]).statistic for q in range(3)) / 3
+    assert spearman(a, b) == pytest.approx(want, abs=1e-9)

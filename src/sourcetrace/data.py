@@ -204,7 +204,9 @@ class LMExamples:
             raise ShapeError(f"rows have columns {list(names)}; an LM example needs {text!r}, or {prompt!r} "
                              f"and {completion!r}, or 'input_ids' (name yours with text=..., prompt=..., "
                              "completion=...)")
-        self.column_names = ["id"] if names is not None and "id" in names else []
+        first = rows[0] if names is None and len(rows) else None
+        has_id = "id" in names if names is not None else isinstance(first, Mapping) and "id" in first
+        self.column_names = ["id"] if has_id else []
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -6,11 +6,12 @@ planted sentences, then attributed. The corpus maker here is what the README's L
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
-from .tiny_lm import TOPICS, train_lm, word_tokenizer
+from .tiny_lm import TOPICS, text_example, train_lm, word_tokenizer
 
 #: made-up names that start each planted sentence: they occur nowhere else in the corpus
 PLANTED_NAMES = ("zorbin", "quelda", "marvik", "tessaly")
@@ -47,6 +48,34 @@ def planted_documents(n_docs: int = 300, sentences: int = 4, copies: int = 3, se
     return rows, facts
 
 
+def train_minibatches(model: nn.Module, tokenizer: Any, texts: Sequence[str], epochs: int = 30,
+                      batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+    """Adam on shuffled minibatches of `<s> text <s>` (written out, as `tiny_lm.train_lm`)."""
+    import torch
+
+    from ..tasks import CausalLMTask
+
+    task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)
+    examples = [text_example(tokenizer, t) for t in texts]
+    params = [p for p in model.parameters() if p.requires_grad]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    step = 0
+    for _ in range(epochs):
+        for ids in torch.randperm(len(examples), generator=g).split(batch_size):
+            step += 1
+            batch = task.collate([examples[i] for i in ids.tolist()])
+            grads = torch.autograd.grad(task.train_loss(model, batch).mean(), params)
+            with torch.no_grad():
+                for p, gr, m_, v_ in zip(params, grads, m, v):
+                    m_.mul_(0.9).add_(gr, alpha=0.1)
+                    v_.mul_(0.999).addcmul_(gr, gr, value=0.001)
+                    p.sub_(lr * (m_ / (1 - 0.9**step)) / ((v_ / (1 - 0.999**step)).sqrt() + 1e-8))
+    return model.eval()
+
+
 def gpt2_from_config(vocab_size: int, seed: int = 0, n_layer: int = 4, n_embd: int = 128) -> nn.Module:
     """GPT-2 from its config (about 0.8M parameters at the defaults), no dropout, SDPA attention."""
     import torch
@@ -60,4 +89,4 @@ def gpt2_from_config(vocab_size: int, seed: int = 0, n_layer: int = 4, n_embd: i
 
 
 __all__ = ["GPT2_LAYERS", "PLANTED_NAMES", "gpt2_from_config", "planted_documents", "train_lm",
-           "word_tokenizer"]
+           "train_minibatches", "word_tokenizer"]
