@@ -24,7 +24,8 @@ def planted_documents(n_docs: int = 300, sentences: int = 4, copies: int = 3, se
     """Documents of `sentences` generated sentences each, and one fact per name in PLANTED_NAMES.
 
     A fact is a sentence "NAME verb object place ." whose verb, object and place come from three different
-    topics (a combination no other document has); it is inserted into `copies` random documents. Returns
+    topics (a combination no other document has); it opens `copies` random documents, so a query that
+    prompts with the name after BOS sees the context the model was trained on. Returns
     the documents as rows {"id", "text", "planted"} (planted: the fact's index, or -1) and the facts as rows
     {"id", "prompt", "completion", "documents"} (the completion with its leading space).
     """
@@ -41,7 +42,7 @@ def planted_documents(n_docs: int = 300, sentences: int = 4, copies: int = 3, se
                          rng.choice(parts[place_topic][3]))) + " ."
         mine = sorted(hosts[f * copies:(f + 1) * copies])
         for d in mine:
-            docs[d].insert(rng.randrange(sentences + 1), f"{name} {rest}")
+            docs[d].insert(0, f"{name} {rest}")
             planted[d] = f
         facts.append({"id": name, "prompt": name, "completion": " " + rest, "documents": mine})
     rows = [{"id": d, "text": " ".join(s), "planted": planted[d]} for d, s in enumerate(docs)]
