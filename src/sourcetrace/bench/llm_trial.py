@@ -18,10 +18,11 @@ import torch
 TUNING_SEED, REPORTING_SEED = 0, 1
 N_DOCS, SENTENCES, EPOCHS, LR = 300, 2, 30, 3e-3
 #: (label, method, options): the defaults a language model gets, and full gradients asked for
-RUNS = (("EK-FAC, default (the README's example)", "ekfac", {}),
-        ("EK-FAC, full gradients", "ekfac", {"features": "identity"}),
-        ("grad-dot, default", "grad-dot", {}),
-        ("grad-dot, full gradients", "grad-dot", {"features": "identity"}))
+RUNS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("EK-FAC, default (the README's example)", "ekfac", {}),
+    ("EK-FAC, full gradients", "ekfac", {"features": "identity"}),
+    ("grad-dot, default", "grad-dot", {}),
+    ("grad-dot, full gradients", "grad-dot", {"features": "identity"}))
 
 
 def setting(seed: int) -> dict[str, Any]:
@@ -69,7 +70,8 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/llm
     n_params = sum(p.numel() for p in s["model"].parameters())
     with torch.no_grad():
         logp = task.measurement(s["model"], task.collate([s["queries"][i] for i in range(len(s["facts"]))]))
-    rows, matrices = [], {}
+    rows: list[dict[str, Any]] = []
+    matrices: dict[str, torch.Tensor] = {}
     for label, method, options in RUNS:
         folder = Path(workdir) / f"seed{REPORTING_SEED}-{method}-{options.get('features', 'default')}"
         start = time.perf_counter()
@@ -83,6 +85,7 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/llm
         score_s = time.perf_counter() - start
         store = sum(f.stat().st_size for f in folder.glob("train-grads-*/**/*") if f.is_file())
         ranks = planted_ranks(scores, s["facts"])
+        assert scores.matrix is not None  # scored without top_k
         matrices[label] = scores.matrix
         rows.append({"label": label, "method": method, "features": attr.method.options.features,
                      "fit_s": fit_s, "score_s": score_s, "store_mb": store / 2**20, "ranks": ranks,
