@@ -148,7 +148,7 @@ def test_top_k_streaming_equals_dense(data, monkeypatch):
     assert close(dense.matrix, brute([model], [1.0], train, queries))
     for k in (1, 5, N_TRAIN):
         sparse = attr.score(queries, top_k=k)
-        assert not sparse.dense and sparse.self_influence is None
+        assert not sparse.is_dense and sparse.self_influence is None
         for q in range(N_QUERY):
             pairs = ((sparse.top(q, k), dense.top(q, k)), (sparse.bottom(q, k), dense.bottom(q, k)))
             for mine, want in pairs:

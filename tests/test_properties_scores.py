@@ -107,7 +107,7 @@ def test_streamed_top_k_equals_the_dense_extremes(seed, n_train, batch_size, k, 
     attr.fit(train)
     dense = attr.score(queries)
     kept = attr.score(queries, top_k=k)
-    assert not kept.dense and kept.shape == dense.shape
+    assert not kept.is_dense and kept.shape == dense.shape
     k = min(k, n_train)
     for r in range(dense.shape[0]):
         for streamed, full in ((kept.top(row=r, k=k), dense.top(row=r, k=k)),

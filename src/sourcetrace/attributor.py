@@ -16,7 +16,7 @@ from .errors import SourcetraceError
 from .methods import build
 from .methods.base import Context
 from .scores import Scores, check_k
-from .tasks import Task, check_task, task_config
+from .tasks import CausalLMTask, Task, check_task, task_config
 
 
 class Attributor:
@@ -37,6 +37,8 @@ class Attributor:
         if "batch_size" in options:
             check_batch_size(options["batch_size"])
         self.method = build(method, options)
+        if isinstance(task, CausalLMTask):
+            self.method = compact_for_lm(method, options, self.method)
         self._options = self.method.options.manifest()  # as given (a method may expand them when fitting)
         self.model, self.task = model, task
         persist = workdir is not None
@@ -90,6 +92,23 @@ class Attributor:
 
     def __repr__(self) -> str:
         return f"Attributor(method={self.method.name!r}, workdir={str(self.workdir)!r})"
+
+
+#: curvatures that compose with Kronecker-projected features, the language-model default
+KRONECKER_CURVATURES = ("identity", "ekfac", "kfac")
+
+
+def compact_for_lm(name: str, options: dict[str, Any], method: Any) -> Any:
+    """Language models store Kronecker-projected gradients (LoGra-style) unless `features=` is given.
+
+    A 0.8M-parameter GPT-2 has 3 MB of gradient per document; `features="kronecker"` stores rank² numbers
+    per layer instead. Full gradients only when asked: `features="identity"`.
+    """
+    o = getattr(method, "options", None)
+    if getattr(o, "features", None) == "identity" and not {"features", "query_rank"} & set(options) \
+            and getattr(o, "curvature", None) in KRONECKER_CURVATURES:
+        return build(name, {**options, "features": "kronecker"})
+    return method
 
 
 def available_methods() -> list[str]:

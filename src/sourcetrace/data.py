@@ -18,8 +18,9 @@ from .errors import EmptyDataError, InvalidOptionError, ShapeError
 class Examples:
     """A sized, indexable collection of examples with stable ids.
 
-    Accepts a list, a map-style `torch.utils.data.Dataset`, a Hugging Face `datasets.Dataset` (an `id`
-    column, when present, gives the ids), a `(inputs, targets)` pair of tensors/arrays, or the path of a
+    Accepts a list, a map-style `torch.utils.data.Dataset`, a Hugging Face `datasets.Dataset` or any
+    sequence of dict rows (an `id` column, when present, gives the ids; text rows for a language model go
+    through `lm_examples` first), a `(inputs, targets)` pair of tensors/arrays, or the path of a
     JSONL file (one JSON object per line; an `id` field gives the ids). Ids default to positions.
     """
 
@@ -145,10 +146,119 @@ def _is_tensor_pair(data: Any) -> bool:
 def _own_ids(items: Any, n: int) -> list[Any]:
     names = getattr(items, "column_names", None)
     if names is not None and "id" in names:
-        return list(items["id"])
+        return list(items["id"]) if _has_columns(items) else [items[i]["id"] for i in range(n)]
     if isinstance(items, list) and items and all(isinstance(x, dict) and "id" in x for x in items):
         return [x["id"] for x in items]
     return list(range(n))
+
+
+def _has_columns(items: Any) -> bool:
+    """Whether `items["id"]` gives a whole column (a `datasets.Dataset` does; a plain sequence may not)."""
+    try:
+        return len(items["id"]) == len(items)
+    except (TypeError, KeyError, IndexError):
+        return False
+
+
+class LMExamples:
+    """Rows of text mapped to `CausalLMTask` examples by a tokenizer, lazily (row i is tokenized when read).
+
+    `rows` is any sequence of dict rows: a list of dicts, a JSONL path, or anything with `__len__` and
+    `__getitem__(i)` returning a dict, such as a Hugging Face `datasets.Dataset` (its `column_names`, when
+    present, are checked up front). The mapping, for each row:
+
+    - `{"text": t}` (the column named by `text`) → `{"input_ids": tokenizer(t)["input_ids"]}`: every token
+      after the first is scored (labels = input_ids);
+    - `{"prompt": p, "completion": c}` (the columns named by `prompt`, `completion`) →
+      `{"prompt": tokenizer(p)["input_ids"], "completion": ids of c without special tokens}`: only the
+      completion is scored. The two are tokenized apart, so give the completion its leading space
+      (" Paris") where the tokenizer marks spaces (GPT-2's BPE does);
+    - a row that already has `input_ids` (token ids) is kept as it is (with its `labels`, if any).
+
+    The tokenizer's own special tokens are added to `t` and `p` (Llama's adds BOS, GPT-2's adds none);
+    `bos=True` / `eos=True` add the tokenizer's BOS before and EOS after when it does not. `max_length`
+    keeps the first `max_length` tokens. An `id` column gives the example ids (as `Examples` reads it).
+    """
+
+    def __init__(self, rows: Any, tokenizer: Any, *, text: str = "text", prompt: str = "prompt",
+                 completion: str = "completion", bos: bool = False, eos: bool = False,
+                 max_length: int | None = None):
+        if isinstance(rows, (str, os.PathLike)):
+            rows = _read_jsonl(Path(rows))
+        if isinstance(rows, Mapping) or not (hasattr(rows, "__len__") and hasattr(rows, "__getitem__")):
+            raise ShapeError(f"rows must be a sequence of dict rows (a list of dicts, a datasets.Dataset, a "
+                             f"JSONL path); got {type(rows).__name__}")
+        if not callable(tokenizer):
+            raise InvalidOptionError(f"tokenizer must be callable like a Hugging Face tokenizer "
+                                     f"(tokenizer(text)['input_ids']); got {type(tokenizer).__name__}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 2):
+            raise InvalidOptionError(f"max_length must be an int >= 2 (tokens kept per example); got "
+                                     f"{max_length!r}")
+        self.rows, self.tokenizer = rows, tokenizer
+        self.text, self.prompt, self.completion = text, prompt, completion
+        self.bos, self.eos, self.max_length = bos, eos, max_length
+        names = getattr(rows, "column_names", None)
+        if names is not None and text not in names and not {prompt, completion} <= set(names) \
+                and "input_ids" not in names:
+            raise ShapeError(f"rows have columns {list(names)}; an LM example needs {text!r}, or {prompt!r} "
+                             f"and {completion!r}, or 'input_ids' (name yours with text=..., prompt=..., "
+                             "completion=...)")
+        first = rows[0] if names is None and len(rows) else None
+        has_id = "id" in names if names is not None else isinstance(first, Mapping) and "id" in first
+        self.column_names = ["id"] if has_id else []
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, str):  # the id column, as Examples reads it
+            return [self.rows[j]["id"] for j in range(len(self))] if i == "id" else self.rows[i]
+        return self.example(self.rows[i])
+
+    def example(self, row: Any) -> dict[str, list[int]]:
+        """One row as a `CausalLMTask` example (see the class docstring for the mapping)."""
+        if isinstance(row, str):
+            row = {self.text: row}
+        if not isinstance(row, Mapping):
+            raise ShapeError(f"each row must be a dict (e.g. {{{self.text!r}: '...'}}); got "
+                             f"{type(row).__name__}")
+        if "input_ids" in row:
+            return {k: list(row[k]) for k in ("input_ids", "labels") if k in row}
+        if self.prompt in row and self.completion in row:
+            start = self._ids(row[self.prompt], self.prompt, special=True, eos=False)
+            end = self._ids(row[self.completion], self.completion, special=False, bos=False)
+            if self.max_length is not None:
+                end = end[: max(0, self.max_length - len(start))]
+            return {"prompt": start, "completion": end}
+        if self.text in row:
+            ids = self._ids(row[self.text], self.text, special=True)
+            return {"input_ids": ids[: self.max_length] if self.max_length else ids}
+        raise ShapeError(f"a row has keys {sorted(map(str, row))}; an LM example needs {self.text!r}, or "
+                         f"{self.prompt!r} and {self.completion!r}, or 'input_ids' (name yours with "
+                         "text=..., prompt=..., completion=...)")
+
+    def _ids(self, value: Any, column: str, special: bool, bos: bool = True, eos: bool = True) -> list[int]:
+        if not isinstance(value, str):
+            raise ShapeError(f"column {column!r} must hold text; got {type(value).__name__} (rows of token "
+                             "ids go in 'input_ids', or straight to the Attributor)")
+        ids = list(self.tokenizer(value, add_special_tokens=special)["input_ids"])
+        first = getattr(self.tokenizer, "bos_token_id", None)
+        last = getattr(self.tokenizer, "eos_token_id", None)
+        if bos and self.bos and first is not None and ids[:1] != [first]:
+            ids = [first, *ids]
+        if eos and self.eos and last is not None and ids[-1:] != [last]:
+            ids = [*ids, last]
+        return ids
+
+
+def lm_examples(rows: Any, tokenizer: Any, **mapping: Any) -> LMExamples:
+    """Text rows (a list of dicts, a `datasets.Dataset`, a JSONL path) as `CausalLMTask` examples.
+
+    `LMExamples` documents the mapping and its options (`text=`, `prompt=`, `completion=`, `bos=`, `eos=`,
+    `max_length=`); pass the result to `Attributor.fit` or `score`.
+    """
+    return LMExamples(rows, tokenizer, **mapping)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

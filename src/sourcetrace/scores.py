@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +66,16 @@ class Scores:
         return len(self.query_ids), len(self.train_ids)
 
     @property
-    def dense(self) -> bool:
+    def is_dense(self) -> bool:
+        """Whether every score is kept (`matrix`), not only each query's top and bottom k."""
         return self.matrix is not None
+
+    @property
+    def dense(self) -> bool:
+        """Deprecated name of `is_dense` (a bool; the scores themselves are `matrix`)."""
+        warnings.warn("Scores.dense is renamed is_dense (a bool: whether every score is kept); the score "
+                      "matrix is Scores.matrix", DeprecationWarning, stacklevel=2)
+        return self.is_dense
 
     def _dense(self, what: str) -> torch.Tensor:
         if self.matrix is None:
@@ -224,7 +233,7 @@ class Scores:
         return {k: getattr(self, k) for k in self._tensor_fields()}
 
     def __repr__(self) -> str:
-        kind = "dense" if self.dense else f"top {self.top_values.shape[1]}"  # type: ignore[union-attr]
+        kind = "dense" if self.is_dense else f"top {self.top_values.shape[1]}"  # type: ignore[union-attr]
         return f"Scores({self.method or 'scores'}, {self.shape[0]} queries × {self.shape[1]} train, {kind})"
 
 

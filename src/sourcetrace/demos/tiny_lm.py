@@ -134,7 +134,7 @@ def tiny_lm_example(workdir: str | os.PathLike | None = None, steps: int = 200
     with torch_threads(1):
         model = train_lm(tiny_gpt2(len(tok)), tok, texts, steps=steps)
     backend = LMBackend(model, tok, texts, train_ids=[f"{r['source']}-{i}" for i, r in enumerate(corpus)],
-                        modules=GPT2_MODULES, fallback=False,
+                        modules=GPT2_MODULES, fallback=False, features="identity",  # tiny: exact grad-dot
                         workdir=None if workdir is None else Path(workdir) / "attributor", threads=1)
     train_items = [{"text": r["text"], "tokens": backend.tokenize(r["text"]), "source": r["source"]}
                    for r in corpus]

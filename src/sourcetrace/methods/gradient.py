@@ -14,6 +14,7 @@ is Σ_c w_c col_c(i)² g_c(i)ᵀ P_c g_c(i). grad-dot is score(q, i) = -∇m(q)�
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ from .base import Context, Method, Options, at_checkpoint, example_shapes, to_de
 from .parts import COMBINATIONS, Combination, Cosine, DDANormalize, RelatIF
 
 SHARD_BYTES = 256 * 2**20  # a shard is read into memory whole while scoring
+STORE_WARN_BYTES = 2**30  # a fit whose stored rows would pass this is warned about before its first pass
 #: which options belong to which part, and the values of that part they apply to
 APPLIES = {"proj_dim": ("features", ("random",)), "rank": ("features", ("kronecker",)),
            "projection": ("features", ("random", "kronecker")), "query_rank": ("features", ("identity",)),
@@ -189,6 +191,8 @@ class GradientMethod(Method):
                 capture = GradientCapture(model, o.modules, fallback=o.fallback)
                 features = self.featuremap.bind(capture, c)
                 itemsize = 8 if o.store_dtype == "float64" else 4
+                if c == 0:
+                    warn_store_size(len(train), features.dim, itemsize, len(self.states), o.features)
                 shard = max(1, min(8192, SHARD_BYTES // max(1, features.dim * itemsize)))
                 key = {"checkpoint": state_fingerprint(model.state_dict()), "modules": o.modules,
                        "features": [o.features, o.proj_dim, o.projection, o.rank, o.seed]}
@@ -394,6 +398,17 @@ def low_rank(rows: torch.Tensor, shapes: dict[str, tuple[int, ...]], rank: int) 
                 rows.shape[0], -1)
         start += size
     return out
+
+
+def warn_store_size(n: int, dim: int, itemsize: int, checkpoints: int, features: str) -> None:
+    """Warn, before the first pass, when the stored rows (n × dim × bytes per checkpoint) pass 1 GB."""
+    size = n * dim * itemsize * checkpoints
+    if size > STORE_WARN_BYTES:
+        hint = ("features='kronecker' (LoGra's projection, rank=...) or features='random' (proj_dim=...)"
+                if features == "identity" else "a smaller rank= or proj_dim=")
+        warnings.warn(f"the training store will take about {size / 2**30:.1f} GB ({n} examples x {dim} "
+                      f"features x {itemsize} bytes x {checkpoints} checkpoint(s)); for a compact store use "
+                      f"{hint}, or modules=[...] to attribute through fewer layers", stacklevel=4)
 
 
 register("grad-dot", GradientMethod, fixed=("curvature", "cosine"), curvature="identity", cosine=False)

@@ -53,7 +53,7 @@ class Session:
         else:
             self.query_items = [dict(q or {}) for q in _check_items(query_items, len(scores.query_ids),
                                                                   "query_items")]
-            if backend is not None and not scores.dense:
+            if backend is not None and not scores.is_dense:
                 raise ScoresError("a live view with a backend needs dense scores; score without top_k")
         self.scores = scores
         self.train_items = _check_items(train_items, len(scores.train_ids), "train_items")

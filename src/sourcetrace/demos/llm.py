@@ -1,0 +1,93 @@
+"""The language-model path end to end: a GPT-2 built from its config, trained on generated documents with
+planted sentences, then attributed. The corpus maker here is what the README's LLM example, the
+`llm-trial` benchmark and their tests use; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from .tiny_lm import TOPICS, text_example, train_lm, word_tokenizer
+
+#: made-up names that start each planted sentence: they occur nowhere else in the corpus
+PLANTED_NAMES = ("zorbin", "quelda", "marvik", "tessaly")
+#: GPT-2's per-layer weights (transformers' Conv1D): the modules the README example attributes through
+GPT2_LAYERS = ("*.attn.c_attn", "*.attn.c_proj", "*.mlp.c_fc", "*.mlp.c_proj")
+
+
+def planted_documents(n_docs: int = 300, sentences: int = 4, copies: int = 3, seed: int = 0
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Documents of `sentences` generated sentences each, and one fact per name in PLANTED_NAMES.
+
+    A fact is a sentence "NAME verb object place ." whose verb, object and place come from three different
+    topics (a combination no other document has); it opens `copies` random documents, so a query that
+    prompts with the name after BOS sees the context the model was trained on. Returns
+    the documents as rows {"id", "text", "planted"} (planted: the fact's index, or -1) and the facts as rows
+    {"id", "prompt", "completion", "documents"} (the completion with its leading space).
+    """
+    rng = random.Random(seed)
+    parts = list(TOPICS.values())
+    docs = [[" ".join(rng.choice(p) for p in parts[rng.randrange(len(parts))]) + " ."
+             for _ in range(sentences)] for _ in range(n_docs)]
+    planted = [-1] * n_docs
+    facts = []
+    hosts = rng.sample(range(n_docs), copies * len(PLANTED_NAMES))
+    for f, name in enumerate(PLANTED_NAMES):
+        verb_topic, object_topic, place_topic = rng.sample(range(len(parts)), 3)
+        rest = " ".join((rng.choice(parts[verb_topic][1]), rng.choice(parts[object_topic][2]),
+                         rng.choice(parts[place_topic][3]))) + " ."
+        mine = sorted(hosts[f * copies:(f + 1) * copies])
+        for d in mine:
+            docs[d].insert(0, f"{name} {rest}")
+            planted[d] = f
+        facts.append({"id": name, "prompt": name, "completion": " " + rest, "documents": mine})
+    rows = [{"id": d, "text": " ".join(s), "planted": planted[d]} for d, s in enumerate(docs)]
+    return rows, facts
+
+
+def train_minibatches(model: nn.Module, tokenizer: Any, texts: Sequence[str], epochs: int = 30,
+                      batch_size: int = 32, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+    """Adam on shuffled minibatches of `<s> text <s>` (written out, as `tiny_lm.train_lm`)."""
+    import torch
+
+    from ..tasks import CausalLMTask
+
+    task = CausalLMTask(pad_token_id=tokenizer.pad_token_id)
+    examples = [text_example(tokenizer, t) for t in texts]
+    params = [p for p in model.parameters() if p.requires_grad]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    step = 0
+    for _ in range(epochs):
+        for ids in torch.randperm(len(examples), generator=g).split(batch_size):
+            step += 1
+            batch = task.collate([examples[i] for i in ids.tolist()])
+            grads = torch.autograd.grad(task.train_loss(model, batch).mean(), params)
+            with torch.no_grad():
+                for p, gr, m_, v_ in zip(params, grads, m, v):
+                    m_.mul_(0.9).add_(gr, alpha=0.1)
+                    v_.mul_(0.999).addcmul_(gr, gr, value=0.001)
+                    p.sub_(lr * (m_ / (1 - 0.9**step)) / ((v_ / (1 - 0.999**step)).sqrt() + 1e-8))
+    return model.eval()
+
+
+def gpt2_from_config(vocab_size: int, seed: int = 0, n_layer: int = 4, n_embd: int = 128) -> nn.Module:
+    """GPT-2 from its config (about 0.8M parameters at the defaults), no dropout, SDPA attention."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=4, vocab_size=vocab_size, n_positions=96,
+                     bos_token_id=2, eos_token_id=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+__all__ = ["GPT2_LAYERS", "PLANTED_NAMES", "gpt2_from_config", "planted_documents", "train_lm",
+           "train_minibatches", "word_tokenizer"]
