@@ -141,7 +141,7 @@ def merge_parts(parts: Sequence[tuple[int, dict[str, torch.Tensor | None]]], n_t
     out: dict[str, torch.Tensor | None] = {"matrix": None}
     for side, largest in (("top", True), ("bottom", False)):
         values = torch.cat([p[f"{side}_values"] for _, p in parts], 1)  # type: ignore[misc]
-        index = torch.cat([p[f"{side}_indices"] + lo for lo, p in parts], 1)  # type: ignore[operator]
+        index = torch.cat([p[f"{side}_indices"] + lo for lo, p in parts], 1)  # type: ignore[operator,misc]
         v, j = values.topk(k, dim=1, largest=largest)
         out[f"{side}_values"], out[f"{side}_indices"] = v, index.gather(1, j)
     return out

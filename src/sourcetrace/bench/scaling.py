@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -80,7 +80,7 @@ def _size_child(n: int, workdir: str, faiss_queries: bool = True) -> dict[str, A
     after_fit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row: dict[str, Any] = {"n_train": n, "fit_cpu_s": fit_cpu, "fit_wall_s": fit_wall,
                            "rss_before_mib": before, "peak_rss_fit_mib": after_fit,
-                           "store_mib": attr.method.stores[0].nbytes / 2**20}
+                           "store_mib": cast(Any, attr.method).stores[0].nbytes / 2**20}
 
     def timed(fn: Any, repeats: int = 3) -> tuple[Any, float]:
         best, out = math.inf, None

@@ -155,7 +155,7 @@ class AttributorIndex:
     """A FAISS index bound to a fitted Attributor: `score(queries, k)` returns its top-k `Scores`."""
 
     def __init__(self, attributor: Any, **options: Any):
-        method = getattr(attributor, "method", None)
+        method: Any = getattr(attributor, "method", None)
         stores = getattr(method, "stores", None)
         if not getattr(attributor, "_fitted", False) or not stores:
             raise InvalidOptionError("index a fitted Attributor of a gradient method: call fit() first")

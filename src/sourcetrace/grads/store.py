@@ -122,7 +122,7 @@ class GradientStore:
                 # the norms first, so that a shard on disk always has its norms beside it
                 atomic_write(self._path(k), functools.partial(_fill_npy, shape=shape,
                                                               dtype=DTYPES[self.dtype], write=write,
-                                                              before=lambda k=k: self._save_norms(k)))
+                                                              before=functools.partial(self._save_norms, k)))
 
     def write_at(self, indices: Any, rows: torch.Tensor) -> None:
         """Write rows at these positions, in any order (a shuffled training batch): each shard is gathered
