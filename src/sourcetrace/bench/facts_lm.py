@@ -770,9 +770,10 @@ def write_facts(out_dir: Path, results: list[dict[str, Any]], versions: dict[str
             "confidence intervals": "95 % percentile bootstrap over the scored queries (1000 resamples); "
                                     "differences are paired (the same queries)",
             "versions": versions}
+    verdict = dda_verdict(results)
     atomic_write_json(out_dir / "facts-lm.json", {"benchmark": "facts-lm", "info": info, "rows": rows,
                                                   "settings": [{k: v for k, v in res.items() if k != "rows"}
-                                                               for res in results]})
+                                                               for res in results], "dda_verdict": verdict})
     lines = ["# facts-lm: sourcing new facts in a fine-tuned LM", "",
              "Written by `sourcetrace bench facts-lm`; do not edit by hand.", ""]
     lines += [f"- {k}: {v}" for k, v in info.items()]
@@ -783,7 +784,7 @@ def write_facts(out_dir: Path, results: list[dict[str, Any]], versions: dict[str
         by_method.setdefault(r["method"], {"method": r["method"]})[r["setting"]] = r.get(f"{PRIMARY}_ci")
     heads = [(n, f"{n} ({res['split']})") for n, res in zip(names, results)]
     lines += markdown_table(list(by_method.values()), [("method", "method"), *heads])
-    lines += ["", *dda_verdict(results)]
+    lines += ["", *verdict]
     columns = [("method", "method"), ("auc_ci", "AUC [CI]"), ("recall@1", "R@1"), ("recall@5", "R@5"),
                ("recall@10", "R@10"), ("mrr_ci", "MRR [CI]"), ("entity_top1_ci", "entity top-1 [CI]"),
                ("time_s", "time (s)"), ("note", "note")]
