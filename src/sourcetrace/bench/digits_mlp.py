@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -65,7 +65,7 @@ def _resolved_damping(split: str, method: str, workdir: str) -> np.ndarray:
     model, _, _ = setting.trained(Path(workdir))
     attr = st.Attributor(model, st.ClassificationTask(), method, workdir=None, progress=False)
     attr.fit(setting.train)
-    return np.array([attr.method.preconditioners[0].lam])
+    return np.array([cast(Any, attr.method).preconditioners[0].lam])
 
 
 def _anchor(split: str, name: str, workdir: str, options: dict[str, Any]) -> np.ndarray:
@@ -300,7 +300,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             got = [lds.get((split, m)) for m in (ours, own, rule)]
             if None in got:
                 continue
-            o, a, b = got
+            o, a, b = (float(v) for v in got if v is not None)
             lines.append(f"- {split}, {what}: sourcetrace {o:.3f}, anchor at its default {a:.3f}, at "
                          f"sourcetrace's rule {b:.3f}: rule {b - a:+.3f}, rest {o - b:+.3f}.")
     return lines

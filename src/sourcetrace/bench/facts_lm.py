@@ -249,8 +249,9 @@ def make_model(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 
     """A tiny causal LM from a config (eager attention, untied embeddings, no dropout): `arch` "llama"
     (RMSNorm, rotary positions, SwiGLU) or "gpt2" (LayerNorm, learned positions, GELU, Conv1D layers)."""
     torch.manual_seed(seed)
-    common = {"vocab_size": vocab_size, "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 2,
-              "eos_token_id": 3,
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size, "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 2,
+        "eos_token_id": 3,
               # transformers 5's generated config signatures omit attn_implementation, which
               # PreTrainedConfig still accepts and honours at runtime
               "attn_implementation": "eager"}
@@ -741,7 +742,7 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/fac
     results = []
     for name in settings or SETTINGS:
         split, setting, methods = SETTINGS[name]
-        methods = only or methods
+        methods = tuple(only) if only else methods
         folder = Path(workdir) / name.replace(", ", "-").replace(" ", "-").lower()
         key = {"setting": setting.fingerprint(), "code": code, "scoring": SCORING_VERSION,
                "only": list(methods) if methods else None,
