@@ -46,6 +46,14 @@ def _replay(out_dir: Path, **kw: object) -> Path:
     return run(out_dir, **kw)  # type: ignore[arg-type]
 
 
+def _lm_speed(out_dir: Path, **kw: object) -> Path:
+    from .lm_speed import run
+
+    kw.pop("only", None)
+    return run(out_dir, **kw)  # type: ignore[arg-type]
+
+
 BENCHMARKS: dict[str, Callable[..., Path]] = {"replay": _replay, "facts-lm": _facts_lm,
                                               "corpus-trace": _corpus_trace, "digits-mlp": _digits_mlp,
-                                              "ekfac-scaling": _ekfac_scaling, "source": _source}
+                                              "ekfac-scaling": _ekfac_scaling, "source": _source,
+                                              "lm-speed": _lm_speed}
