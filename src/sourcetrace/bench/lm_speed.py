@@ -281,6 +281,12 @@ def markdown(result: dict[str, Any]) -> list[str]:
         lines.append(f"- {arch}: sourcetrace EK-FAC wall time at most kronfluence EK-FAC's: "
                      f"{said(v['wall_at_most_kronfluence'])}; CPU time at most kronfluence's: "
                      f"{said(v['cpu_at_most_kronfluence'])}.")
+    others = [r for r in result["rows"] if r["method"] != REFERENCE]
+    missed = [f"{r['model']} {r['method']}" for r in others if not r.get("wall_ratio", 2) <= 1]
+    lines += ["", "Issue target (wall time at most kronfluence EK-FAC's, every method on every model): "
+                  f"met by "
+                  f"{len(others) - len(missed)} of {len(others)}"
+                  + (f"; not met by {', '.join(missed)}." if missed else ".")]
     if s["n_docs"] < 1000:
         lines += ["", f"The issue asks for 1,000 documents; this run used {s['n_docs']} to fit the time "
                       "available on the loaded machine."]
