@@ -465,9 +465,11 @@ class Replay(Method):
             yield 0, len(self.train_ids), matrix
 
         parts = reduce_blocks(rows(), n, len(self.train_ids), top_k)
-        # derivatives of the measurement in each example's weight: removing i is w_i: 1 → 0
+        # derivatives of the measurement in each example's weight: removing i is w_i: 1 → 0; an effect
+        # size (scale 1) only for the recorded run itself (at=1, one order), not for at/orders variants
+        exact = o.at == 1 and o.orders == 1
         return Scores(train_ids=self.train_ids, query_ids=queries.ids, method=self.name,
-                      metadata={"options": o.manifest(), "removal_scale": 1.0}, **parts)
+                      metadata={"options": o.manifest(), "removal_scale": 1.0 if exact else None}, **parts)
 
     def _check_final(self, ctx: Context) -> None:
         """Warn when the model being attributed is not where the recorded run ends."""
