@@ -374,7 +374,7 @@ def test_backend_on_a_llama_with_sdpa_and_a_bpe_tokenizer(tmp_path):
                                    max_position_embeddings=64, attn_implementation="sdpa")
     model = transformers.LlamaForCausalLM(cfg).eval()
     assert model.config._attn_implementation == "sdpa"
-    backend = LMBackend(model, tok, texts, threads=1)
+    backend = LMBackend(model, tok, texts, threads=1, features="identity")  # full gradients: exact grad-dot
     tokens = backend.tokenize(" chops the onions in the kitchen .")
     assert "".join(tokens) == " chops the onions in the kitchen ."  # offsets keep the spacing
     sel = [1, 2]
