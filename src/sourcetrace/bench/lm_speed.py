@@ -58,10 +58,10 @@ def make_model(arch: str, s: Setting) -> nn.Module:
                           attn_implementation="eager")  # type: ignore[call-arg]
         return LlamaForCausalLM(cfg).eval()
     if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=s.vocab, n_embd=s.hidden, n_layer=s.layers, n_head=s.heads,
-                         n_positions=s.doc_tokens, tie_word_embeddings=False, bos_token_id=1,
-                         eos_token_id=1, attn_implementation="eager")  # type: ignore[call-arg]
-        return _conv1d_to_linear(GPT2LMHeadModel(cfg)).eval()
+        gpt2 = GPT2Config(vocab_size=s.vocab, n_embd=s.hidden, n_layer=s.layers, n_head=s.heads,
+                          n_positions=s.doc_tokens, tie_word_embeddings=False, bos_token_id=1,
+                          eos_token_id=1, attn_implementation="eager")  # type: ignore[call-arg]
+        return _conv1d_to_linear(GPT2LMHeadModel(gpt2)).eval()
     raise ValueError(f"arch must be one of {MODELS}; got {arch!r}")
 
 
@@ -110,7 +110,9 @@ def _sourcetrace(model: nn.Module, method: str, train: torch.Tensor, queries: to
 
     attr = st.Attributor(model, st.CausalLMTask(), method, workdir=None, progress=False,
                          modules=linear_modules(model))
-    return tuple(attr.fit(rows(train)).score(rows(queries)).matrix.shape)  # type: ignore[return-value]
+    matrix = attr.fit(rows(train)).score(rows(queries)).matrix
+    assert matrix is not None
+    return tuple(matrix.shape)  # type: ignore[return-value]
 
 
 def _kronfluence(model: nn.Module, train: torch.Tensor, queries: torch.Tensor) -> tuple[int, int]:
