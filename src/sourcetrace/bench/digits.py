@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import require
+from ..demos.digits import load_digits, split_digits
 
 
 @dataclass
@@ -43,8 +43,7 @@ class DigitsSetting:
     images: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        datasets = require("sklearn.datasets", "bench")
-        digits = datasets.load_digits()
+        digits = load_digits()
         n = len(digits.target)
         if self.n_train + self.n_query > n:
             raise ValueError(f"digits has {n} images; n_train + n_query must not exceed it")
@@ -60,12 +59,8 @@ class DigitsSetting:
             order = np.concatenate([rest, queries])
         elif self.split != "tuning":
             raise ValueError(f"split must be 'tuning' or 'reporting'; got {self.split!r}")
-        x = torch.tensor(digits.data[order] / 16.0, dtype=torch.float32)
-        y = torch.tensor(digits.target[order], dtype=torch.long)
-        self.x_train, self.y_train = x[: self.n_train], y[: self.n_train]
-        q = slice(self.n_train, self.n_train + self.n_query)
-        self.x_query, self.y_query = x[q], y[q]
-        self.images = digits.images[order]
+        (self.x_train, self.y_train, self.x_query, self.y_query,
+         self.images) = split_digits(digits, order, self.n_train, self.n_query)
 
     @property
     def train(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,21 @@ SHADES = " ░▒▓█"
 N_IMAGES = 1797  # scikit-learn's digits
 
 
+def load_digits() -> Any:
+    """scikit-learn's bundled 8×8 digits (1,797 images; no download)."""
+    return require("sklearn.datasets", "bench").load_digits()
+
+
+def split_digits(digits: Any, order: np.ndarray, n_train: int, n_query: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Pixels scaled to [0, 1] in `order`: the first `n_train` train, the next `n_query` are queries;
+    (x_train, y_train, x_query, y_query, images in that order)."""
+    x = torch.tensor(digits.data[order] / 16.0, dtype=torch.float32)
+    y = torch.tensor(digits.target[order], dtype=torch.long)
+    q = slice(n_train, n_train + n_query)
+    return x[:n_train], y[:n_train], x[q], y[q], digits.images[order]
+
+
 @dataclass
 class DigitsDemo:
     """The demo's data, model and recorded SGD run (seed 0): 1000 training images, the next as queries."""
@@ -43,14 +58,10 @@ class DigitsDemo:
         if not 1 <= self.n_query <= N_IMAGES - self.n_train:
             raise InvalidOptionError(f"queries must be between 1 and {N_IMAGES - self.n_train} (the digits "
                                      f"left after {self.n_train} training images); got {self.n_query}")
-        digits = require("sklearn.datasets", "bench").load_digits()
+        digits = load_digits()
         order = np.random.default_rng(0).permutation(len(digits.target))
-        x = torch.tensor(digits.data[order] / 16.0, dtype=torch.float32)
-        y = torch.tensor(digits.target[order], dtype=torch.long)
-        self.x_train, self.y_train = x[: self.n_train], y[: self.n_train]
-        q = slice(self.n_train, self.n_train + self.n_query)
-        self.x_query, self.y_query = x[q], y[q]
-        self.images = digits.images[order]
+        (self.x_train, self.y_train, self.x_query, self.y_query,
+         self.images) = split_digits(digits, order, self.n_train, self.n_query)
 
     def train(self, recorder_dir: Path) -> nn.Module:
         """Minibatch SGD on the training images, recorded for replay into `recorder_dir`."""
