@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from ..demos.digits import load_digits, split_digits
 
+SEEDS = {"tuning": 0, "reporting": 1}  # each split's attributed model: initialisation and data order
 
 @dataclass
 class DigitsSetting:

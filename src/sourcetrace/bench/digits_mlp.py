@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from .digits import DigitsSetting
+from .digits import SEEDS, DigitsSetting
 from .runner import load_average, measure, versions, write_results
 
 
@@ -86,7 +86,6 @@ def _anchor(split: str, name: str, workdir: str, options: dict[str, Any]) -> np.
     raise ValueError(name)
 
 
-SEEDS = {"tuning": 0, "reporting": 1}  # the attributed model's initialisation and data order
 OURS_RULE = "sourcetrace's rule"
 #: an option value replaced, at run time, by the λ sourcetrace resolves for that method
 RESOLVE = {"cg": "resolve:cg"}

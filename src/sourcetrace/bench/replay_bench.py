@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..artifacts import atomic_write_json
-from .digits import DigitsSetting
+from .digits import SEEDS, DigitsSetting
 from .runner import load_average, measure, versions, write_results
 
 N_CHECKPOINTS = 6
@@ -152,19 +152,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def config(variant: str) -> dict[str, Any]:
-    return {"variant": variant, **VARIANTS[variant]}
+def config(variant: str, split: str = "tuning") -> dict[str, Any]:
+    return {"variant": variant, **VARIANTS[variant], "split": split, "seed": SEEDS[split]}
 
 
-def setting(variant: str) -> ReplaySetting:
-    return ReplaySetting(**config(variant))
+def setting(variant: str, split: str = "tuning") -> ReplaySetting:
+    return ReplaySetting(**config(variant, split))
 
 
 # replay's cost as the run grows: (hidden width, epochs) of the digits MLP, COST_QUERIES in one reverse pass
 COST_QUERIES = 10
-TUNING = ("every setting here is on digits-mlp's tuning split, where SOURCE's Adam cap (methods/source.py "
-          "`adam_preconditioner`) and the replay variants were chosen; this file has no reporting split (CPU "
-          "budget): benchmarks/source.md grades SOURCE on digits-mlp's reporting split too")
+TUNING = ("the tuning split is digits-mlp's, where SOURCE's Adam cap (methods/source.py "
+          "`adam_preconditioner`) and the replay variants were chosen; the reporting split is digits-mlp's "
+          "reporting split (queries the tuning split never used, another training draw, model seed "
+          f"{SEEDS['reporting']}), where nothing was chosen; the cost rows are timed once")
+HEADINGS = {"tuning": "Tuning split (the replay variants and SOURCE's Adam cap were chosen here)",
+            "reporting": "Reporting split (other queries, training draw and seed; nothing was chosen here)",
+            "cost": "Cost as the run grows (tuning split's data)"}
 SMALL_OUT = 0.05  # the fraction weighted 0 in the small-removal ground truth
 SCALING = ((128, 3), (128, 30), (128, 625), (512, 30), (2048, 3), (8192, 3))
 
@@ -271,8 +275,8 @@ METHODS = (*REPLAY, "grad-dot", "tracin", "tracin-dda", "ekfac", "ekfac-dda", "s
 def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/replay"), *,
         n_subsets: int = 100, seeds: tuple[int, ...] = (0, 1, 2), variants: tuple[str, ...] | None = None,
         methods: tuple[str, ...] = METHODS, scaling: tuple[tuple[int, int], ...] = SCALING,
-        digits_truth: Path = Path("runs/bench/digits-mlp/ground-truth"),
-        progress: bool = True) -> Path:
+        splits: tuple[str, ...] = ("tuning", "reporting"),
+        digits_workdir: Path = Path("runs/bench/digits-mlp"), progress: bool = True) -> Path:
     from .. import evaluate
     from ..ensembles import retrain_subsets
     from ..methods import available_methods
@@ -286,36 +290,37 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
     if progress:
         for o in (overhead, overhead_wide, overhead_lm):
             print(f"recorder overhead: {_overhead_text(o)}")
-    for variant in variants or tuple(VARIANTS):
-        s = setting(variant)
+    for split, variant in [(sp, v) for sp in splits for v in variants or tuple(VARIANTS)]:
+        s = setting(variant, split)
+        here = workdir / ("" if split == "tuning" else split) / variant  # tuning: where earlier runs cached
         with _one_thread():
-            s.run(recorder_dir=workdir / variant / "trajectory")
+            s.run(seed=s.seed, recorder_dir=here / "trajectory")
         from ..trajectory import Trajectory
 
-        traj = Trajectory.load(workdir / variant / "trajectory")
+        traj = Trajectory.load(here / "trajectory")
         n_params = sum(p.numel() for p in s.model(0).parameters())
-        truth_dir = digits_truth if variant == "digits-mlp" else workdir / variant / "ground-truth"
+        digits_truth = digits_workdir / ("" if split == "tuning" else split) / "ground-truth"
+        truth_dir = digits_truth if variant == "digits-mlp" else here / "ground-truth"
         random = retrain_subsets(s.train_fn, s.measure_fn, s.n_train, n_subsets=n_subsets, fraction=0.5,
                                  seeds=seeds, workdir=truth_dir, fingerprint=s.fingerprint(),
                                  progress=progress)
         fixed = retrain_subsets(s.recorded_order_fn, s.measure_fn, s.n_train, n_subsets=n_subsets,
                                 fraction=0.5, seeds=(0,), fingerprint=s.fingerprint(), progress=progress,
-                                workdir=workdir / variant / "recorded-order-truth")
+                                workdir=here / "recorded-order-truth")
         small = retrain_subsets(s.recorded_order_fn, s.measure_fn, s.n_train, n_subsets=n_subsets,
                                 fraction=1 - SMALL_OUT, seeds=(0,), fingerprint=s.fingerprint(),
                                 progress=progress,
-                                workdir=workdir / variant / "recorded-order-truth-5pct")
+                                workdir=here / "recorded-order-truth-5pct")
         for method in methods:
             if method == "source-sgd" and s.optimizer == "sgd":
                 continue  # the same as source
-            row: dict[str, Any] = {"setting": variant, "method": method, "steps": traj.n_steps,
-                                   "params": n_params}
+            row: dict[str, Any] = {"split": split, "setting": variant, "method": method,
+                                   "steps": traj.n_steps, "params": n_params}
             if _registered(method) not in have:
                 rows.append({**row, "note": "not registered"})
                 continue
             try:
-                folder = str(workdir / variant / "trajectory")
-                job = functools.partial(_scores, config(variant), folder, method)
+                job = functools.partial(_scores, config(variant, split), str(here / "trajectory"), method)
                 result = measure(job,
                                  ("sklearn.datasets", f"sourcetrace.methods.{_module(method)}"))
             except Exception as exc:  # a method that cannot run here is reported, not fatal
@@ -331,8 +336,8 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
                          "scale_small": cal_s.scale, "scale_half": cal_f.scale, "r2_small": cal_s.r2,
                          "r2_half": cal_f.r2})
             if progress:
-                print(f"{variant:>14} {method:<10} LDS random {lds_r}  recorded order {lds_f}  small out "
-                      f"{lds_s}  {result.wall_s:7.2f} s {result.peak_mb:7.1f} MB")
+                print(f"{split:>9} {variant:>14} {method:<10} LDS random {lds_r}  recorded order {lds_f}  "
+                      f"small out {lds_s}  {result.wall_s:7.2f} s {result.peak_mb:7.1f} MB")
     for hidden, epochs in scaling:
         cfg: dict[str, Any] = {"variant": f"scale-{hidden}-{epochs}", "hidden": hidden, "epochs": epochs}
         s = ReplaySetting(**cfg)
@@ -345,7 +350,7 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
         steps = Trajectory.load(traj_dir).n_steps
         result = measure(functools.partial(_scores, cfg, str(traj_dir), "replay", COST_QUERIES),
                          ("sklearn.datasets", "sourcetrace.methods.replay"))
-        rows.append({"setting": f"cost: hidden {hidden}, {epochs} epochs, {COST_QUERIES} queries",
+        rows.append({"split": "cost", "setting": f"hidden {hidden}, {epochs} epochs, {COST_QUERIES} queries",
                      "method": "replay",
                      "steps": steps, "params": n_params, "wall_s": result.wall_s, "peak_mb": result.peak_mb,
                      "note": f"{1e3 * result.wall_s / steps:.1f} ms per step, "
@@ -354,8 +359,8 @@ def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/rep
             print(rows[-1])
     base = setting("digits-mlp")
     pct = f"{100 * SMALL_OUT:g} %"
-    info = {"data": f"sklearn digits, {base.n_train} train / {base.n_query} queries (the tuning split of "
-                    "digits-mlp), measurement: query margin",
+    info = {"data": f"sklearn digits, {base.n_train} train / {base.n_query} queries per split (digits-mlp's "
+                    "splits), measurement: query margin",
             "model": f"MLP 64-{base.hidden}-10 ({sum(p.numel() for p in base.model(0).parameters()):,} "
                      f"parameters), batch {base.batch_size}",
             "settings": "; ".join(f"{v}: {describe(setting(v))}" for v in variants or VARIANTS),
@@ -388,6 +393,9 @@ def render(path: Path = Path("benchmarks/replay.json")) -> Path:
             r["r2_small"], r["r2_half"] = (float(part.split("(")[1].rstrip(")"))
                                            for part in r["scale"].split(" / "))
     info.setdefault("tuning and reporting", TUNING)
+    for r in rows:  # files written before the reporting split: every row on the tuning split
+        r.setdefault("split", "cost" if r["setting"].startswith("cost: ") else "tuning")
+        r["setting"] = r["setting"].removeprefix("cost: ")
     if "recorder_overhead" not in data:
         info.setdefault("prose", "re-written from this run's json by `sourcetrace.bench.replay_bench.render` "
                                  "(the run predates the prose computed from its results)")
@@ -433,7 +441,7 @@ def render(path: Path = Path("benchmarks/replay.json")) -> Path:
     ]
     measurements = {"recorder_overhead": o}
     return write_results(Path(path).parent, "replay", "replay", rows, info, columns, notes,
-                         extra=measurements)
+                         section="split", headings=HEADINGS, extra=measurements)
 
 
 def _overheads_from_info(info: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -468,16 +476,22 @@ def describe(s: ReplaySetting) -> str:
 
 def findings(rows: list[dict[str, Any]]) -> list[str]:
     """What the LDS and removal-scale columns show, written from the rows (no figure typed by hand)."""
-    scored = [r for r in rows if "lds_random_mean" in r]
+    out = []
+    for split in dict.fromkeys(r["split"] for r in rows if "lds_random_mean" in r):
+        out += _findings([r for r in rows if "lds_random_mean" in r and r["split"] == split], split)
+    return out
+
+
+def _findings(scored: list[dict[str, Any]], split: str) -> list[str]:
     settings = list(dict.fromkeys(r["setting"] for r in scored))
-    optimizer = {v: setting(v).optimizer if v in VARIANTS else "sgd" for v in settings}
+    optimizer = {v: VARIANTS[v].get("optimizer", "sgd") if v in VARIANTS else "sgd" for v in settings}
     pct = f"{100 * SMALL_OUT:g} %"
     out = []
     for key, what in (("lds_random_mean", "retraining on random halves with new seeds"),
                       ("lds_recorded_mean", "the recorded run with half of the data weighted 0"),
                       ("lds_small_mean", f"the recorded run with {pct} of the data weighted 0")):
         best = [max((r for r in scored if r["setting"] == v), key=lambda r: r[key]) for v in settings]
-        out.append(f"Best at predicting {what}: " + "; ".join(
+        out.append(f"{split.capitalize()} split, best at predicting {what}: " + "; ".join(
             f"{r['setting']}: {r['method']} ({r[key]:.3f})" for r in best) + ".")
     for method in REPLAY:
         mine = [r for r in scored if r["method"] == method]
@@ -495,7 +509,7 @@ def findings(rows: list[dict[str, Any]]) -> list[str]:
                          f"out (R² ≥ {min(r['r2_small'] for r in sel):.2f}) and {_span(scale_h, '.3g')} with "
                          f"half out (R² ≥ {min(r['r2_half'] for r in sel):.2f})")
         if parts:
-            out.append(f"{method}: " + "; ".join(parts) + ".")
+            out.append(f"{split.capitalize()} split, {method}: " + "; ".join(parts) + ".")
     return out
 
 

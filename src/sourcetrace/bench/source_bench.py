@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .digits import SEEDS
 from .replay_bench import ReplaySetting, describe
 from .runner import load_average, versions, write_results
 
@@ -30,7 +31,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "two-stage": {"pretrain_epochs": 10, "epochs": 3},
     "adamw": {"epochs": 3, "optimizer": "adamw", "lr": 0.003},
 }
-SEEDS = {"tuning": 0, "reporting": 1}  # the attributed model's initialisation and data order
 HEADINGS = {"tuning": "Tuning split (SOURCE's Adam cap and segment count were chosen here)",
             "reporting": "Reporting split (other queries, training draw and seed; nothing was chosen here)"}
 

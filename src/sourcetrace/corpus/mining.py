@@ -679,32 +679,19 @@ def _trace_spans(
             s.matches.append(Match(m.start, m.end, sub.tolist(), m.text, m.count, bucket(m.count), occ))
 
 
-def check_mining_options(
-    *,
-    window: int = 6,
-    threshold: float = 0.9,
-    temperature: float = 0.7,
-    top_k: int | None = 20,
-    top_p: float | None = 0.8,
-    max_new_tokens: int = 100,
-    samples_per_prompt: int = 1,
-    docs_per_span: int = 10,
-    context: int = 20,
-    batch_size: int = 64,
-) -> None:
-    """Refuse mining options that cannot mean anything, before any work is done."""
-    whole = {
-        "window": (window, 1),
-        "max_new_tokens": (max_new_tokens, 1),
-        "samples_per_prompt": (samples_per_prompt, 1),
-        "docs_per_span": (docs_per_span, 1),
-        "batch_size": (batch_size, 1),
-        "context": (context, 0),
-        "top_k": (1 if top_k is None else top_k, 1),
-    }
-    for name, (v, low) in whole.items():
+def check_mining_options(**options: Any) -> None:
+    """Refuse mining options (keywords of `mine_low_perplexity`, checked where given) that cannot mean
+    anything, before any work is done."""
+    whole = {"window": 1, "max_new_tokens": 1, "samples_per_prompt": 1, "docs_per_span": 1, "batch_size": 1,
+             "context": 0, "top_k": 1}
+    for name, low in whole.items():
+        v = options.get(name, low)
+        if name == "top_k" and v is None:
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise CorpusError(f"{name}={v!r} must be a whole number >= {low}")
+    threshold, temperature = options.get("threshold", 0.0), options.get("temperature", 0.0)
+    top_p = options.get("top_p")
     if not (isinstance(threshold, int | float) and 0 <= threshold <= 1):
         raise CorpusError(f"threshold={threshold!r} must be a probability in [0, 1]")
     if not (isinstance(temperature, int | float) and temperature >= 0):
