@@ -96,8 +96,9 @@ def test_the_scan_would_catch_the_old_sentences():
         assert MEASURED.search(old)
 
 
-def _row(setting: str, method: str, small: float, scale: float, r2: float) -> dict:
-    return {"setting": setting, "method": method, "lds_random_mean": small - 0.1, "lds_recorded_mean": small,
+def _row(setting: str, method: str, small: float, scale: float, r2: float, split: str = "tuning") -> dict:
+    return {"split": split, "setting": setting, "method": method, "lds_random_mean": small - 0.1,
+            "lds_recorded_mean": small,
             "lds_small_mean": small, "scale_small": scale, "scale_half": scale + 0.2, "r2_small": r2,
             "r2_half": r2 - 0.1}
 
@@ -106,8 +107,11 @@ def _row(setting: str, method: str, small: float, scale: float, r2: float) -> di
 def test_replay_findings_follow_the_rows(shift):
     rows = [_row("digits-mlp", "replay", 0.9 + shift, 1.0 + shift, 0.99),
             _row("digits-mlp", "grad-dot", 0.5, 0.001, 0.2),
-            _row("adamw", "replay", 0.7, 1.3, 0.8), _row("adamw", "source", 0.8 + shift, 0.002, 0.5)]
+            _row("adamw", "replay", 0.7, 1.3, 0.8), _row("adamw", "source", 0.8 + shift, 0.002, 0.5),
+            _row("adamw", "replay", 0.6 + shift, 1.1, 0.7, split="reporting")]
     text = "\n".join(replay_bench.findings(rows))
+    assert ("Reporting split, best at predicting the recorded run with 5 % of the data weighted 0: adamw: "
+            f"replay ({0.6 + shift:.3f})") in text
     assert f"digits-mlp: replay ({0.9 + shift:.3f})" in text and f"adamw: source ({0.8 + shift:.3f})" in text
     assert f"removal scale {1.0 + shift:.3g} with 5 % out (R² ≥ 0.99)" in text
     assert "under AdamW (1 setting): LDS with 5 % out 0.700, removal scale 1.3" in text
