@@ -222,6 +222,8 @@ def run_benchmark(
     from .engines import infini_gram_available
 
     out_dir = Path(out_dir)
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     rows: list[dict[str, Any]] = []
     for size in sizes:
