@@ -28,9 +28,10 @@ def defaults_chosen() -> list[str]:
     from ..curvature.damping import DEFAULT_FACTOR
     from ..curvature.iterative import Arnoldi
     from ..curvature.kfac import DAMPING_FACTOR
-    from ..methods import REGISTRY
+    from ..methods import REGISTRY, available_methods
     from ..methods.trak import DEFAULT_DAMPING_FACTOR
 
+    available_methods()  # the registry fills itself on first use
     logra = REGISTRY["logra"].defaults
     rank = inspect.signature(Arnoldi.__init__).parameters["rank"].default
     return [f"curvature/damping.py: λ = {DEFAULT_FACTOR:g} × the mean eigenvalue of the GGN (explicit, cg, "
