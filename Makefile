@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 	# import beside the CPU torch, so it is installed without dependencies plus what it really uses.
 	$(BIN)/pip install -q --no-deps kronfluence==1.0.1
 	$(BIN)/pip install -q accelerate einops einconv opt-einsum
+	# quanda 0.5.0 (the metric anchor of practitioner-tasks) declares torchvision, which does not import beside
+	# the CPU torch; its metric modules need only these (installing them leaves torch and numpy as they are)
+	$(BIN)/pip install -q --no-deps quanda==0.5.0
+	$(BIN)/pip install -q datasets==5.2.0 torcheval==0.0.7 torchmetrics==1.9.0 lightning==2.6.6
 	# browser tests drive Debian's Chromium (never a downloaded browser); they skip where it is missing
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
 		|| echo "chromium not installed: browser tests will be skipped"

@@ -27,6 +27,7 @@ from ..evaluate.suite import (
     top_k_cardinality,
 )
 from ..insights.planted import Planted, planted_digits, planted_tabular
+from . import quanda_check
 
 METHODS = ("explicit", "ekfac", "trak", "tracin", "grad-dot", "grad-cos")
 UNSTABLE = 0.8  # the flag threshold passed to `insights.reliability` (fixed, not tuned)
@@ -106,6 +107,8 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
     self_inf: dict[str, np.ndarray] = {}
     rand_model = randomize_model(model, seed=42)
     suite: dict[str, dict[str, float]] = {}
+    quanda = quanda_check.load()
+    by_quanda: dict[str, Any] = {}
     sc_pred = model(torch.from_numpy(p.x_shortcut)).argmax(1).detach().numpy()
     sc_sel = np.flatnonzero(sc_pred == p.shortcut_class)
     # quanda explains the model's predicted class (its benchmarks' use_predictions=True)
@@ -136,6 +139,15 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
             "model_randomization": model_randomization(m, r),
             "top_k_cardinality": top_k_cardinality(m, 10),
         }
+        if quanda is not None:
+            theirs = quanda_check.suite_by_quanda(
+                quanda, m, train_labels=s.y_train, query_labels=s.y_query[rep],
+                train_subclasses=s.train_meta["subclass"], query_subclasses=s.query_meta["subclass"][rep],
+                shortcut_scores=short.matrix.numpy()[sc_sel],  # type: ignore[union-attr]
+                shortcut_rows=p.shortcut_rows,
+                shortcut_class=p.shortcut_class, randomized_scores=r,
+            )
+            by_quanda[method] = quanda_check.differences(suite[method], theirs)
         bar.update(1)
     suite_info = {"shortcut_queries_selected": int(len(sc_sel)), "shortcut_queries": int(len(p.y_shortcut))}
 
@@ -189,6 +201,10 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
                 "k": res.k,
                 "quanda_score": res.quanda_score,
             }
+            if quanda is not None:
+                mis[name][split]["quanda_by_quanda"] = quanda_check.mislabeling_by_quanda(
+                    quanda, v[part], flipped
+                )
     bar.update(1)
 
     # group counterfactual: predicted vs retrained mean query margin without each label / cluster group
@@ -414,6 +430,7 @@ def run_dataset(p: Planted, out: dict, bar: Any) -> None:
         "query_accuracy": float((margins[p.report] > 0).mean()),
         "suite": suite,
         "suite_info": suite_info,
+        "suite_by_quanda": by_quanda,
         "mislabel": mis,
         "mislabel_default": default,
         "groups": group_rows,
@@ -520,6 +537,35 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _quanda_paragraph(out: dict, sets: list[str]) -> list[str]:
+    """Whether quanda's own code ran on the same scores, and the largest difference from the suite."""
+    rows = {n: out[n].get("suite_by_quanda") or {} for n in sets}
+    if not any(rows.values()):
+        return ["**quanda did not run** (not installed): the suite (`sourcetrace.evaluate.suite`) implements "
+                "quanda's metric definitions, each tested against a hand computation; `make setup` installs "
+                "quanda so that its own code is compared here.", ""]
+    lines = ["**quanda's own metric code on the same scores** (`bench/quanda_check.py`: quanda's metric "
+             "modules imported without its package `__init__`, which pulls in torchvision). Largest absolute "
+             "difference between the suite and quanda, over every method:", "",
+             "| data | " + " | ".join(METRIC_NAMES)
+             + " | mislabeling (order only) | mislabeling (as shipped) |",
+             "|---|" + "---|" * (len(METRIC_NAMES) + 2)]
+    for n in sets:
+        per = [max(d[m]["abs_diff"] for d in rows[n].values()) for m in METRIC_NAMES]
+        mis = [v["reporting"] for v in out[n]["mislabel"].values() if "quanda_by_quanda" in v["reporting"]]
+        order = max(abs(r["quanda_score"] - r["quanda_by_quanda"]["order_only"]) for r in mis)
+        shipped = max(abs(r["quanda_score"] - r["quanda_by_quanda"]["as_shipped"]) for r in mis)
+        lines.append(f"| {n} | " + " | ".join(f"{v:.1e}" for v in per) + f" | {order:.1e} | {shipped:.1e} |")
+    lines += ["", "quanda's mislabeling detection adds 1e-4 × the row index to the self-influence before "
+              "ranking; where suspicion scores differ by less than that, its ranking (as shipped) differs "
+              "from the order of the scores, which the suite (and the order-only column) uses.", ""]
+    return lines
+
+
+METRIC_NAMES = ("class_detection", "subclass_detection", "shortcut_detection", "model_randomization",
+                "top_k_cardinality")
+
+
 def f(v: Any, d: int = 3) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "–"
@@ -556,14 +602,7 @@ def render(out: dict) -> str:
         "Mislabel detection is scored over training rows: rows at even positions chose the default method "
         "(tuning), rows at odd positions are reported.",
         "",
-        "**quanda could not run here**: `import quanda` imports torchvision at the top level, and "
-        "torchvision "
-        "does not install beside this CPU build of torch (it would replace torch). The suite "
-        "(`sourcetrace.evaluate.suite`, `evaluate.mislabel`) implements quanda's metric definitions from "
-        "its source and documentation, each tested against a hand computation in "
-        "`tests/test_insights_suite.py`; the column of quanda's own numbers on the same scores is therefore "
-        "missing.",
-        "",
+        *_quanda_paragraph(out, sets),
     ]
     for name in sets:
         d = out[name]

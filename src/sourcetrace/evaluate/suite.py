@@ -1,7 +1,8 @@
 """An evaluation suite with quanda's metric definitions, runnable on any Scores [n_query, n_train].
 
-quanda (the pip package) cannot be imported beside this torch (it imports torchvision), so each metric here
-is written from quanda's definition and tested against a hand computation:
+Each metric is written from quanda's definition, tested against a hand computation, and compared with
+quanda's own code on the same scores where quanda is installed (`tests/test_quanda_agreement.py`,
+`benchmarks/practitioner-tasks.md`):
 - class detection: share of queries whose top-1 training row has the query's label.
 - subclass detection: the same with subclass labels (the model is trained on the coarse classes).
 - shortcut detection: mean over the selected queries of the average precision of the query's scores at
