@@ -12,7 +12,7 @@ from torch import nn
 
 from .artifacts import check_manifest
 from .data import Examples, check_batch_size, model_fingerprint
-from .errors import SourcetraceError
+from .errors import InvalidOptionError, SourcetraceError
 from .methods import build
 from .methods.base import Context
 from .scores import Scores, check_k
@@ -102,12 +102,16 @@ def compact_for_lm(name: str, options: dict[str, Any], method: Any) -> Any:
     """Language models store Kronecker-projected gradients (LoGra-style) unless `features=` is given.
 
     A 0.8M-parameter GPT-2 has 3 MB of gradient per document; `features="kronecker"` stores rank² numbers
-    per layer instead. Full gradients only when asked: `features="identity"`.
+    per layer instead. Full gradients only when asked (`features="identity"`) or where the method needs them
+    (SOURCE fits its segment curvatures on unprojected gradients; the store-size warning still applies).
     """
     o = getattr(method, "options", None)
     if getattr(o, "features", None) == "identity" and not {"features", "query_rank"} & set(options) \
             and getattr(o, "curvature", None) in KRONECKER_CURVATURES:
-        return build(name, {**options, "features": "kronecker"})
+        try:
+            return build(name, {**options, "features": "kronecker"})
+        except InvalidOptionError:  # the method refuses projected features: keep its full gradients
+            return method
     return method
 
 

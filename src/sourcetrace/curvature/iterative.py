@@ -18,6 +18,7 @@ Products for many vectors are batched with `vmap`. The solvers:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -26,6 +27,7 @@ from typing import Any, cast
 
 import torch
 from torch.func import grad, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import InvalidOptionError, NonFiniteError
 from ..grads.capture import call_with
@@ -35,6 +37,17 @@ from .damping import check_damping, hutchinson_trace, resolve_damping
 
 KINDS = ("ggn", "hessian")
 CACHE_BYTES = 256 * 2**20  # training batches up to this size stay in memory between passes
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout: every product is the same linear map), left as it was after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class CurvatureOperator:
@@ -85,7 +98,8 @@ class CurvatureOperator:
             leaves = [t for t in torch.utils._pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
             b = int(leaves[0].shape[0])
             size += sum(t.numel() * t.element_size() for t in leaves)
-            item = (b, batch, self._prepare(batch))
+            with evaluating(self.model):
+                item = (b, batch, self._prepare(batch))
             if kept is not None:
                 kept = kept + [item] if size <= CACHE_BYTES else None
             yield item
@@ -113,7 +127,7 @@ class CurvatureOperator:
 
         units = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, b, k).reshape(
             k, *out.shape)
-        with torch.enable_grad():
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
             cols = vmap(lambda e: jvp(grad(out_loss), (out,), (e,))[1])(units)  # [K, B, ...]
         return cols.reshape(k, b, k).permute(1, 2, 0).contiguous()  # [B, K (row), K (column)]
 
@@ -126,6 +140,10 @@ class CurvatureOperator:
 
     def batch_product(self, vectors: torch.Tensor, batch: Any, hout: Any = None) -> torch.Tensor:
         """Rows of `vectors` [k, dim] times the curvature of the mean loss over this one batch."""
+        with evaluating(self.model):  # products also run after fitting (CG, LiSSA), maybe in train mode
+            return self._batch_product(vectors, batch, hout)
+
+    def _batch_product(self, vectors: torch.Tensor, batch: Any, hout: Any) -> torch.Tensor:
         model, task, params = self.model, self.task, self.params
         v = vectors.to(self.dtype)
         if self.kind == "hessian":
@@ -156,8 +174,9 @@ class CurvatureOperator:
                     hjv = (hout @ jv.reshape(b, -1, 1)).reshape(jv.shape) / b
                 return self._flat(pullback(hjv)[0])  # Jᵀ H_out J v
 
-        with torch.enable_grad():
-            # detached: parameters outside the selection still require grad, and nothing differentiates this
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            # detached: parameters outside the selection still require grad, and nothing differentiates
+            # this; attention's fused kernels have no forward-mode derivative, its math form has
             return vmap(one, chunk_size=self.chunk, randomness="same")(v).detach()
 
     def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
