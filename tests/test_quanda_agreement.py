@@ -17,7 +17,7 @@ def test_suite_equals_quanda(seed):
     n_train, n_query = 60, 12
     scores, rand = rng.normal(size=(n_query, n_train)), rng.normal(size=(n_query, n_train))
     train_labels, query_labels = rng.integers(0, 3, n_train), rng.integers(0, 3, n_query)
-    train_sub, query_sub = rng.integers(0, 6, n_train), rng.integers(0, 6, n_query)
+    train_sub, query_sub = (np.array([f"c{v}" for v in rng.integers(0, 6, n)]) for n in (n_train, n_query))
     shortcut_rows = np.flatnonzero(train_labels == 1)[:8]
     short = rng.normal(size=(5, n_train))
     short[:, shortcut_rows] += 1.0

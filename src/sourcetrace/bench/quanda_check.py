@@ -80,9 +80,11 @@ def suite_by_quanda(
     expl = torch.as_tensor(np.asarray(scores, dtype=np.float64))
 
     def detection(train: Any, query: Any) -> float:
-        data = [(0, int(t)) for t in train]
+        # quanda compares integer targets: labels of any kind become their index among all labels
+        codes = np.unique(np.concatenate([np.asarray(train), np.asarray(query)]), return_inverse=True)[1]
+        data = [(0, int(t)) for t in codes[: len(train)]]
         metric = q.ClassDetection(model=model, train_dataset=data, s=1)
-        metric.update(expl, torch.as_tensor(np.asarray(query, dtype=np.int64)))
+        metric.update(expl, torch.as_tensor(codes[len(train):].astype(np.int64)))
         return float(metric.compute()["score"])
 
     labels = [int(t) for t in train_labels]
