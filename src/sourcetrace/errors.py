@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class SourcetraceError(Exception):
     """Base class of every error sourcetrace raises on purpose."""
@@ -60,3 +62,11 @@ def require(module: str, extra: str):
         raise MissingExtraError(
             f"{module} is needed for this; install it with `pip install 'sourcetrace[{extra}]'`"
         ) from exc
+
+
+def did_you_mean(word: str, choices: Iterable[str], template: str = " (did you mean {!r}?)") -> str:
+    """A suggestion of the closest of `choices` to a mistyped `word`, formatted by `template` ("" if none)."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return template.format(close[0]) if close else ""

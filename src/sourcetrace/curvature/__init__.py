@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any
 
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, did_you_mean
 from .base import CURVATURES, CurvatureContext, Preconditioner, register_curvature
 
 
@@ -15,9 +14,8 @@ def build_curvature(name: str, features: str = "identity", **options: Any) -> Pr
     pairings it does not support are errors (raised before any pass over the data)."""
     _load_builtins()
     if name not in CURVATURES:
-        close = difflib.get_close_matches(name, CURVATURES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InvalidOptionError(f"no curvature {name!r}{hint}; available: {', '.join(sorted(CURVATURES))}")
+        raise InvalidOptionError(f"no curvature {name!r}{did_you_mean(name, CURVATURES)}; available: "
+                                 f"{', '.join(sorted(CURVATURES))}")
     cls = CURVATURES[name]
     if features not in cls.FEATURES:  # type: ignore[attr-defined]
         raise InvalidOptionError(f"curvature {name!r} does not work on features={features!r}; it takes "
@@ -25,9 +23,8 @@ def build_curvature(name: str, features: str = "identity", **options: Any) -> Pr
     accepted = _accepted(cls)
     unknown = sorted(set(options) - accepted)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], accepted, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise InvalidOptionError(f"curvature {name!r} has no option {unknown[0]!r}{hint}; its options are: "
+        raise InvalidOptionError(f"curvature {name!r} has no option {unknown[0]!r}"
+                                 f"{did_you_mean(unknown[0], accepted)}; its options are: "
                                  f"{', '.join(sorted(accepted)) or 'none'}")
     return cls(**options)
 

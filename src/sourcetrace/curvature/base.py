@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_map
 from ..data import Examples
 from ..grads import GradientCapture
 from ..tasks import Task, collate
+from .damping import check_damping
 
 
 @dataclass
@@ -65,8 +66,9 @@ class Preconditioner:
 
     FEATURES: ClassVar[tuple[str, ...]] = ("identity",)
 
-    def __init__(self, damping: float | None = None):
-        self.damping = damping
+    def __init__(self, damping: float | None = None, damping_factor: float | None = None):
+        check_damping(damping, damping_factor)  # refused when built, before any pass over the data
+        self.damping, self.damping_factor = damping, damping_factor
 
     def fit(self, ctx: CurvatureContext) -> None:
         raise NotImplementedError
@@ -94,7 +96,7 @@ class Identity(Preconditioner):
     FEATURES = ("identity", "random", "kronecker")
 
     def __init__(self) -> None:
-        super().__init__(None)
+        super().__init__()
 
     def fit(self, ctx: CurvatureContext) -> None:
         pass

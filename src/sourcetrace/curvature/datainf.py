@@ -18,7 +18,7 @@ import torch
 
 from ..grads.features import IdentityFeatures
 from .base import CurvatureContext, Preconditioner, register_curvature
-from .damping import check_damping, resolve_damping
+from .damping import resolve_damping
 
 
 @register_curvature("datainf")
@@ -28,9 +28,7 @@ class DataInf(Preconditioner):
     FEATURES = ("identity", "random", "kronecker")
 
     def __init__(self, damping: float | None = None, damping_factor: float = 0.1):
-        check_damping(damping, damping_factor)
-        super().__init__(damping)
-        self.damping_factor = damping_factor
+        super().__init__(damping, damping_factor)
 
     def fit(self, ctx: CurvatureContext) -> None:
         self.store = ctx.store

@@ -20,7 +20,7 @@ from ..artifacts import load_tensors, save_tensors
 from ..data import state_fingerprint
 from ..errors import InvalidOptionError
 from .base import CurvatureContext, Preconditioner, register_curvature
-from .damping import check_damping, resolve_damping
+from .damping import resolve_damping
 from .iterative import KINDS, CurvatureOperator
 
 MAX_DIM = 30_000
@@ -39,12 +39,11 @@ class ExplicitCurvature(Preconditioner):
     def __init__(self, damping: float | None = None, damping_factor: float | None = None, kind: str = "ggn",
                  clip: bool = True, block: int = 256, max_dim: int = MAX_DIM, chunk: int = 32,
                  batch_size: int | None = None):
-        check_damping(damping, damping_factor)
-        super().__init__(damping)
+        super().__init__(damping, damping_factor)
         if kind not in KINDS:
             raise InvalidOptionError(f"kind must be one of {KINDS} (got {kind!r})")
         self.kind, self.clip, self.block, self.max_dim = kind, bool(clip), int(block), int(max_dim)
-        self.damping_factor, self.chunk, self.batch_size = damping_factor, chunk, batch_size
+        self.chunk, self.batch_size = chunk, batch_size
 
     def fit(self, ctx: CurvatureContext) -> None:
         import scipy.linalg

@@ -15,7 +15,7 @@ import torch
 
 from .. import distributed
 from .base import CurvatureContext, Preconditioner, register_curvature
-from .damping import check_damping, resolve_damping
+from .damping import resolve_damping
 
 MAX_BLOCK = 20_000
 
@@ -25,9 +25,7 @@ class FeatureGram(Preconditioner):
     weighted = True
 
     def __init__(self, damping: float | None = None, damping_factor: float = 1.0):
-        check_damping(damping, damping_factor)
-        super().__init__(damping)
-        self.damping_factor = damping_factor
+        super().__init__(damping, damping_factor)
 
     def fit(self, ctx: CurvatureContext) -> None:
         store = ctx.store

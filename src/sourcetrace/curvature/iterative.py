@@ -18,7 +18,6 @@ Products for many vectors are batched with `vmap`. The solvers:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import warnings
@@ -30,24 +29,13 @@ from torch.func import grad, jvp, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..errors import InvalidOptionError, NonFiniteError
-from ..grads.capture import call_with
+from ..grads.capture import call_with, evaluating
 from ..tasks import OutputTask, has_outputs
 from .base import CurvatureContext, Preconditioner, register_curvature
-from .damping import check_damping, hutchinson_trace, resolve_damping
+from .damping import hutchinson_trace, resolve_damping
 
 KINDS = ("ggn", "hessian")
 CACHE_BYTES = 256 * 2**20  # training batches up to this size stay in memory between passes
-
-
-@contextlib.contextmanager
-def evaluating(model: torch.nn.Module) -> Iterator[None]:
-    """The model in eval mode (no dropout: every product is the same linear map), left as it was after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class CurvatureOperator:
@@ -272,12 +260,10 @@ class Iterative(Preconditioner):
 
     def __init__(self, damping: float | None = None, damping_factor: float | None = None, kind: str = "ggn",
                  chunk: int = 32, batch_size: int | None = None, probes: int = 32):
-        check_damping(damping, damping_factor)
-        super().__init__(damping)
+        super().__init__(damping, damping_factor)
         if kind not in KINDS:
             raise InvalidOptionError(f"kind must be one of {KINDS} (got {kind!r})")
-        self.kind, self.damping_factor, self.chunk, self.probes = kind, damping_factor, chunk, probes
-        self.batch_size = batch_size
+        self.kind, self.chunk, self.probes, self.batch_size = kind, chunk, probes, batch_size
 
     def _operator(self, ctx: CurvatureContext) -> Any:
         op = CurvatureOperator(ctx, self.kind, self.chunk, self.batch_size)

@@ -34,7 +34,6 @@ from ..artifacts import load_tensors, save_tensors
 from ..errors import InvalidOptionError, NonFiniteError
 from ..grads.capture import PerExampleFn, is_norm
 from .base import CurvatureContext, Preconditioner, register_curvature
-from .damping import check_damping
 
 FISHERS = ("true", "empirical")
 
@@ -246,8 +245,7 @@ class KFAC(Preconditioner):
                  fisher: str = "true"):
         if fisher not in FISHERS:
             raise InvalidOptionError(f"fisher must be one of {FISHERS}; got {fisher!r}")
-        check_damping(damping, damping_factor)
-        super().__init__(damping)
+        super().__init__(damping, damping_factor)
         self.fisher = fisher
         self.damping_factor = float(DAMPING_FACTOR[self.name] if damping_factor is None else damping_factor)
         self.fit_seconds = 0.0
@@ -286,7 +284,7 @@ class KFAC(Preconditioner):
         if self.damping is not None:
             return float(self.damping)
         mean = float(eig.mean()) if eig.numel() else 0.0
-        return self.damping_factor * mean if mean > 0 else 1e-8
+        return (self.damping_factor or 0.0) * mean if mean > 0 else 1e-8  # a factor is always set
 
     def _key(self, ctx: CurvatureContext) -> dict[str, Any]:
         from ..data import model_fingerprint

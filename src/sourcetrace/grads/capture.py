@@ -12,10 +12,11 @@ call) is moved to the fallback rather than silently getting a partial gradient.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -292,6 +293,17 @@ class GradientCapture:
             example = tree_map(lambda t, i=i: t[i] if isinstance(t, torch.Tensor) else t, batch)
             rows.append(grad(one)(params, example))
         return {n: torch.stack([r[n] for r in rows]) for n in names}
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode (no dropout: the same function at every call), left as it was after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def call_with(model: nn.Module, params: dict[str, torch.Tensor], fn: PerExampleFn, batch: Any

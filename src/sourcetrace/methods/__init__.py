@@ -9,11 +9,10 @@ makes `method="trak"` those defaults; options named in `fixed` cannot be changed
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidOptionError, UnknownMethodError
+from ..errors import InvalidOptionError, UnknownMethodError, did_you_mean
 from .base import Context, Method
 
 
@@ -43,15 +42,13 @@ def build(name: str, options: dict[str, Any]) -> Method:
     """The method called `name`, with its options validated (before any pass over data)."""
     _load_builtins()
     if name not in REGISTRY:
-        close = difflib.get_close_matches(name, REGISTRY, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else "."
+        hint = did_you_mean(name, REGISTRY, "; did you mean {!r}?") or "."
         raise UnknownMethodError(f"unknown method {name!r}{hint} Available: {', '.join(available_methods())}")
     entry = REGISTRY[name]
     fields = {f.name for f in dataclasses.fields(entry.cls.Options)}
     unknown = sorted(set(options) - fields)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], fields, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(unknown[0], fields)
         raise InvalidOptionError(f"method {name!r} has no option {', '.join(map(repr, unknown))}{hint}; "
                                  f"its options are: {', '.join(sorted(fields))}")
     for key in entry.fixed:

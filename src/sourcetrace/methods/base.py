@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_map
 
 from ..data import Examples, state_fingerprint
 from ..errors import InvalidOptionError
+from ..grads.capture import evaluating
 from ..scores import Scores
 from ..tasks import Task
 from ..trajectory import Trajectory
@@ -68,12 +69,8 @@ def at_checkpoint(model: nn.Module, state: dict[str, torch.Tensor] | None) -> It
     model = model if state is None else copy.deepcopy(model)
     if state is not None:
         model.load_state_dict(state)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         yield model
-    finally:
-        model.train(was_training)
 
 
 def load_state(checkpoint: Any) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..data import Examples
 from ..errors import InvalidOptionError
+from ..grads.capture import evaluating
 from ..tasks import CausalLMTask, ClassificationTask, Task, collate
 from ..trajectory import Trajectory
 from .base import at_checkpoint, load_state, to_device
@@ -171,11 +172,9 @@ def fitting_errors(models: Sequence[nn.Module], task: Task, queries: Any, *, bat
     examples = Examples(queries, None, name="queries")
     cols = []
     for model in models:
-        was = model.training
-        model.eval()
-        vals = torch.cat([task.measurement(model, collate(task, items)).double().cpu()
-                          for _, items in examples.batches(batch_size)])
-        model.train(was)
+        with evaluating(model):
+            vals = torch.cat([task.measurement(model, collate(task, items)).double().cpu()
+                              for _, items in examples.batches(batch_size)])
         if isinstance(task, CausalLMTask):
             cols.append(1 - vals.exp())
         elif isinstance(task, ClassificationTask) and task.kind == "margin":
