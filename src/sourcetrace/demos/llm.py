@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .tiny_lm import TOPICS, text_example, train_lm, word_tokenizer
+from .tiny_lm import TOPICS, gpt2_from_config, text_example, train_lm, word_tokenizer
 
 #: made-up names that start each planted sentence: they occur nowhere else in the corpus
 PLANTED_NAMES = ("zorbin", "quelda", "marvik", "tessaly")
@@ -75,18 +75,6 @@ def train_minibatches(model: nn.Module, tokenizer: Any, texts: Sequence[str], ep
                     v_.mul_(0.999).addcmul_(gr, gr, value=0.001)
                     p.sub_(lr * (m_ / (1 - 0.9**step)) / ((v_ / (1 - 0.999**step)).sqrt() + 1e-8))
     return model.eval()
-
-
-def gpt2_from_config(vocab_size: int, seed: int = 0, n_layer: int = 4, n_embd: int = 128) -> nn.Module:
-    """GPT-2 from its config (about 0.8M parameters at the defaults), no dropout, SDPA attention."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=4, vocab_size=vocab_size, n_positions=96,
-                     bos_token_id=2, eos_token_id=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0)
-    return GPT2LMHeadModel(cfg).eval()
 
 
 __all__ = ["GPT2_LAYERS", "PLANTED_NAMES", "gpt2_from_config", "planted_documents", "train_lm",

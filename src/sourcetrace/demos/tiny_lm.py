@@ -57,15 +57,23 @@ def word_tokenizer(texts: Sequence[str]) -> Any:
                                    bos_token="<s>", eos_token="<s>")
 
 
-def tiny_gpt2(vocab_size: int, n_positions: int = 64, seed: int = 0, attention: str = "sdpa") -> nn.Module:
-    """A 2-layer, 32-wide GPT-2 built from its config (no download); SDPA attention by default."""
+def gpt2_from_config(vocab_size: int, seed: int = 0, n_layer: int = 4, n_embd: int = 128, n_head: int = 4,
+                     n_positions: int = 96, attention: str = "sdpa") -> nn.Module:
+    """GPT-2 built from its config (no download; about 0.8M parameters at the defaults), no dropout, the
+    word tokenizer's special ids (pad 0, `<s>` 2), SDPA attention by default."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=n_positions,
-                     bos_token_id=2, eos_token_id=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                     attn_pdrop=0.0, attn_implementation=attention)  # type: ignore[call-arg]
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
+                     n_positions=n_positions, bos_token_id=2, eos_token_id=2, pad_token_id=0, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=attention)  # type: ignore[call-arg]
     return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_gpt2(vocab_size: int, n_positions: int = 64, seed: int = 0, attention: str = "sdpa") -> nn.Module:
+    """`gpt2_from_config` at 2 layers, 32 wide (the explorer's example and tests)."""
+    return gpt2_from_config(vocab_size, seed, n_layer=2, n_embd=32, n_head=2, n_positions=n_positions,
+                            attention=attention)
 
 
 def text_example(tokenizer: Any, text: str) -> dict[str, list[int]]:
