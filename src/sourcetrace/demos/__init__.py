@@ -15,6 +15,7 @@ from pathlib import Path
 DEMOS: dict[str, str] = {
     "diffusion": "diffusion:run",
     "kg": "kg:run",
+    "llm": "llm:run",
     "music": "music:run",
 }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -77,5 +78,45 @@ def train_minibatches(model: nn.Module, tokenizer: Any, texts: Sequence[str], ep
     return model.eval()
 
 
-__all__ = ["GPT2_LAYERS", "PLANTED_NAMES", "gpt2_from_config", "planted_documents", "train_lm",
+def run(out: Path, n_docs: int = 120, epochs: int = 30, seed: int = 0) -> Path:
+    """`sourcetrace demo llm`: a GPT-2 from its config learns planted sentences; what it writes after each
+    planted name is explained by both kinds of evidence on one page per output: gradient attribution (EK-FAC
+    on the compact store, through `LMBackend`, so `sourcetrace serve OUT` attributes new selections with
+    the same scores) and verbatim spans traced into a suffix-array index of the training documents."""
+    from ..corpus.index import CorpusIndex
+    from ..views import LMBackend, save_view
+    from ..views.llm import torch_threads
+    from .tiny_lm import generate
+
+    out = Path(out)
+    docs, facts = planted_documents(n_docs=n_docs, sentences=2, seed=seed)
+    texts = [d["text"] for d in docs]
+    tokenizer = word_tokenizer(texts)
+    with torch_threads(1):
+        model = train_minibatches(gpt2_from_config(len(tokenizer), seed, n_layer=2, n_embd=64), tokenizer,
+                                  texts, epochs=epochs, seed=seed)
+        backend = LMBackend(model, tokenizer, texts, train_ids=[d["id"] for d in docs], method="ekfac",
+                            modules=list(GPT2_LAYERS), threads=1)
+        # each output up to its first full stop: the sentence the model completes after the name
+        written = [f["prompt"] + generate(model, tokenizer, f["prompt"], max_new=10).split(" .")[0] + " ."
+                   for f in facts]
+    index = CorpusIndex.build(docs, tokenizer, out / "index", overwrite=True, progress=False)
+    query_items, examples = [], []
+    for f, text in zip(facts, written, strict=True):
+        tokens = backend.tokenize(text)
+        selection = list(range(len(backend.tokenize(f["prompt"])), len(tokens)))
+        traced = index.trace(text, min_len=3, density=None)
+        query_items.append({"prompt": f["prompt"], "tokens": tokens, "selection": selection,
+                            "spans": [s.to_dict() for s in traced.spans] if traced.pieces == tokens else [],
+                            "label": f"planted in documents {f['documents']}"})
+        examples.append(backend.example(tokens, selection, []))
+    with torch_threads(1):
+        scores = backend.attributor.score(examples, ids=[f["id"] for f in facts])
+    train_items = [{"text": d["text"], "source": "planted" if d["planted"] >= 0 else "filler"} for d in docs]
+    save_view(out, scores, train_items=train_items, query_items=query_items, backend=backend,
+              title="sourcetrace demo: what a small GPT-2 wrote, and where it came from")
+    return out / "report.html"
+
+
+__all__ = ["GPT2_LAYERS", "PLANTED_NAMES", "gpt2_from_config", "planted_documents", "run", "train_lm",
            "train_minibatches", "word_tokenizer"]
