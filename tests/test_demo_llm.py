@@ -35,10 +35,9 @@ def test_both_kinds_of_evidence_find_the_planted_documents(demo):
 
 def test_demo_view_serves_and_loads_in_chromium(demo):
     pytest.importorskip("fastapi")
-    from test_views_browser import chromium_path, sync_api
-
     from sourcetrace.views import load_view
     from sourcetrace.views.server import create_app, serve_in_thread
+    from test_views_browser import chromium_path, sync_api
 
     out, report, _ = demo
     path = chromium_path()
