@@ -103,7 +103,9 @@ def test_language_models_store_kronecker_features_unless_asked(tok):
         assert st.Attributor(model, task, method, **opts).method.options.features == "kronecker"
     assert st.Attributor(model, task, "grad-dot", features="identity").method.options.features == "identity"
     assert st.Attributor(model, task, "cg").method.options.features == "identity"  # no Kronecker form
-    assert st.Attributor(model, task, "trak").method.options.features == "random"  # its own default
+    # TRAK keeps its random projection, after the Kronecker one (a dense matrix small enough to keep)
+    assert st.Attributor(model, task, "trak").method.options.features == "structured"
+    assert st.Attributor(model, task, "trak", proj_dim=64).method.options.features == "random"  # chosen
     clf = torch.nn.Linear(3, 2)
     assert st.Attributor(clf, st.ClassificationTask()).method.options.features == "identity"
 

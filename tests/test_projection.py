@@ -140,3 +140,25 @@ def test_kronecker_projection_conv2d_via_unfold():
         "head.weight": lambda g: g["head.weight"],
     }
     _check(model, fn, x, rank=5, folded=folded)
+
+
+def test_structured_features_are_the_kronecker_rows_randomly_projected():
+    from sourcetrace.grads.features import FeatureMap
+
+    torch.manual_seed(0)
+    model = SeqNet().double()
+    ids = torch.randint(0, 11, (4, 7))
+
+    def fn(m, batch):
+        return (m(batch) ** 2).sum((1, 2))
+
+    capture = GradientCapture(model)
+    fmap = FeatureMap("structured", proj_dim=16, rank=3, seed=5)
+    feats = fmap.bind(capture, 0)
+    kron = KroneckerProjection(capture, 3, "gaussian", 5)
+    dense = RandomProjection(kron.dim, 16, "gaussian", 5).matrix(dtype=torch.float64)
+    expected = kron(fn, ids).double() @ dense
+    assert feats.dim == 16 and feats.feature_kind == "structured"
+    torch.testing.assert_close(feats(fn, ids).double(), expected, rtol=1e-5, atol=1e-8)
+    # a later checkpoint gets an independent projection of the same Kronecker rows
+    assert not torch.allclose(fmap.bind(capture, 1)(fn, ids).double(), expected)

@@ -96,23 +96,31 @@ class Attributor:
 
 #: curvatures that compose with Kronecker-projected features, the language-model default
 KRONECKER_CURVATURES = ("identity", "ekfac", "kfac")
+#: options that choose the features: given any of them, the language-model default does not apply
+FEATURE_OPTIONS = {"features", "query_rank", "proj_dim", "rank", "projection"}
 
 
 def compact_for_lm(name: str, options: dict[str, Any], method: Any) -> Any:
-    """Language models store Kronecker-projected gradients (LoGra-style) unless `features=` is given.
+    """Language models store Kronecker-projected gradients (LoGra-style) unless the features are chosen.
 
     A 0.8M-parameter GPT-2 has 3 MB of gradient per document; `features="kronecker"` stores rank² numbers
-    per layer instead. Full gradients only when asked (`features="identity"`) or where the method needs them
-    (SOURCE fits its segment curvatures on unprojected gradients; the store-size warning still applies).
+    per layer instead. TRAK's dense projection becomes `structured` (Kronecker, then the dense projection
+    of those rows), whose matrix is small enough to keep. Full gradients only when asked
+    (`features="identity"`) or where the method needs them (SOURCE fits its segment curvatures on
+    unprojected gradients; the store-size warning still applies).
     """
     o = getattr(method, "options", None)
-    if getattr(o, "features", None) == "identity" and not {"features", "query_rank"} & set(options) \
-            and getattr(o, "curvature", None) in KRONECKER_CURVATURES:
-        try:
-            return build(name, {**options, "features": "kronecker"})
-        except InvalidOptionError:  # the method refuses projected features: keep its full gradients
-            return method
-    return method
+    if FEATURE_OPTIONS & set(options):
+        return method
+    features, curvature = getattr(o, "features", None), getattr(o, "curvature", None)
+    compact = {"identity": "kronecker" if curvature in KRONECKER_CURVATURES else None,
+               "random": "structured"}.get(features)
+    if compact is None:
+        return method
+    try:
+        return build(name, {**options, "features": compact})
+    except InvalidOptionError:  # the method refuses projected features: keep its full gradients
+        return method
 
 
 def available_methods() -> list[str]:

@@ -93,7 +93,7 @@ def register_curvature(name: str) -> Callable[[type[Preconditioner]], type[Preco
 class Identity(Preconditioner):
     """No preconditioning (grad-dot, TracIn)."""
 
-    FEATURES = ("identity", "random", "kronecker")
+    FEATURES = ("identity", "random", "kronecker", "structured")
 
     def __init__(self) -> None:
         super().__init__()

@@ -25,7 +25,7 @@ from .damping import resolve_damping
 class DataInf(Preconditioner):
     """DataInf's per-block closed form over the stored training rows."""
 
-    FEATURES = ("identity", "random", "kronecker")
+    FEATURES = ("identity", "random", "kronecker", "structured")
 
     def __init__(self, damping: float | None = None, damping_factor: float = 0.1):
         super().__init__(damping, damping_factor)

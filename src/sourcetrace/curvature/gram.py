@@ -21,7 +21,7 @@ MAX_BLOCK = 20_000
 
 
 class FeatureGram(Preconditioner):
-    FEATURES = ("identity", "random", "kronecker")
+    FEATURES = ("identity", "random", "kronecker", "structured")
     weighted = True
 
     def __init__(self, damping: float | None = None, damping_factor: float = 1.0):

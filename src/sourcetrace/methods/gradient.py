@@ -39,8 +39,10 @@ from .parts import COMBINATIONS, Combination, Cosine, DDANormalize, RelatIF
 SHARD_BYTES = 256 * 2**20  # a shard is read into memory whole while scoring
 STORE_WARN_BYTES = 2**30  # a fit whose stored rows would pass this is warned about before its first pass
 #: which options belong to which part, and the values of that part they apply to
-APPLIES = {"proj_dim": ("features", ("random",)), "rank": ("features", ("kronecker",)),
-           "projection": ("features", ("random", "kronecker")), "query_rank": ("features", ("identity",)),
+APPLIES = {"proj_dim": ("features", ("random", "structured")),
+           "rank": ("features", ("kronecker", "structured")),
+           "projection": ("features", ("random", "kronecker", "structured")),
+           "query_rank": ("features", ("identity",)),
            "out_to_loss": ("combination", ("ensemble",)), "dda_reference": ("dda", (True,))}
 
 
@@ -51,7 +53,8 @@ class GradientOptions(Options):
     Data: modules (fnmatch patterns of module names; default every trainable parameter), batch_size,
     fallback (torch.func for parameters outside supported layers), store_dtype.
     features: "identity", "random" (proj_dim, projection 'gaussian' | 'rademacher' | 'none', seed) or
-    "kronecker" (rank per side, projection, seed). query_rank: keep the top singular directions of each
+    "kronecker" (rank per side, projection, seed) or "structured" (kronecker, then proj_dim).
+    query_rank: keep the top singular directions of each
     weight block of the preconditioned query (identity features).
     curvature: a name from `sourcetrace.curvature` ("identity", "ekfac", "cg", "gauss-newton", ...);
     damping (λ added to the mean-loss curvature) or damping_factor (× the preconditioner's scale);
