@@ -114,7 +114,7 @@ def compact_for_lm(name: str, options: dict[str, Any], method: Any) -> Any:
         return method
     features, curvature = getattr(o, "features", None), getattr(o, "curvature", None)
     compact = {"identity": "kronecker" if curvature in KRONECKER_CURVATURES else None,
-               "random": "structured"}.get(features)
+               "random": "structured"}.get(str(features))
     if compact is None:
         return method
     try:
