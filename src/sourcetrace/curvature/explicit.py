@@ -10,6 +10,7 @@ With `ctx.folder`, the eigendecomposition is cached there, keyed by the paramete
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -123,8 +124,7 @@ class ExplicitCurvature(Preconditioner):
         tensor}) diag(s) C diag(s); eigendecomposed once, `scales` holding s flat per parameter."""
         total = None
         for ctx in contexts:
-            one = ExplicitCurvature(self.damping, self.damping_factor, self.kind, self.clip, self.block,
-                                    self.max_dim, self.chunk, self.batch_size)
+            one = copy.copy(self)  # the same options, fitted on one model
             one.fit(ctx)
             total = one.matrix() if total is None else total + one.matrix()
         assert total is not None

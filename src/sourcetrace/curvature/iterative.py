@@ -177,11 +177,6 @@ class CurvatureOperator:
                                  "(e.g. a diverged checkpoint)")
         return out
 
-    def mean_eigenvalue(self, probes: int = 32, seed: int = 0) -> float:
-        """tr(C)/dim by Hutchinson's estimator over `probes` Rademacher vectors."""
-        return hutchinson_trace(self, self.dim, probes=probes, seed=seed) / self.dim
-
-
 def lanczos(op: CurvatureOperator, steps: int, seed: int = 0, tol: float = 1e-10
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ritz values [m] (ascending) and vectors [m, dim] of C from `steps` Lanczos steps, float64.
@@ -248,9 +243,6 @@ class ProjectedOperator:
     def batch_product(self, vectors: torch.Tensor, batch: Any, hout: Any = None) -> torch.Tensor:
         return self._project(self.op.batch_product(self.features.back(vectors.double()), batch, hout))
 
-    def mean_eigenvalue(self, probes: int = 32, seed: int = 0) -> float:
-        return hutchinson_trace(self, self.dim, probes=probes, seed=seed) / self.dim
-
 
 class Iterative(Preconditioner):
     """Shared fit of CG, LiSSA and Arnoldi: the curvature operator (in feature space for random features)
@@ -269,10 +261,13 @@ class Iterative(Preconditioner):
         op = CurvatureOperator(ctx, self.kind, self.chunk, self.batch_size)
         return op if ctx.feature_kind() == "identity" else ProjectedOperator(op, ctx.features)
 
+    def _trace(self, ctx: CurvatureContext) -> float:
+        """tr(C) by Hutchinson's estimator over `probes` Rademacher vectors."""
+        return hutchinson_trace(self.op, self.op.dim, probes=self.probes, seed=ctx.seed)
+
     def _fit_operator(self, ctx: CurvatureContext) -> None:
         self.op = self._operator(ctx)
-        self.mean_eigenvalue = None if self.damping is not None else self.op.mean_eigenvalue(self.probes,
-                                                                                            ctx.seed)
+        self.mean_eigenvalue = None if self.damping is not None else self._trace(ctx) / self.op.dim
         self.lam = resolve_damping(self.damping, self.mean_eigenvalue, self.damping_factor)
 
 
@@ -423,7 +418,7 @@ class Arnoldi(Iterative):
         self.dropped = int((theta <= self.min_eigenvalue * max(top, 0.0)).sum())
         self.eigenvalues, self.eigenvectors = theta[keep], vecs[keep]
         need_trace = self.damping is None or self.residual == "mean"
-        trace = self.op.mean_eigenvalue(self.probes, ctx.seed) * self.op.dim if need_trace else None
+        trace = self._trace(ctx) if need_trace else None
         self.mean_eigenvalue = None if trace is None else trace / self.op.dim
         self.lam = resolve_damping(self.damping, self.mean_eigenvalue, self.damping_factor)
         rest = self.op.dim - len(self.eigenvalues)
