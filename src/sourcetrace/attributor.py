@@ -62,6 +62,11 @@ class Attributor:
         self._fitted = True
         return self
 
+    @property
+    def is_fitted(self) -> bool:
+        """Whether `fit` has run (scoring needs it)."""
+        return self._fitted
+
     def score(self, queries: Any, ids: list[Any] | None = None, *, top_k: int | None = None) -> Scores:
         """Scores [n_query, n_train] (positive = proponent); with `top_k`, only each query's extremes."""
         self._require_fit()

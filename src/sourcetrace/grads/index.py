@@ -2,11 +2,13 @@
 
 A score is an inner product, score(q, i) = w · (-(P q)ᵀ g_i), so a query's strongest proponents are the
 largest inner products of the stored rows with -w P q and its strongest opponents those with +w P q.
-`kind="flat"` searches exactly (FAISS IndexFlatIP, every row in RAM as float32); `kind="ivfpq"` clusters
+`kind="flat"` searches exactly (FAISS IndexFlatIP, every row in RAM as float32); `kind="ivfflat"` clusters
+the rows (IVF) and searches the `nprobe` clusters nearest each query, over uncompressed rows (scores exact,
+which rows make the top k approximate); `kind="ivfpq"` clusters
 the rows (IVF) and compresses them (product quantisation) for stores of millions of rows, searches
 `rerank` × k candidates and rescores them exactly from the store, so the returned scores are exact and only
 which rows make the top k is approximate (`recall` measures it against exact streaming). `kind="auto"`
-is flat below IVF_THRESHOLD rows. FAISS is an extra: `pip install sourcetrace[index]`.
+is flat below IVF_THRESHOLD rows and IVF-Flat from there. FAISS is an extra: `pip install sourcetrace[index]`.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from ..errors import InvalidOptionError, MissingExtraError, ShapeError
 from ..scores import Scores
 from .store import GradientStore
 
-KINDS = ("auto", "flat", "ivfpq")
-IVF_THRESHOLD = 1_000_000  # rows from which kind="auto" builds IVF-PQ instead of the exact flat index
+KINDS = ("auto", "flat", "ivfflat", "ivfpq")
+IVF_THRESHOLD = 100_000  # rows from which kind="auto" builds IVF-Flat instead of the exact flat index
 
 
 def _faiss() -> Any:
@@ -41,7 +43,8 @@ class GradientIndex:
     """An inner-product index over the rows of `store` (normalize=True: over unit rows, for cosines).
 
     `folder`: where the index is kept (a rerun with the same store and settings loads it); nlist, m and
-    nprobe: IVF-PQ's number of clusters, sub-quantisers and clusters searched (defaults scale with n).
+    nprobe: the IVF indexes' number of clusters, (IVF-PQ's) sub-quantisers and clusters searched (defaults
+    scale with n).
     """
 
     def __init__(self, store: GradientStore, *, kind: str = "auto", normalize: bool = False,
@@ -51,7 +54,7 @@ class GradientIndex:
             raise InvalidOptionError(f"index kind must be one of {', '.join(KINDS)}; got {kind!r}")
         faiss = _faiss()
         self.store, self.normalize, self.rerank = store, normalize, max(1, int(rerank))
-        self.kind = kind if kind != "auto" else ("ivfpq" if store.n >= IVF_THRESHOLD else "flat")
+        self.kind = kind if kind != "auto" else ("ivfflat" if store.n >= IVF_THRESHOLD else "flat")
         n, dim = store.n, store.dim
         self.nlist = nlist or max(1, min(int(math.sqrt(n)), n // 39))  # FAISS wants ≥ 39 rows a cluster
         self.m = m or _subquantisers(dim)
@@ -64,11 +67,15 @@ class GradientIndex:
             path = folder / "index.faiss"
             if check_manifest(folder, key, what="gradient index") and path.exists():
                 self.index = faiss.read_index(str(path))
-                if self.kind == "ivfpq":
+                if self.kind != "flat":
                     self.index.nprobe = self.nprobe
                 return
         if self.kind == "flat":
             self.index = faiss.IndexFlatIP(dim)
+        elif self.kind == "ivfflat":
+            self._quantizer = faiss.IndexFlatIP(dim)
+            self.index = faiss.IndexIVFFlat(self._quantizer, dim, self.nlist, faiss.METRIC_INNER_PRODUCT)
+            self.index.train(self._sample(40 * self.nlist, seed))
         else:
             if dim % self.m:
                 raise InvalidOptionError(f"m={self.m} sub-quantisers must divide the row width {dim}")
@@ -81,7 +88,7 @@ class GradientIndex:
 
         for _, _, rows in tqdm(store.shards(), total=store.num_shards, desc="index", disable=not progress):
             self.index.add(self._prepare(rows))
-        if self.kind == "ivfpq":
+        if self.kind != "flat":
             self.index.nprobe = self.nprobe
         if path is not None:
             atomic_write(path, lambda tmp: faiss.write_index(self.index, tmp))
@@ -105,7 +112,7 @@ class GradientIndex:
             raise ShapeError(f"query rows must be [n, {self.store.dim}]; got {tuple(queries.shape)}")
         k = min(int(k), self.store.n)
         q = np.ascontiguousarray(queries.float().numpy())
-        if self.kind == "flat":
+        if self.kind != "ivfpq":  # flat and IVF-Flat hold the rows themselves: their scores are exact
             values, index = self.index.search(q, k)
             return torch.from_numpy(values).double(), torch.from_numpy(index).long()
         _, cand = self.index.search(q, min(self.store.n, self.rerank * k))
@@ -157,7 +164,7 @@ class AttributorIndex:
     def __init__(self, attributor: Any, **options: Any):
         method: Any = getattr(attributor, "method", None)
         stores = getattr(method, "stores", None)
-        if not getattr(attributor, "_fitted", False) or not stores:
+        if not getattr(attributor, "is_fitted", False) or not stores:
             raise InvalidOptionError("index a fitted Attributor of a gradient method: call fit() first")
         comb = method.combination
         cosine = bool(method.options.cosine)
