@@ -56,6 +56,7 @@ CASES = [
     ("influence", {"features": "random", "proj_dim": 12, "curvature": "gauss-newton"}),
     ("tracin", {"trajectory": True}), ("tracin", {"trajectory": True, "dda": True}),
     ("grad-cos", {"trajectory": True, "dda": True}), ("ekfac", {"trajectory": True, "dda": True}),
+    ("ekfac", {"trajectory": True, "dda": True, "dda_reference": 8}),
     ("source", {"trajectory": True, "segments": 2}), ("replay", {"trajectory": True}),
 ]
 _FITTED: dict[int, st.Attributor] = {}

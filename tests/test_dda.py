@@ -105,9 +105,9 @@ def test_project_out_base_against_explicit_gradients():
 
 
 def test_dda_option_equals_the_standalone_default():
-    """`dda=True` equals per-checkpoint scores combined by `dda.combine` with fitting errors, each column then
-    divided by its root-mean-square over a fixed reference set (here every training example, its own row
-    left out), computed by hand from separate Attributors."""
+    """`dda=True` equals per-checkpoint scores combined by `dda.combine` with fitting errors, computed by hand
+    from separate Attributors; with `dda_reference`, each column is then divided by its root-mean-square over
+    the reference: given queries, or training examples with each one's own row left out."""
     import sourcetrace as st
     from sourcetrace.methods import dda as dda_mod
 
@@ -121,9 +121,8 @@ def test_dda_option_equals_the_standalone_default():
         torch.nn.functional.cross_entropy(tuned(x), y).backward()
         opt.step()
     states = [copy.deepcopy(base.state_dict()), copy.deepcopy(tuned.state_dict())]
-    task, queries = st.ClassificationTask(), (x[:4], y[:4])
-    got = st.Attributor(tuned, task, "grad-dot", checkpoints=states, dda=True, store_dtype="float64",
-                        progress=False).fit((x, y)).score(queries)
+    task, queries = st.ClassificationTask(), (x[:4] + 0.3, y[:4])
+    held_out = (torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,)))
     models = []
     for state in states:
         model = copy.deepcopy(tuned)
@@ -135,11 +134,33 @@ def test_dda_option_equals_the_standalone_default():
                for m in models]
         return dda_mod.combine(per, dda_mod.fitting_errors(models, task, q)).matrix
 
-    reference = combined((x, y))  # [30 reference rows, 30 columns]
-    off_diagonal = reference.pow(2).sum(0) - reference.diagonal().pow(2)
-    want = combined(queries) / (off_diagonal / 29).sqrt()
-    assert torch.allclose(got.matrix.double(), want, rtol=1e-9, atol=1e-12)
-    # one query alone gets the same scores (before, the normalisation used the queries scored together)
-    alone = st.Attributor(tuned, task, "grad-dot", checkpoints=states, dda=True, store_dtype="float64",
-                          progress=False).fit((x, y)).score((x[:1], y[:1]))
-    assert torch.allclose(alone.matrix, want[:1], rtol=1e-10, atol=1e-12)
+    def option(q, **reference):
+        return st.Attributor(tuned, task, "grad-dot", checkpoints=states, dda=True, store_dtype="float64",
+                             progress=False, **reference).fit((x, y)).score(q).matrix.double()
+
+    plain = combined(queries)
+    assert torch.allclose(option(queries), plain, rtol=1e-9, atol=1e-12)
+    on_train = combined((x, y))  # [30 reference rows, 30 columns]
+    off_diagonal = on_train.pow(2).sum(0) - on_train.diagonal().pow(2)
+    assert torch.allclose(option(queries, dda_reference=30), plain / (off_diagonal / 29).sqrt(),
+                          rtol=1e-9, atol=1e-12)
+    want = plain / combined(held_out).pow(2).mean(0).sqrt()
+    assert torch.allclose(option(queries, dda_reference=held_out), want, rtol=1e-9, atol=1e-12)
+    # one query alone gets the same scores as in its batch
+    assert torch.allclose(option((queries[0][:1], queries[1][:1]), dda_reference=held_out), want[:1],
+                          rtol=1e-10, atol=1e-12)
+
+
+def test_dda_reference_is_checked_and_fingerprinted(tmp_path):
+    import sourcetrace as st
+    from sourcetrace.errors import InvalidOptionError
+
+    model = torch.nn.Linear(3, 2)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(InvalidOptionError, match="dda_reference must be"):
+            st.Attributor(model, st.ClassificationTask(), "grad-dot", dda=True, dda_reference=bad)
+    ref = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    a, b = (st.Attributor(model, st.ClassificationTask(), "grad-dot", dda=True, dda_reference=r)
+            for r in (ref, (ref[0] + 1, ref[1])))
+    assert a._options["dda_reference"]["examples"] == 4
+    assert a._options["dda_reference"] != b._options["dda_reference"]  # another reference: another workdir

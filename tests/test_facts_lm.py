@@ -138,10 +138,23 @@ def test_dda_verdict_is_computed_from_the_rows():
     assert "highest mean MRR is DDA[EK-FAC] other (0.683; the default: 0.617)" in text
 
 
+def test_cross_normalised_divides_each_half_by_the_other_halfs_rms():
+    scores = np.random.default_rng(0).normal(size=(7, 5))
+    got = fl.cross_normalised(scores, seed=3)
+    order = np.random.default_rng(3).permutation(7)
+    a, b = order[:3], order[3:]
+    for rows, ref in ((a, b), (b, a)):
+        for i in rows:
+            for j in range(5):
+                rms = np.sqrt(sum(scores[r, j] ** 2 for r in ref) / len(ref))
+                assert got[i, j] == pytest.approx(scores[i, j] / rms)
+
+
 def test_reporting_settings_run_the_ekfac_dda_rows(tmp_path):
     t = fl.trained(fl.FactsSetting.small(), tmp_path)
     labels = set(fl.method_scores(t, fl.REPORTING_METHODS, finetune_steps=6))
-    assert fl.DDA_DEFAULT in labels and "TracIn (fine-tuning checkpoints)" in labels
+    assert "DDA[EK-FAC] checkpoints, fitting-error weights, standardized" in labels
+    assert "TracIn (fine-tuning checkpoints)" in labels
     assert "EK-FAC (base)" in labels and "BM25 (prompt only)" in labels
     assert not any("TRAK" in x or "SOURCE" in x or "dda=True" in x for x in labels)
     assert {s for s, _, _ in fl.SETTINGS.values()} == {"tuning", "reporting"}

@@ -199,7 +199,7 @@ def _scores(config: dict[str, Any], trajectory_dir: str, method: str, n_queries:
     elif method.endswith("-dda"):  # the checkpoints of the last stage, from its start (the "base") on
         first = max([0, *(stage.start for stage in traj.stages)])
         states = [traj.checkpoint(c)[0] for c in traj.checkpoints if c >= first]
-        options = {"checkpoints": states, "dda": True}
+        options = {"checkpoints": states, "dda": True, "dda_reference": 256}
         method = method[: -len("-dda")]
     attr = sourcetrace.Attributor(model, sourcetrace.ClassificationTask(), method, workdir=None,
                                   progress=False, **options)
@@ -417,8 +417,8 @@ def render(path: Path = Path("benchmarks/replay.json")) -> Path:
         f"the path w = 1 → 0. replay-half-8-orders (`at={half:g}, orders={orders}`): that derivative "
         f"averaged over the recorded order and {orders - 1} re-shuffles of it (each replayed from the "
         "start), which sees the data-order part of the seed noise of retraining. tracin-dda / ekfac-dda: "
-        "`dda=True` over the checkpoints of the last stage from its start (for two-stage, the pre-trained "
-        "model is the base).",
+        "`dda=True, dda_reference=256` over the checkpoints of the last stage from its start (for two-stage, "
+        "the pre-trained model is the base; columns normalised over 256 training examples).",
         "Ground truths. random: other seeds change the data order and the initialisation; that noise is part "
         "of what is predicted and no single-run attribution sees it. recorded order: exactly the "
         "perturbations w_i: 1 → 0 that replay differentiates.",

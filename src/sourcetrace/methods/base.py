@@ -101,6 +101,8 @@ def example_shapes(batch: Any) -> Any:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Trajectory):
         return {"trajectory": str(value.workdir), "fingerprint": value.fingerprint()}
+    if isinstance(value, Examples):
+        return {"examples": len(value), "fingerprint": value.fingerprint()}
     if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
         return {"state_dict": state_fingerprint(value)}
     if isinstance(value, (list, tuple)):

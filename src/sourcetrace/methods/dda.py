@@ -19,11 +19,12 @@ measured on `sourcetrace bench facts-lm` (figures in benchmarks/facts-lm.md):
   denoise: an example fitted less than others has larger gradients and would outscore them everywhere).
 
 `dda=True` on a gradient method is this project's reading of the paper, not its published equations:
-`combine` with fitting-error weights, then each column divided by its root-mean-square over a fixed
-reference set of training examples chosen when fitting (`dda_reference`, seeded), so one query scored alone
-gets the scores it gets in any batch. `dda(per_checkpoint, errors)` here normalises over the rows it is
-given instead (an analysis tool for a fixed query set). The figures of benchmarks/facts-lm.md and
-benchmarks/replay.md say which normalisation they were measured with.
+`combine` with fitting-error weights. With `dda_reference` (queries like the ones to be scored, or a number of
+training examples) each column is then divided by its root-mean-square over that reference set, fixed when
+fitting, so one query scored alone gets the scores it gets in any batch. Without it there is no train-side
+normalisation: over training examples it lowered MRR on facts-lm's tuning setting. `dda(per_checkpoint,
+errors)` here normalises over the rows it is given instead (an analysis tool for a fixed query set). The
+figures of benchmarks/facts-lm.md and benchmarks/replay.md say which normalisation they were measured with.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from ..scores import Scores
 from .gradient import reduce_blocks
 from .parts import fitting_errors
 
-#: the default: fitting-error-weighted mean of per-query standardized checkpoint scores, each training
-#: example's column then divided by its root-mean-square (over a reference set for `dda=True`)
+#: `dda()`'s composition: fitting-error-weighted mean of per-query standardized checkpoint scores, each
+#: training example's column then divided by its root-mean-square over the rows scored
 DEFAULT = {"standardize": True, "weights": "fitting-error", "normalize_train": True}
 
 
@@ -157,10 +158,10 @@ def project_out_base(ft: Any, base: Any, queries: Any, *, mode: str = "project")
 
 def dda(per_checkpoint: Sequence[Scores], errors: torch.Tensor, *, standardize: bool = True,
         normalize_train: bool = True) -> Scores:
-    """The default DDA: checkpoint scores (base model first) standardized per query and weighted by the
-    query's fitting error at each checkpoint (`fitting_errors`), then each training example's column
+    """DDA over a fixed query set: checkpoint scores (base model first) standardized per query and weighted by
+    the query's fitting error at each checkpoint (`fitting_errors`), then each training example's column
     divided by its root-mean-square over these queries (`normalize_train`: it depends on the query set;
-    `dda=True` on an Attributor uses a fixed reference set instead).
+    `dda=True` on an Attributor normalises over a fixed `dda_reference` or not at all).
 
     The weights only carry signal when some checkpoints were taken while the queries' facts were being
     learned: record checkpoints densely early in fine-tuning (facts-lm uses a geometric schedule)."""

@@ -62,8 +62,9 @@ class GradientOptions(Options):
     combination: "single", "tracin" (checkpoints, learning_rates), "ensemble" (checkpoints, out_to_loss
     'mean' | 'per-model'); trajectory: a run recorded with `TrajectoryRecorder` instead of checkpoints.
     cosine: grad-cos. relatif: divide by √self-influence. dda: Debias and Denoise Attribution (checkpoints
-    from the base model on, fitting-error weights, train-side normalisation over `dda_reference` training
-    examples; this project's reading of the paper, see `methods.dda`).
+    from the base model on, fitting-error weights; with `dda_reference` (queries like yours, or a number of
+    training examples) also a train-side normalisation over them; this project's reading of the paper, see
+    `methods.dda`).
     """
 
     modules: tuple[str, ...] | list[str] | None = None
@@ -88,13 +89,15 @@ class GradientOptions(Options):
     cosine: bool = False
     relatif: bool = False
     dda: bool = False
-    dda_reference: int = 256
+    dda_reference: Any = None
 
     def __post_init__(self) -> None:
         if self.trajectory is not None:
             if self.checkpoints is not None:
                 raise InvalidOptionError("give trajectory=... or checkpoints=[...], not both")
             object.__setattr__(self, "trajectory", as_trajectory(self.trajectory))
+        if self.dda_reference is not None and not isinstance(self.dda_reference, (int, float)):
+            object.__setattr__(self, "dda_reference", Examples(self.dda_reference, name="dda_reference"))
         checks = [
             (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be an integer >= 1",
              self.batch_size),
@@ -112,7 +115,10 @@ class GradientOptions(Options):
              f"combination must be one of {', '.join(COMBINATIONS)}", self.combination),
             (self.out_to_loss in ("mean", "per-model"), "out_to_loss must be 'mean' or 'per-model'",
              self.out_to_loss),
-            (self.dda_reference >= 1, "dda_reference must be at least 1", self.dda_reference),
+            (self.dda_reference is None or isinstance(self.dda_reference, Examples)
+             or (type(self.dda_reference) is int and self.dda_reference >= 1),
+             "dda_reference must be reference queries (a dataset) or a number >= 1 of training examples",
+             self.dda_reference),
             (self.learning_rates is None or (self.checkpoints is not None and len(self.learning_rates)
                                              == len(self.checkpoints)),
              "give one learning rate per checkpoint", self.learning_rates),
@@ -229,7 +235,8 @@ class GradientMethod(Method):
                             for c, col in enumerate(self.columns)]
         self._self_influence: torch.Tensor | None = None
         self.final: torch.Tensor | None = None
-        finals = ([RelatIF()] if o.relatif else []) + ([DDANormalize()] if o.dda else [])
+        normalise = o.dda and o.dda_reference is not None
+        finals = ([RelatIF()] if o.relatif else []) + ([DDANormalize()] if normalise else [])
         scale = [p.fit(self, ctx, train) for p in finals]
         self.final = torch.stack(scale).prod(0) if scale else None
 

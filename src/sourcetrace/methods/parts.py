@@ -208,20 +208,25 @@ class RelatIF:
 
 
 class DDANormalize:
-    """DDA's train-side denoise: each column divided by its root-mean-square over a fixed reference set of
-    `dda_reference` training examples (seeded), each example's own row left out of its column. Fitted once,
-    so one query scored alone gets the same scores as in any batch."""
+    """DDA's train-side denoise: each column divided by its root-mean-square over a fixed reference set,
+    fitted once so that one query scored alone gets the same scores as in any batch. The reference is
+    `dda_reference`: queries like the ones to be scored, or a number of training examples (seeded), each
+    example's own row then left out of its column."""
 
     def fit(self, method: Any, ctx: Any, train: Examples) -> torch.Tensor:
-        k = min(int(method.options.dda_reference), len(train))
-        gen = torch.Generator().manual_seed(method.options.seed)
-        idx = sorted(torch.randperm(len(train), generator=gen)[:k].tolist())
-        ref = Examples([train[i] for i in idx], ids=[train.ids[i] for i in idx], name="DDA reference")
+        reference = method.options.dda_reference
+        if isinstance(reference, Examples):
+            ref, idx = reference, []
+        else:
+            k = min(int(reference), len(train))
+            gen = torch.Generator().manual_seed(method.options.seed)
+            idx = sorted(torch.randperm(len(train), generator=gen)[:k].tolist())
+            ref = Examples([train[i] for i in idx], ids=[train.ids[i] for i in idx], name="DDA reference")
         feats = method.query_features(ctx, ref)
         weights = method.combination.query_weights(method, ctx, ref)
         total = torch.zeros(len(train), dtype=torch.float64)
-        count = torch.full((len(train),), float(k), dtype=torch.float64)
-        rows = torch.tensor(idx)
+        count = torch.full((len(train),), float(len(ref)), dtype=torch.float64)
+        rows = torch.tensor(idx, dtype=torch.long)
         for lo, hi, block in method.blocks(feats, weights, final=False):
             block = block.double()
             total[lo:hi] += block.pow(2).sum(0)
