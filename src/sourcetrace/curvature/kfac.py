@@ -217,8 +217,8 @@ class _Block:
         return m if self.qa is None else m @ self.qa.T
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not torch.isfinite(t).all():
+def _check_finite(name: str, *tensors: torch.Tensor) -> None:
+    if not all(torch.isfinite(t).all() for t in tensors):
         raise NonFiniteError(f"the Fisher statistics of {name} are NaN or infinite; check the model and the "
                              "data (e.g. a diverged checkpoint or inputs with NaN)")
 
@@ -263,12 +263,6 @@ class KFAC(Preconditioner):
         gen = torch.Generator().manual_seed((ctx.seed * 1_000_003 + index) % (2**63 - 1))
         return lambda model, batch: sampled(model, batch, gen)
 
-    @staticmethod
-    def _own_capture(ctx: CurvatureContext) -> CurvatureContext:
-        """The context with a shallow copy of its capture: torch.func cannot vmap a sampled loss, and the
-        capture's switch to its per-example loop must not stay on for the caller's later gradients."""
-        return replace(ctx, capture=copy.copy(ctx.capture))
-
     def _passes(self, ctxs: Sequence[CurvatureContext], desc: str
                 ) -> Iterator[tuple[CurvatureContext, int, Any]]:
         """(context, batch index, batch) over every model's training data in turn."""
@@ -299,7 +293,6 @@ class KFAC(Preconditioner):
     def _cache(self, ctx: CurvatureContext) -> Path | None:
         return None if ctx.folder is None else Path(ctx.folder) / f"{self.name}.safetensors"
 
-
     def fit(self, ctx: CurvatureContext) -> None:
         self.fit_average([ctx], cache=True)
 
@@ -316,7 +309,9 @@ class KFAC(Preconditioner):
         start = time.perf_counter()
         if not contexts:
             raise InvalidOptionError("fit_average needs at least one model")
-        ctxs = [self._own_capture(c) for c in contexts]
+        # each context with its own shallow copy of the capture: torch.func cannot vmap a sampled loss, and
+        # the capture's switch to its per-example loop must not stay on for the caller's later gradients
+        ctxs = [replace(c, capture=copy.copy(c.capture)) for c in contexts]
         self.layout = {name: sl for name, _, sl in ctxs[0].layout()}
         for c in ctxs:  # settles which parameters need the fallback
             c.capture.per_example(c.task.train_loss, next(c.batches()))
@@ -327,7 +322,8 @@ class KFAC(Preconditioner):
         self.scales = None
         if scale is not None:
             self._set_scales(scale)
-        cached = load_tensors(self._cache(ctxs[0]), self._key(ctxs[0])) if cache else None
+        path = self._cache(ctxs[0]) if cache else None
+        cached = load_tensors(path, self._key(ctxs[0])) if path is not None else None
         if not distributed.all_agree(cached is not None):  # under torchrun: refit only all together
             cached = None
         if cached is not None:
@@ -339,7 +335,6 @@ class KFAC(Preconditioner):
             if self.corrected or self.diag_names:
                 self._second_moments(ctxs)
                 self._all_reduce("lam_sum", "lam_count")
-            path = self._cache(ctxs[0]) if cache else None
             if path is not None:
                 save_tensors(path, self._tensors(), self._key(ctxs[0]))
         self._finish()
@@ -450,8 +445,7 @@ class KFAC(Preconditioner):
         """Eigendecompositions of A and S in float64; tiny negative eigenvalues (round-off) clipped to 0."""
         for b in self.blocks:
             assert b.a_sum is not None and b.s_sum is not None
-            _check_finite(b.layer, b.a_sum)
-            _check_finite(b.layer, b.s_sum)
+            _check_finite(b.layer, b.a_sum, b.s_sum)
             a = b.a_sum / max(b.a_count, 1.0)
             s = b.s_sum / max(b.s_count, 1.0)
             if b.kind == "embedding":
@@ -508,9 +502,8 @@ class KFAC(Preconditioner):
         self.diag: dict[str, torch.Tensor] = {}
         self.diag_damp: dict[str, float] = {}
         for name in self.diag_names:
-            d = self.diag_sum[name] / max(self.diag_count, 1.0)
+            self.diag[name] = d = self.diag_sum[name] / max(self.diag_count, 1.0)
             _check_finite(name, d)
-            self.diag[name] = d
             self.diag_damp[name] = self._mean_damping(d)
 
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
