@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("rdflib")
 pytest.importorskip("pyoxigraph")
 
-from sourcetrace.bench.kg_attribution import KGSetting, diagnose  # noqa: E402
+from sourcetrace.bench.kg_attribution import KGSetting, diagnose, probe_sets  # noqa: E402
 from sourcetrace.demos import kg as garments  # noqa: E402
 
 
@@ -70,3 +70,22 @@ def test_diagnosis_against_hand_counts(tmp_path):
         assert out["idf_spread"][rel] == pytest.approx(max(w) / min(w))
     with pytest.raises(ValueError, match="data must be one of"):
         diagnose(KGSetting(data="other"), tmp_path / "x")
+
+
+def test_probe_sets_remove_what_they_say():
+    _, attrs = garments.make_garments(2, 0)
+    prompt = attrs[100]
+    sets = probe_sets(prompt, attrs, seed=3)
+    exact = [i for i, a in enumerate(attrs) if a == prompt]
+    assert len(exact) == 2 and sets.pop("exact matches alone") == exact
+    for name, removed in sets.items():
+        assert removed[:2] == exact and len(set(removed)) == len(removed)
+        extra = [{r for r in prompt if attrs[i][r] != prompt[r]} for i in removed[2:]]
+        if "only" in name:
+            rel = name.split()[-2]
+            assert len(extra) == 2 and all(e == {rel} for e in extra)
+        elif "3 or more" in name:
+            assert len(extra) == 2 and all(len(e) >= 3 for e in extra)
+        else:
+            assert len(extra) == 8 and all(len(e) == 1 for e in extra)
+    assert {n.split()[-2] for n in sets if "only" in n} == set(garments.ATTRIBUTES)
