@@ -431,7 +431,16 @@ def run(
     }
     notes = _notes(rows, s, deltas, read_accuracy, float(before[np.array(split) == "reporting"].mean()))
     notes += _why_notes(why, s)
-    notes += _probe_notes(probe(replace(s, data="uniform"), workdir / "diagnosis" / "uniform"), s)
+    probes = probe(replace(s, data="uniform"), workdir / "diagnosis" / "uniform")
+    notes += _probe_notes(probes, s)
+    extra = {
+        "paired": _paired(deltas, s),
+        "diagnosis": {
+            data: {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in w.items()}
+            for data, w in why.items()
+        },
+        "probes_uniform": {name: [round(float(x), 5) for x in d] for name, d in probes.items()},
+    }
     present = len({tuple(a.values()) for a in attrs})
     data_text = (
         f"{n_train} procedural 16×16 garments ({len(combos)} attribute combinations × {s.per_combination})"
@@ -495,6 +504,7 @@ def run(
         info,
         columns,
         notes,
+        extra=extra,
     )
 
 
@@ -555,27 +565,18 @@ def _notes(
         "prompts)",
         "",
     ]
-    pairs = [
-        (f"kg {m}|{rate}", f"kg {b}|{rate}")
-        for rate in s.error_rates
-        for m, b in (("relation", "count"), ("idf-jaccard", "count"), ("idf-jaccard", "relation"))
-    ]
-    if s.tiebreak_control:
-        pairs.append((f"{CONTROL}|0.0", "kg relation|0.0"))
-    for a, b in pairs:
-        d = deltas[("reporting", a)] - deltas[("reporting", b)]
-        lo, hi = _bootstrap(d, s.bootstrap, 7)
-        other = b.split("|")[0].removeprefix("kg ")
+    for p in _paired(deltas, s):
+        other = p["against"]
         verdict = (
             f"beats {other} (CI below 0)"
-            if hi < 0
+            if p["hi"] < 0
             else f"loses to {other} (CI above 0)"
-            if lo > 0
+            if p["lo"] > 0
             else f"is not distinguishable from {other} (CI spans 0)"
         )
         notes.append(
-            f"- {a.split('|')[0].removeprefix('kg ')} at {float(a.split('|')[1]):.0%}: Δ − Δ {other} = "
-            f"{d.mean():.5f} [{lo:.5f}, {hi:.5f}]: {verdict}."
+            f"- {p['ranking']} at {float(p['error_rate']):.0%}: Δ − Δ {other} = "
+            f"{p['mean']:.5f} [{p['lo']:.5f}, {p['hi']:.5f}]: {verdict}."
         )
     if s.tiebreak_control:
         notes.append(
@@ -583,6 +584,33 @@ def _notes(
             "of equal score; a difference between measures no larger than it may be the tie-break alone."
         )
     return notes
+
+
+def _paired(deltas: dict, s: KGSetting) -> list[dict[str, Any]]:
+    """Paired differences of Δ between KG rankings on the reporting prompts, with bootstrap CIs."""
+    pairs = [
+        (f"kg {m}|{rate}", f"kg {b}|{rate}")
+        for rate in s.error_rates
+        for m, b in (("relation", "count"), ("idf-jaccard", "count"), ("idf-jaccard", "relation"))
+    ]
+    if s.tiebreak_control:
+        pairs.append((f"{CONTROL}|0.0", "kg relation|0.0"))
+    out = []
+    for a, b in pairs:
+        d = deltas[("reporting", a)] - deltas[("reporting", b)]
+        lo, hi = _bootstrap(d, s.bootstrap, 7)
+        out.append(
+            {
+                "ranking": a.split("|")[0].removeprefix("kg "),
+                "against": b.split("|")[0].removeprefix("kg "),
+                "error_rate": a.split("|")[1],
+                "mean": round(float(d.mean()), 5),
+                "lo": lo,
+                "hi": hi,
+                "ci": f"[{lo:.5f}, {hi:.5f}]",
+            }
+        )
+    return out
 
 
 def _why_notes(why: dict[str, dict[str, Any]], s: KGSetting) -> list[str]:
