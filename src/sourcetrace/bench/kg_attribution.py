@@ -608,6 +608,7 @@ def _paired(deltas: dict, s: KGSetting) -> list[dict[str, Any]]:
                 "lo": lo,
                 "hi": hi,
                 "ci": f"[{lo:.5f}, {hi:.5f}]",
+                "text": f"{d.mean():.5f} [{lo:.5f}, {hi:.5f}]",
             }
         )
     return out
