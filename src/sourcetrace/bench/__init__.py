@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "ekfac-scaling": "ekfac_scaling:scaling_benchmark",
     "facts-lm": "facts_lm:run",
     "kg-attribution": "kg_attribution:run",
+    "kg-attribution-overlap": "kg_attribution:run_overlap",
     "lm-speed": "lm_speed:run",
     "llm-trial": "llm_trial:run",
     "music-attribution": "music_attribution:run",

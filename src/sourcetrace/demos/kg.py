@@ -30,6 +30,16 @@ INVENTED: dict[str, list[str]] = {
     "hasOpeningType": ["zip-up", "single breasted", "no opening"],
 }
 VOCABULARY = {**ATTRIBUTES, **INVENTED}
+# a harder schema (benchmark `kg-attribution-overlap`): the pattern's marks drawn in a second colour, so the
+# colour values are shared by two relations; hasPatternColor differs from hasColor
+TWO_COLOUR: dict[str, list[str]] = {
+    "hasSilhouette": ATTRIBUTES["hasSilhouette"],
+    "hasLength": ATTRIBUTES["hasLength"],
+    "hasColor": ATTRIBUTES["hasColor"],
+    "hasPattern": ["striped", "checked", "dotted"],
+    "hasPatternColor": ATTRIBUTES["hasColor"],
+    "hasMaterialType": ATTRIBUTES["hasMaterialType"],
+}
 RGB = {
     "red": (0.85, 0.15, 0.15),
     "blue": (0.15, 0.3, 0.9),
@@ -42,6 +52,8 @@ BACKGROUND = 0.55
 def caption(attrs: dict[str, str]) -> str:
     material = "" if attrs["hasMaterialType"] == "plain" else " knit"
     pattern = "" if attrs["hasPattern"] == "plain" else f" {attrs['hasPattern']}"
+    if "hasPatternColor" in attrs:
+        pattern += f" ({attrs['hasPatternColor']} marks)"
     return (
         f"a {attrs['hasLength']} {attrs['hasColor']}{pattern}{material} garment with "
         f"{'an' if attrs['hasSilhouette'][0] == 'a' else 'a'} {attrs['hasSilhouette']} silhouette"
@@ -63,29 +75,38 @@ def render(attrs: dict[str, str], rng: np.random.Generator | None = None) -> np.
     colour = np.array(RGB[attrs["hasColor"]])
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     pattern = attrs["hasPattern"]
-    shade = np.ones((SIZE, SIZE))
+    marks, dark = np.zeros((SIZE, SIZE), bool), 1.0
     if pattern == "striped":
-        shade = np.where((yy // 2) % 2 == 0, 1.0, 0.35)
+        marks, dark = (yy // 2) % 2 == 1, 0.35
     elif pattern == "checked":
-        shade = np.where(((yy // 2) + (xx // 2)) % 2 == 0, 1.0, 0.35)
+        marks, dark = ((yy // 2) + (xx // 2)) % 2 == 1, 0.35
     elif pattern == "dotted":
-        shade = np.where((yy % 3 == 1) & (xx % 3 == 1), 0.25, 1.0)
-    if attrs["hasMaterialType"] == "knit":
-        shade = shade * np.where((xx + yy) % 2 == 0, 1.0, 0.75)
+        marks, dark = (yy % 3 == 1) & (xx % 3 == 1), 0.25
+    knit = (
+        np.where((xx + yy) % 2 == 0, 1.0, 0.75)
+        if attrs["hasMaterialType"] == "knit"
+        else np.ones((SIZE, SIZE))
+    )
+    if "hasPatternColor" in attrs:  # marks in a second colour
+        fill = np.where(marks[..., None], np.array(RGB[attrs["hasPatternColor"]]), colour) * knit[..., None]
+    else:  # marks in a darker shade of the colour
+        fill = colour * (np.where(marks, dark, 1.0) * knit)[..., None]
     centre = SIZE / 2 - 0.5 + dx
     for r, h in zip(rows, half):
         cols = np.abs(np.arange(SIZE) - centre) <= h
-        img[r, cols] = colour * shade[r, cols, None]
+        img[r, cols] = fill[r, cols]
     if rng is not None:
         img = img + rng.normal(0, 0.03, img.shape)
     return np.clip(img, 0, 1)
 
 
-def all_combinations() -> list[dict[str, str]]:
+def all_combinations(schema: dict[str, list[str]] = ATTRIBUTES) -> list[dict[str, str]]:
+    """Every attribute combination of the schema (a pattern colour differs from the garment's colour)."""
     import itertools
 
-    names = list(ATTRIBUTES)
-    return [dict(zip(names, values)) for values in itertools.product(*ATTRIBUTES.values())]
+    names = list(schema)
+    combos = [dict(zip(names, values)) for values in itertools.product(*schema.values())]
+    return [a for a in combos if a.get("hasPatternColor") != a["hasColor"]]
 
 
 def make_garments(per_combination: int = 2, seed: int = 0) -> tuple[np.ndarray, list[dict[str, str]]]:
@@ -95,10 +116,33 @@ def make_garments(per_combination: int = 2, seed: int = 0) -> tuple[np.ndarray, 
     return np.stack([render(a, rng) for a in attrs]).astype(np.float32), attrs
 
 
-def condition(attrs: list[dict[str, str]]) -> torch.Tensor:
-    """The one-hot code of each image's attributes, [n, 15]."""
+def sample_garments(
+    n: int, tail: float, schema: dict[str, list[str]] = ATTRIBUTES, seed: int = 0
+) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """`n` garments with long-tailed attributes: the i-th value of a relation has probability ∝ tail**i.
+
+    Each image's relations are drawn independently, but a pattern colour among the colours other than the
+    garment's.
+    """
+    if not 0 < tail <= 1:
+        raise ValueError(f"tail must be in (0, 1]; got {tail}")
+    rng = np.random.default_rng(seed)
+    attrs = []
+    for _ in range(n):
+        a: dict[str, str] = {}
+        for rel, values in schema.items():
+            p = tail ** np.arange(len(values), dtype=float)
+            if rel == "hasPatternColor":
+                p = p * (np.array(values) != a["hasColor"])
+            a[rel] = values[rng.choice(len(values), p=p / p.sum())]
+        attrs.append(a)
+    return np.stack([render(a, rng) for a in attrs]).astype(np.float32), attrs
+
+
+def condition(attrs: list[dict[str, str]], schema: dict[str, list[str]] = ATTRIBUTES) -> torch.Tensor:
+    """The one-hot code of each image's attributes, [n, Σ values per relation] (15 for `ATTRIBUTES`)."""
     parts = []
-    for rel, values in ATTRIBUTES.items():
+    for rel, values in schema.items():
         idx = torch.tensor([values.index(a[rel]) for a in attrs])
         parts.append(nn.functional.one_hot(idx, len(values)).float())
     return torch.cat(parts, 1)
@@ -139,12 +183,13 @@ def train_generator(
     batch: int = 32,
     lr: float = 3e-3,
     seed: int = 0,
+    schema: dict[str, list[str]] = ATTRIBUTES,
 ) -> ConditionalVAE:
     """Train the generator on the images where `keep` is true (all by default); same seed, same run."""
     torch.manual_seed(seed)
-    model = ConditionalVAE()
+    c = condition(attrs, schema)
+    model = ConditionalVAE(cond=c.shape[1])
     x = torch.as_tensor(images).reshape(len(images), -1)
-    c = condition(attrs)
     idx = np.arange(len(images)) if keep is None else np.flatnonzero(keep)
     x, c = x[idx], c[idx]
     gen = torch.Generator().manual_seed(seed)
@@ -159,9 +204,14 @@ def train_generator(
 
 
 @torch.no_grad()
-def generate(model: ConditionalVAE, attrs: dict[str, str], noise: torch.Tensor) -> np.ndarray:
+def generate(
+    model: ConditionalVAE,
+    attrs: dict[str, str],
+    noise: torch.Tensor,
+    schema: dict[str, list[str]] = ATTRIBUTES,
+) -> np.ndarray:
     """Images for one prompt from the given latent noise [n, 8]: [n, 16, 16, 3]."""
-    c = condition([attrs] * len(noise))
+    c = condition([attrs] * len(noise), schema)
     return model.decode(noise, c).reshape(len(noise), SIZE, SIZE, 3).numpy()
 
 
@@ -172,11 +222,19 @@ class AttributeReader:
     construction; its mistakes are real ones, and `SceneExtractor` adds the simulated ones on top.
     """
 
-    def __init__(self, images: np.ndarray, attrs: list[dict[str, str]], steps: int = 300, seed: int = 0):
+    def __init__(
+        self,
+        images: np.ndarray,
+        attrs: list[dict[str, str]],
+        steps: int = 300,
+        seed: int = 0,
+        schema: dict[str, list[str]] = ATTRIBUTES,
+    ):
         torch.manual_seed(seed)
         x = torch.as_tensor(images).reshape(len(images), -1)
+        self.schema = schema
         self.heads = {}
-        for rel, values in ATTRIBUTES.items():
+        for rel, values in schema.items():
             y = torch.tensor([values.index(a[rel]) for a in attrs])
             head = nn.Linear(x.shape[1], len(values))
             opt = torch.optim.LBFGS(head.parameters(), max_iter=steps)
@@ -194,7 +252,7 @@ class AttributeReader:
     def read(self, images: np.ndarray) -> list[dict[str, str]]:
         x = torch.as_tensor(np.asarray(images, dtype=np.float32)).reshape(len(images), -1)
         picks = {rel: head(x).argmax(1).tolist() for rel, head in self.heads.items()}
-        return [{rel: ATTRIBUTES[rel][picks[rel][i]] for rel in ATTRIBUTES} for i in range(len(images))]
+        return [{rel: self.schema[rel][picks[rel][i]] for rel in self.schema} for i in range(len(images))]
 
 
 def grey(image: np.ndarray) -> np.ndarray:
