@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,7 @@ class GradientIndex:
             out_v[r, :len(v)], out_i[r, :len(v)] = v, torch.from_numpy(ids)[j]
         return out_v, out_i
 
-    def scores(self, queries: torch.Tensor, k: int, *, train_ids: list[Any], query_ids: list[Any],
+    def scores(self, queries: torch.Tensor, k: int, *, train_ids: Sequence[Any], query_ids: Sequence[Any],
                weight: float = 1.0, method: str = "", metadata: dict[str, Any] | None = None) -> Scores:
         """Top-k `Scores` of preconditioned query rows, with score(q, i) = -weight · qᵀ g_i (the sign
         convention of `sourcetrace.scores`): proponents from the largest of -weight·q, opponents from +."""
