@@ -35,12 +35,27 @@ class DyingTask(st.ClassificationTask):
         return st.ClassificationTask().config()
 
 
-def attribute(folder: Path, methods=METHODS, task=None) -> dict[str, dict[str, torch.Tensor]]:
+def wrapped(model, wrap):
+    """The model in a DDP wrapper, or in FSDP with each Linear its own nested unit."""
+    if wrap == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if wrap == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
+                                        device_id=torch.device("cpu"))
+    return model
+
+
+def attribute(folder: Path, methods=METHODS, task=None, wrap=None) -> dict[str, dict[str, torch.Tensor]]:
     model, train, queries = problem()
+    model = wrapped(model, wrap)
     out = {}
     for name, options in methods.items():
         attr = st.Attributor(model, task or st.ClassificationTask(), name, folder / name, progress=False,
                              batch_size=BATCH, store_dtype="float64", **options)
+        assert type(attr.model) is torch.nn.Sequential  # a wrapper is unwrapped (FSDP: a plain copy)
         attr.fit(train)
         dense, top = attr.score(queries), attr.score(queries, top_k=3)
         out[name] = {"matrix": dense.matrix, "top_values": top.top_values, "top_indices": top.top_indices,
@@ -48,13 +63,13 @@ def attribute(folder: Path, methods=METHODS, task=None) -> dict[str, dict[str, t
     return out
 
 
-def worker(rank: int, world: int, port: int, folder: str, methods, die: bool) -> None:
+def worker(rank: int, world: int, port: int, folder: str, methods, die: bool, wrap=None) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world)
     torch.set_num_threads(1)
     try:
         task = DyingTask() if die and rank == world - 1 else None
-        out = attribute(Path(folder), methods, task)
+        out = attribute(Path(folder), methods, task, wrap)
         if rank == 0:
             torch.save(out, Path(folder) / "scores.pt")
     finally:
@@ -67,8 +82,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world: int, folder: Path, methods=METHODS, die: bool = False) -> dict:
-    torch.multiprocessing.spawn(worker, args=(world, free_port(), str(folder), methods, die), nprocs=world)
+def spawn(world: int, folder: Path, methods=METHODS, die: bool = False, wrap=None) -> dict:
+    torch.multiprocessing.spawn(worker, args=(world, free_port(), str(folder), methods, die, wrap),
+                                nprocs=world)
     return torch.load(folder / "scores.pt")
 
 
@@ -98,6 +114,24 @@ def test_two_processes_score_as_one(tmp_path, one_process):
 @pytest.mark.slow
 def test_four_processes_score_as_one(tmp_path, one_process):
     assert_same(spawn(4, tmp_path, {"ekfac": {}, "trak": {"proj_dim": 24}}), one_process)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_a_wrapped_model_scores_as_the_bare_one(tmp_path, one_process, wrap):
+    """DDP's module, and FSDP's (nested units, sharded parameters) gathered whole, score as the bare
+    model in one process: grad-dot and EK-FAC, float64."""
+    assert_same(spawn(2, tmp_path, {"grad-dot": {}, "ekfac": {}}, wrap=wrap), one_process)
+
+
+def test_fully_shard_is_refused_with_a_clear_error():
+    from torch.distributed.fsdp import FSDPModule
+
+    model, _, _ = problem()
+    model.__class__ = type("FSDPSequential", (FSDPModule, type(model)), {})  # what fully_shard makes
+    with pytest.raises(st.errors.InvalidOptionError, match="fully_shard"):
+        st.Attributor(model, st.ClassificationTask(), "grad-dot")
+    assert distributed.unwrap(torch.nn.Linear(2, 2)).__class__ is torch.nn.Linear
 
 
 @pytest.mark.slow
