@@ -148,6 +148,30 @@ def test_a_rank_killed_mid_fit_resumes(tmp_path, one_process):
     assert_same(got, one_process)
 
 
+def test_curvatures_that_are_not_sums_are_refused_under_torchrun(tmp_path, monkeypatch):
+    """Under several processes every curvature outside distributed.CURVATURES is refused before any pass
+    over the data, with the supported ones named; the supported ones pass the check."""
+    from sourcetrace.curvature import build_curvature
+    from sourcetrace.curvature.base import CURVATURES
+    from sourcetrace.errors import InvalidOptionError
+
+    build_curvature("identity")  # registers the built-in curvatures
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    refused = sorted(set(CURVATURES) - set(distributed.CURVATURES))
+    assert {"cg", "lissa", "arnoldi", "explicit", "datainf"} <= set(refused)
+    for name in refused:
+        with pytest.raises(InvalidOptionError, match=f"{name!r} is not fitted across processes.*ekfac"):
+            distributed.check_supported(name, dda=False, relatif=False, combination=None)
+    for name in distributed.CURVATURES:
+        distributed.check_supported(name, dda=False, relatif=False, combination=None)
+    model, train, _ = problem()
+    attr = st.Attributor(model, st.ClassificationTask(), "influence", tmp_path, progress=False,
+                         curvature="cg")
+    with pytest.raises(InvalidOptionError, match="'cg' is not fitted across processes"):
+        attr.fit(train)
+    assert not list(tmp_path.glob("train-grads-*"))  # refused before any gradient was collected
+
+
 def test_merge_of_slices_is_the_whole(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     full = torch.randn(3, 11, generator=gen, dtype=torch.float64)

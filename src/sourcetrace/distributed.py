@@ -205,8 +205,9 @@ def check_supported(curvature: str, *, dda: bool, relatif: bool, combination: An
     if world()[1] == 1:
         return
     if curvature not in CURVATURES:
-        raise InvalidOptionError(f"curvature {curvature!r} is not fitted across processes; under torchrun "
-                                 f"use one of {', '.join(CURVATURES)}, or run it in one process")
+        raise InvalidOptionError(f"curvature {curvature!r} is not fitted across processes (its fitted state "
+                                 "is not a sum over training examples that ranks can all-reduce); under "
+                                 f"torchrun use one of {', '.join(CURVATURES)}, or run it in one process")
     if dda or relatif or getattr(combination, "standardize", False):
         raise InvalidOptionError("dda=True and relatif=True normalise by statistics over the whole training "
                                  "set, which a sharded fit does not gather; run them in one process")
