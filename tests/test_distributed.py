@@ -124,13 +124,17 @@ def test_a_wrapped_model_scores_as_the_bare_one(tmp_path, one_process, wrap):
     assert_same(spawn(2, tmp_path, {"grad-dot": {}, "ekfac": {}}, wrap=wrap), one_process)
 
 
-def test_fully_shard_is_refused_with_a_clear_error():
+def test_fully_shard_is_refused_with_a_clear_error(tmp_path):
     from torch.distributed.fsdp import FSDPModule
 
     model, _, _ = problem()
     model.__class__ = type("FSDPSequential", (FSDPModule, type(model)), {})  # what fully_shard makes
     with pytest.raises(st.errors.InvalidOptionError, match="fully_shard"):
         st.Attributor(model, st.ClassificationTask(), "grad-dot")
+    from sourcetrace.trajectory import GradientCollector
+
+    with pytest.raises(st.errors.InvalidOptionError, match="FSDP-sharded"):
+        GradientCollector(tmp_path, model, st.ClassificationTask(), N_TRAIN)
     assert distributed.unwrap(torch.nn.Linear(2, 2)).__class__ is torch.nn.Linear
 
 

@@ -787,8 +787,13 @@ class GradientCollector:
         if optimizer is not None and features not in ("random", "identity"):
             raise InvalidOptionError(f"Adam-preconditioned rows need the whole gradient: features='random' "
                                      f"or 'identity', not {features!r}")
-        # a DDP model trains through its .module's parameters (FSDP shards them: not supported here)
+        # a DDP model trains through its .module's parameters; FSDP shards them between its forwards
         model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule")
+               for m in model.modules() for c in type(m).__mro__):
+            raise InvalidOptionError("GradientCollector cannot collect from an FSDP-sharded model (its "
+                                     "parameters are shards between forwards); collect with DDP or one "
+                                     "process, or attribute a saved checkpoint with an Attributor")
         self.model, self.task, self.optimizer = model, task, optimizer
         self.steps = None if steps is None else {int(s) for s in steps}
         self.capture = GradientCapture(model, modules)
