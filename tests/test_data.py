@@ -118,6 +118,7 @@ def test_ids_are_compact_and_behave_like_a_list():
         reference = hashlib.sha256(json.dumps(values, default=str).encode()).hexdigest()
         assert hashlib.sha256(b"".join(ids.json_parts())).hexdigest() == reference  # fingerprints unchanged
     assert Ids(np.arange(3, 9))._range == range(3, 9) and Ids(torch.tensor([4, 2]))._ints is not None
+    assert Ids([5, -3, 9]).index(np.int64(9)) == 2 and np.int64(4) in Ids(range(6))
     many = Ids([f"doc-{i}" for i in range(20_000)])
     assert many.index("doc-12345") == 12345 and list(many[19_998:]) == ["doc-19998", "doc-19999"]
     for dup in ([3, 1, 3], ["x", "y", "x"], [(1,), "a", (1,)]):

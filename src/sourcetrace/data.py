@@ -202,6 +202,8 @@ class Ids(Sequence[Any]):
         if self._list is not None:
             return self._list.index(value)
         found = -1
+        if isinstance(value, np.integer):
+            value = int(value)
         if self._ints is not None and type(value) is int and -2**63 <= value < 2**63:
             keys, where = self._sorted()
             j = int(np.searchsorted(keys, value))
