@@ -1,6 +1,7 @@
 """Examples: every accepted form of data gets stable ids, and a fingerprint that notices any change."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -91,3 +92,36 @@ def test_fingerprint_stable_and_sensitive(tmp_path):
     y2 = y.clone()
     y2[0] = 1
     assert Examples((x, y2)).fingerprint() != fp
+
+
+def test_ids_are_compact_and_behave_like_a_list():
+    """Ids keep no Python object per example (a range, an int64 array, packed UTF-8) yet read, compare,
+    slice, look up and fingerprint exactly as the list of the same ids."""
+    import hashlib
+
+    from sourcetrace.data import Ids
+
+    cases = [(list(range(7)), "_range"), ([5, -3, 9, 2**40, 0], "_ints"), (["b", "é", "", "a-1"], "_text"),
+             ([(1, 2), "a", 3.5], "_list"), ([1, "a"], "_list"), ([True, False], "_list")]
+    for values, kind in cases:
+        ids = Ids(values)
+        assert getattr(ids, kind) is not None, (values, kind)
+        assert ids == values and values == ids and list(ids) == values and len(ids) == len(values)
+        assert [ids[i] for i in range(-len(values), len(values))] == values * 2
+        assert [type(x) for x in ids] == [type(x) for x in values]
+        for s in (slice(1, None), slice(None, 2), slice(None, None, 2), slice(3, 1)):
+            assert list(ids[s]) == values[s]
+        assert all(ids.index(v) == values.index(v) and v in ids for v in values)
+        assert "missing" not in ids and 10**30 not in ids
+        with pytest.raises(IndexError):
+            ids[len(values)]
+        reference = hashlib.sha256(json.dumps(values, default=str).encode()).hexdigest()
+        assert hashlib.sha256(b"".join(ids.json_parts())).hexdigest() == reference  # fingerprints unchanged
+    assert Ids(np.arange(3, 9))._range == range(3, 9) and Ids(torch.tensor([4, 2]))._ints is not None
+    assert Ids([5, -3, 9]).index(np.int64(9)) == 2 and np.int64(4) in Ids(range(6))
+    many = Ids([f"doc-{i}" for i in range(20_000)])
+    assert many.index("doc-12345") == 12345 and list(many[19_998:]) == ["doc-19998", "doc-19999"]
+    for dup in ([3, 1, 3], ["x", "y", "x"], [(1,), "a", (1,)]):
+        with pytest.raises(ShapeError, match=re.escape(f"{dup[0]!r} appears more than once")):
+            Examples(list(range(3)), ids=dup)
+    assert isinstance(Examples(list(range(4))).ids._range, range)  # positions: a range, no list

@@ -35,12 +35,27 @@ class DyingTask(st.ClassificationTask):
         return st.ClassificationTask().config()
 
 
-def attribute(folder: Path, methods=METHODS, task=None) -> dict[str, dict[str, torch.Tensor]]:
+def wrapped(model, wrap):
+    """The model in a DDP wrapper, or in FSDP with each Linear its own nested unit."""
+    if wrap == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if wrap == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear}),
+                                        device_id=torch.device("cpu"))
+    return model
+
+
+def attribute(folder: Path, methods=METHODS, task=None, wrap=None) -> dict[str, dict[str, torch.Tensor]]:
     model, train, queries = problem()
+    model = wrapped(model, wrap)
     out = {}
     for name, options in methods.items():
         attr = st.Attributor(model, task or st.ClassificationTask(), name, folder / name, progress=False,
                              batch_size=BATCH, store_dtype="float64", **options)
+        assert type(attr.model) is torch.nn.Sequential  # a wrapper is unwrapped (FSDP: a plain copy)
         attr.fit(train)
         dense, top = attr.score(queries), attr.score(queries, top_k=3)
         out[name] = {"matrix": dense.matrix, "top_values": top.top_values, "top_indices": top.top_indices,
@@ -48,13 +63,13 @@ def attribute(folder: Path, methods=METHODS, task=None) -> dict[str, dict[str, t
     return out
 
 
-def worker(rank: int, world: int, port: int, folder: str, methods, die: bool) -> None:
+def worker(rank: int, world: int, port: int, folder: str, methods, die: bool, wrap=None) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                          world_size=world)
     torch.set_num_threads(1)
     try:
         task = DyingTask() if die and rank == world - 1 else None
-        out = attribute(Path(folder), methods, task)
+        out = attribute(Path(folder), methods, task, wrap)
         if rank == 0:
             torch.save(out, Path(folder) / "scores.pt")
     finally:
@@ -67,8 +82,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(world: int, folder: Path, methods=METHODS, die: bool = False) -> dict:
-    torch.multiprocessing.spawn(worker, args=(world, free_port(), str(folder), methods, die), nprocs=world)
+def spawn(world: int, folder: Path, methods=METHODS, die: bool = False, wrap=None) -> dict:
+    torch.multiprocessing.spawn(worker, args=(world, free_port(), str(folder), methods, die, wrap),
+                                nprocs=world)
     return torch.load(folder / "scores.pt")
 
 
@@ -101,6 +117,28 @@ def test_four_processes_score_as_one(tmp_path, one_process):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp"])
+def test_a_wrapped_model_scores_as_the_bare_one(tmp_path, one_process, wrap):
+    """DDP's module, and FSDP's (nested units, sharded parameters) gathered whole, score as the bare
+    model in one process: grad-dot and EK-FAC, float64."""
+    assert_same(spawn(2, tmp_path, {"grad-dot": {}, "ekfac": {}}, wrap=wrap), one_process)
+
+
+def test_fully_shard_is_refused_with_a_clear_error(tmp_path):
+    from torch.distributed.fsdp import FSDPModule
+
+    model, _, _ = problem()
+    model.__class__ = type("FSDPSequential", (FSDPModule, type(model)), {})  # what fully_shard makes
+    with pytest.raises(st.errors.InvalidOptionError, match="fully_shard"):
+        st.Attributor(model, st.ClassificationTask(), "grad-dot")
+    from sourcetrace.trajectory import GradientCollector
+
+    with pytest.raises(st.errors.InvalidOptionError, match="FSDP-sharded"):
+        GradientCollector(tmp_path, model, st.ClassificationTask(), N_TRAIN)
+    assert distributed.unwrap(torch.nn.Linear(2, 2)).__class__ is torch.nn.Linear
+
+
+@pytest.mark.slow
 def test_a_rank_killed_mid_fit_resumes(tmp_path, one_process):
     methods = {"ekfac": {}}
     with pytest.raises(Exception, match="exit code 3|exited with code 3"):
@@ -112,6 +150,30 @@ def test_a_rank_killed_mid_fit_resumes(tmp_path, one_process):
     got = spawn(2, tmp_path, methods)
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in shards] == stamps  # stores reused, not redone
     assert_same(got, one_process)
+
+
+def test_curvatures_that_are_not_sums_are_refused_under_torchrun(tmp_path, monkeypatch):
+    """Under several processes every curvature outside distributed.CURVATURES is refused before any pass
+    over the data, with the supported ones named; the supported ones pass the check."""
+    from sourcetrace.curvature import build_curvature
+    from sourcetrace.curvature.base import CURVATURES
+    from sourcetrace.errors import InvalidOptionError
+
+    build_curvature("identity")  # registers the built-in curvatures
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    refused = sorted(set(CURVATURES) - set(distributed.CURVATURES))
+    assert {"cg", "lissa", "arnoldi", "explicit", "datainf"} <= set(refused)
+    for name in refused:
+        with pytest.raises(InvalidOptionError, match=f"{name!r} is not fitted across processes.*ekfac"):
+            distributed.check_supported(name, dda=False, relatif=False, combination=None)
+    for name in distributed.CURVATURES:
+        distributed.check_supported(name, dda=False, relatif=False, combination=None)
+    model, train, _ = problem()
+    attr = st.Attributor(model, st.ClassificationTask(), "influence", tmp_path, progress=False,
+                         curvature="cg")
+    with pytest.raises(InvalidOptionError, match="'cg' is not fitted across processes"):
+        attr.fit(train)
+    assert not list(tmp_path.glob("train-grads-*"))  # refused before any gradient was collected
 
 
 def test_merge_of_slices_is_the_whole(monkeypatch):

@@ -1,5 +1,6 @@
 """GradientStore: sharded, atomic, resumable; its contents are exactly the rows it was given."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +197,47 @@ def test_half_precision_scores_match_float32(tmp_path, dtype):
     eps = 2.0**-8 if dtype == "bfloat16" else 2.0**-11  # unit roundoff of the stored rows
     assert (got - ref).abs().max() <= 4 * eps * ref.abs().max()
     assert not torch.equal(got, ref)  # the rows really were rounded
+
+
+class Lazy(torch.utils.data.Dataset):
+    """n examples computed from their index: the data themselves take no memory."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.tensor([math.sin(i), math.cos(i), math.sin(3.0 * i), i % 5 / 5.0]), torch.tensor(i % 3)
+
+
+@pytest.mark.slow
+def test_fit_and_top_k_keep_no_python_object_per_example(tmp_path):
+    """Python allocations (tracemalloc) of fit + top-k scoring do not grow with the number of examples:
+    ids stay a range and the rows' norms stay on disk (before: a list of ids, their int objects, a set to
+    check them and the norms in memory, about 50 bytes per example)."""
+    import gc
+    import tracemalloc
+
+    import sourcetrace as st
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    queries = [Lazy(3)[i] for i in range(3)]
+    kept, peak = {}, {}
+    for n in (20_000, 60_000):  # ids of 5 digits at both sizes (the JSON fingerprint of a chunk)
+        attr = st.Attributor(model, st.ClassificationTask(), "grad-dot", tmp_path / str(n), progress=False,
+                             features="random", proj_dim=8, store_dtype="float16", batch_size=1000)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            attr.fit(Lazy(n))
+            top = attr.score(queries, top_k=5)
+            gc.collect()
+            kept[n], peak[n] = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert top.train_ids == list(range(n)) and top.top_indices.shape == (3, 5)
+    added = 40_000
+    assert (kept[60_000] - kept[20_000]) / added < 2, kept  # bytes kept per added example
+    assert (peak[60_000] - peak[20_000]) / added < 4, peak  # bytes at the peak per added example

@@ -317,3 +317,43 @@ def test_trainer_callback_collects_the_store_of_a_separate_pass(tmp_path):
     for step, (used, state) in enumerate(states):
         want = separate_pass(state, x, y, tmp_path / f"pass{step}")
         torch.testing.assert_close(got[used], want[used], rtol=1e-12, atol=1e-14)
+
+
+def test_collector_divides_by_adams_second_moment(tmp_path):
+    """optimizer=Adam: each row is the example's gradient divided elementwise by √v̂ + ε, v̂ the
+    bias-corrected second moment the optimizer holds before the collected step (computed here by hand from
+    per-example autograd and the optimizer's exp_avg_sq); refused before Adam's first step."""
+    from sourcetrace.errors import InvalidOptionError
+    from sourcetrace.trajectory import GradientCollector
+
+    x, y = data()
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05, betas=(0.8, 0.9), eps=1e-3)
+    collector = GradientCollector(tmp_path / "store", model, st.ClassificationTask(), N, features="identity",
+                                  store_dtype="float64", steps=[3, 4, 5, 6], optimizer=opt)
+    with pytest.raises(InvalidOptionError, match="collect from step 2"):
+        GradientCollector(tmp_path / "early", model, st.ClassificationTask(), N, features="identity",
+                          optimizer=opt).collect(1, (x[:B], y[:B]), list(range(B)))
+    with pytest.raises(InvalidOptionError, match="features='random'"):
+        GradientCollector(tmp_path / "k", model, st.ClassificationTask(), N, features="kronecker",
+                          optimizer=opt)
+    want = torch.zeros(N, sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    raw = torch.zeros_like(want)
+    for step, lo in enumerate(range(0, 2 * N, B), 1):  # steps 3-6 cover the training set once
+        idx = torch.arange(lo, lo + B) % N
+        if step in (3, 4, 5, 6):
+            k = opt.state[model[0].weight]["step"].item()
+            scale = torch.cat([1 / ((opt.state[p]["exp_avg_sq"] / (1 - 0.9**k)).sqrt() + 1e-3).reshape(-1)
+                               for p in model.parameters()])
+            for i in idx.tolist():
+                loss = nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+                g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(model.parameters()))])
+                want[i], raw[i] = g * scale, g
+            assert collector.collect(step, (x[idx], y[idx]), idx.tolist())
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    assert collector.complete
+    torch.testing.assert_close(collector.store.read(), want, rtol=1e-10, atol=1e-12)
+    ratio = (want / raw)[raw.abs() > 1e-8]
+    assert ratio.min() < 0.5 * ratio.max()  # the preconditioner did reweigh the coordinates

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .artifacts import check_manifest
 from .data import Examples, check_batch_size, model_fingerprint
 from .errors import InvalidOptionError, SourcetraceError
@@ -25,7 +26,8 @@ class Attributor:
     `method` is a name from `available_methods()`; its options are keyword arguments (each has a default
     that works untuned). Artifacts go to `workdir` (a temporary folder if none), under a manifest recording
     the method, its options, the model and the data: a rerun with the same settings reuses or resumes them,
-    a rerun with other settings is refused unless `overwrite=True`.
+    a rerun with other settings is refused unless `overwrite=True`. A model wrapped in DistributedDataParallel
+    or FSDP is unwrapped (`distributed.unwrap`: FSDP's full parameters are gathered into a plain copy).
     """
 
     def __init__(self, model: nn.Module, task: Task, method: str = "grad-dot",
@@ -34,6 +36,7 @@ class Attributor:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         check_task(task)
+        model = distributed.unwrap(model)
         if "batch_size" in options:
             check_batch_size(options["batch_size"])
         self.method = build(method, options)

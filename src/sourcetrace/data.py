@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +51,10 @@ class Examples:
             ids = _own_ids(self.items, n)
         elif isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
             raise ShapeError(f"{name}: ids must be a list with one id per example; got {type(ids).__name__}")
-        ids = [plain_id(i, name) for i in ids]
         if len(ids) != n:
             raise ShapeError(f"{name}: {len(ids)} ids for {n} examples; give one id per example")
-        if len(set(ids)) != n:
-            seen: set[Any] = set()
-            dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-            raise ShapeError(f"{name}: example ids must be unique; {dup!r} appears more than once")
-        self.ids: list[Any] = list(ids)
+        self.ids: Ids = ids if isinstance(ids, Ids) else Ids(ids, name)
+        self.ids.check_unique(name)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -77,13 +73,250 @@ class Examples:
     def fingerprint(self) -> str:
         """A hash of the ids and of every example's content: another dataset gets another fingerprint."""
         h = hashlib.sha256()
-        h.update(json.dumps(self.ids, default=str).encode())
+        for part in self.ids.json_parts():
+            h.update(part)
         for i in range(len(self)):
             _hash_into(h, self.items[i])
         return h.hexdigest()[:16]
 
 
 ID_TYPES = "an int, a str, or a tuple of them"
+CHUNK = 8192  # ids converted or encoded at a time
+
+
+class Ids(Sequence[Any]):
+    """Example ids without a Python object per example: a `range` (ids that are positions, the common
+    case), an int64 array, or strings packed as UTF-8 bytes with their end offsets. Other ids (tuples,
+    floats, mixed types) stay a list. Items read back as plain Python values; an `Ids` equals a list or
+    range of the same ids, and `index` looks an id up in O(log n) (a sorted array built on first use)."""
+
+    def __init__(self, values: Any, name: str = "data"):
+        self._range: range | None = None
+        self._ints: np.ndarray | None = None
+        self._text: tuple[np.ndarray, np.ndarray] | None = None  # (UTF-8 bytes, end offset of each id)
+        self._list: list[Any] | None = None
+        self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted keys, their positions)
+        if isinstance(values, range):
+            self._range = values
+            return
+        if isinstance(values, torch.Tensor) and values.dim() == 1 and not values.dtype.is_floating_point \
+                and values.dtype != torch.bool:
+            values = values.cpu().numpy()
+        if not hasattr(values, "__getitem__"):
+            values = list(values)
+        if isinstance(values, np.ndarray) and values.ndim == 1 and values.dtype.kind in "iu":
+            self._set_ints(values.astype(np.int64))
+            return
+        first = plain_id(values[0], name) if len(values) else 0
+        if type(first) is int:
+            try:
+                self._set_ints(np.fromiter((_int_id(v) for v in values), dtype=np.int64, count=len(values)))
+                return
+            except (_Other, OverflowError):
+                pass
+        elif isinstance(first, str):
+            try:
+                self._text = _pack_text(values)
+                return
+            except _Other:
+                pass
+        self._list = [plain_id(v, name) for v in values]
+
+    def _set_ints(self, ints: np.ndarray) -> None:
+        n = len(ints)
+        if n and int(ints[-1]) - int(ints[0]) == n - 1 and bool(np.all(np.diff(ints) == 1)):
+            self._range = range(int(ints[0]), int(ints[0]) + n)
+        else:
+            self._ints = ints
+
+    def __len__(self) -> int:
+        if self._range is not None:
+            return len(self._range)
+        if self._ints is not None:
+            return len(self._ints)
+        if self._text is not None:
+            return len(self._text[1])
+        return len(self._list)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: Any) -> Any:  # type: ignore[override]
+        if isinstance(i, slice):
+            return self._slice(i)
+        i = int(i.__index__())
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"id position {i} out of range for {n} ids")
+        i %= n
+        if self._range is not None:
+            return self._range[i]
+        if self._ints is not None:
+            return int(self._ints[i])
+        if self._text is not None:
+            blob, ends = self._text
+            return bytes(blob[(ends[i - 1] if i else 0): ends[i]]).decode()
+        return self._list[i]  # type: ignore[index]
+
+    def _slice(self, s: slice) -> Ids:
+        if self._range is not None:
+            return Ids(self._range[s])
+        out = Ids(range(0))
+        out._range = None
+        if self._ints is not None:
+            out._ints = self._ints[s]
+        elif self._text is not None and s.step in (None, 1):
+            lo, hi, _ = s.indices(len(self))
+            blob, ends = self._text
+            start = int(ends[lo - 1]) if lo else 0
+            out._text = (blob[start: int(ends[hi - 1]) if hi > lo else start], ends[lo:max(lo, hi)] - start)
+        else:
+            out._list = [self[j] for j in range(*s.indices(len(self)))]
+        return out
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._range is not None:
+            yield from self._range
+        elif self._ints is not None:
+            for lo in range(0, len(self._ints), CHUNK):
+                yield from self._ints[lo: lo + CHUNK].tolist()
+        elif self._text is not None:
+            blob, ends = self._text
+            start = 0
+            for end in ends.tolist():
+                yield bytes(blob[start:end]).decode()
+                start = end
+        else:
+            yield from self._list  # type: ignore[misc]
+
+    def __contains__(self, value: Any) -> bool:
+        try:
+            self.index(value)
+        except ValueError:
+            return False
+        return True
+
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        """The position of the id `value` (ValueError if it is not one)."""
+        if start != 0 or stop is not None:
+            return super().index(value, start, len(self) if stop is None else stop)
+        if self._range is not None:
+            return self._range.index(value)
+        if self._list is not None:
+            return self._list.index(value)
+        found = -1
+        if isinstance(value, np.integer):
+            value = int(value)
+        if self._ints is not None and type(value) is int and -2**63 <= value < 2**63:
+            keys, where = self._sorted()
+            j = int(np.searchsorted(keys, value))
+            found = int(where[j]) if j < len(keys) and keys[j] == value else -1
+        elif self._text is not None and isinstance(value, str):
+            keys, where = self._sorted()
+            h = hash(value)
+            j = int(np.searchsorted(keys, h))
+            while found < 0 and j < len(keys) and keys[j] == h:
+                found = int(where[j]) if self[int(where[j])] == value else -1
+                j += 1
+        if found < 0:
+            raise ValueError(f"{value!r} is not among the ids")
+        return found
+
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each id's key (the int, or a string's hash), sorted, with the positions they came from."""
+        if self._lookup is None:
+            keys = self._ints if self._ints is not None else \
+                np.fromiter((hash(x) for x in self), dtype=np.int64, count=len(self))
+            where = np.argsort(keys, kind="stable")
+            self._lookup = (keys[where], where)
+        return self._lookup
+
+    def check_unique(self, name: str = "data") -> None:
+        """Refuse ids that appear more than once (sorting arrays; no set of the ids is built)."""
+        if self._range is not None:
+            return
+        if self._list is not None:
+            dup = _first_duplicate(self._list)
+        else:
+            keys, where = self._sorted()
+            same = np.flatnonzero(keys[1:] == keys[:-1])  # equal ints, or strings with equal hashes
+            dup = None
+            for j in same.tolist():
+                a, b = self[int(where[j])], self[int(where[j + 1])]
+                if a == b:
+                    dup = a
+                    break
+                run = [self[int(w)] for w in where[keys == keys[j]]]  # a hash shared by other strings
+                dup = _first_duplicate(run)
+                if dup is not None:
+                    break
+        if dup is not None:
+            raise ShapeError(f"{name}: example ids must be unique; {dup!r} appears more than once")
+
+    def json_parts(self) -> Iterator[bytes]:
+        """`json.dumps(list(ids))` in pieces, so a fingerprint of a million ids builds no such string."""
+        yield b"["
+        for lo in range(0, len(self), CHUNK):
+            part = json.dumps(list(self[lo: lo + CHUNK]), default=str)[1:-1]
+            yield (", " + part if lo else part).encode()
+        yield b"]"
+
+    def tolist(self) -> list[Any]:
+        return list(self)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Ids) and self._range is not None and other._range is not None:
+            return self._range == other._range
+        if not isinstance(other, (Ids, list, range)) or len(other) != len(self):
+            return False
+        return all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        if self._range is not None:
+            return f"Ids({self._range!r})"
+        head = list(self[:3])
+        return f"Ids({head!r}{' + ' + str(len(self) - 3) + ' more' if len(self) > 3 else ''})"
+
+
+class _Other(Exception):
+    """An id of another kind than the first one (the ids stay a list)."""
+
+
+def _int_id(value: Any) -> int:
+    if type(value) is int:
+        return value
+    if isinstance(value, np.integer) or (isinstance(value, torch.Tensor) and value.dim() == 0
+                                         and not value.dtype.is_floating_point and value.dtype != torch.bool):
+        return int(value)
+    raise _Other
+
+
+def _pack_text(values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Strings as one UTF-8 byte array and each one's end offset."""
+    ends = np.empty(len(values), dtype=np.int64)
+    blocks, end = [], 0
+    for lo in range(0, len(values), CHUNK):
+        encoded = []
+        for j in range(lo, min(lo + CHUNK, len(values))):
+            v = values[j]
+            if isinstance(v, np.str_):
+                v = str(v)
+            if type(v) is not str:
+                raise _Other
+            b = v.encode()
+            encoded.append(b)
+            end += len(b)
+            ends[j] = end
+        blocks.append(b"".join(encoded))
+    return np.frombuffer(b"".join(blocks), dtype=np.uint8), ends
+
+
+def _first_duplicate(values: Iterable[Any]) -> Any:
+    seen: set[Any] = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return None
 
 
 def plain_id(value: Any, name: str = "data") -> Any:
@@ -143,13 +376,13 @@ def _is_tensor_pair(data: Any) -> bool:
             and all(isinstance(t, (torch.Tensor, np.ndarray)) for t in data))
 
 
-def _own_ids(items: Any, n: int) -> list[Any]:
+def _own_ids(items: Any, n: int) -> Sequence[Any]:
     names = getattr(items, "column_names", None)
     if names is not None and "id" in names:
         return list(items["id"]) if _has_columns(items) else [items[i]["id"] for i in range(n)]
     if isinstance(items, list) and items and all(isinstance(x, dict) and "id" in x for x in items):
         return [x["id"] for x in items]
-    return list(range(n))
+    return range(n)
 
 
 def _has_columns(items: Any) -> bool:

@@ -16,9 +16,10 @@ Without an initialised process group every function here is the one-process iden
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -147,17 +148,70 @@ def merge_parts(parts: Sequence[tuple[int, dict[str, torch.Tensor | None]]], n_t
     return out
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside a DistributedDataParallel or FSDP (`FullyShardedDataParallel`) wrapper; any
+    other model as it is.
+
+    DDP: its `.module`, whose parameters are the wrapper's. FSDP: every rank gathers the full parameters
+    (a collective: call it on every rank, as an `Attributor` is built on every rank) into a plain copy of
+    the module, nested FSDP units unwrapped; training the wrapped model afterwards does not reach the copy.
+    A model sharded by `fully_shard` (FSDP2) is refused.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return unwrap(model.module)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # a torch built without distributed
+        return model
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise InvalidOptionError("the model is sharded by fully_shard (FSDP2), whose parameters are DTensor "
+                                 "shards; build the Attributor from an unsharded copy (a plain model with "
+                                 "the full state dict loaded), or wrap with FullyShardedDataParallel")
+    if not any(isinstance(m, FSDP) for m in model.modules()):
+        return model
+    with FSDP.summon_full_params(model, writeback=False):
+        return _plain_copy(model, FSDP, {})
+
+
+def _plain_copy(module: torch.nn.Module, fsdp: type, memo: dict[int, Any]) -> torch.nn.Module:
+    """A copy of `module` without its FSDP wrappers, each parameter and buffer cloned once (tied weights
+    stay tied). FSDP units hold process groups, which a deepcopy cannot copy."""
+    if isinstance(module, fsdp):
+        return _plain_copy(cast(Any, module).module, fsdp, memo)
+
+    def clone(t: Any, param: bool) -> Any:
+        if t is None:
+            return None
+        if id(t) not in memo:
+            data = t.detach().clone()
+            memo[id(t)] = torch.nn.Parameter(data, requires_grad=t.requires_grad) if param else data
+        return memo[id(t)]
+
+    new = copy.copy(module)
+    for key, value in vars(module).items():  # hooks and other registries: the copy's own
+        if isinstance(value, dict):
+            setattr(new, key, copy.copy(value))
+    new._parameters = {k: clone(p, True) for k, p in module._parameters.items()}
+    new._buffers = {k: clone(b, False) for k, b in module._buffers.items()}
+    new._modules = {k: None if c is None else _plain_copy(c, fsdp, memo) for k, c in module._modules.items()}
+    return new
+
+
 def check_supported(curvature: str, *, dda: bool, relatif: bool, combination: Any) -> None:
     """Refuse, before any pass over data, what a sharded fit cannot compute exactly."""
     if world()[1] == 1:
         return
     if curvature not in CURVATURES:
-        raise InvalidOptionError(f"curvature {curvature!r} is not fitted across processes; under torchrun "
-                                 f"use one of {', '.join(CURVATURES)}, or run it in one process")
+        raise InvalidOptionError(f"curvature {curvature!r} is not fitted across processes (its fitted state "
+                                 "is not a sum over training examples that ranks can all-reduce); under "
+                                 f"torchrun use one of {', '.join(CURVATURES)}, or run it in one process")
     if dda or relatif or getattr(combination, "standardize", False):
         raise InvalidOptionError("dda=True and relatif=True normalise by statistics over the whole training "
                                  "set, which a sharded fit does not gather; run them in one process")
 
 
 __all__ = ["CURVATURES", "all_agree", "all_gather_objects", "all_reduce_sum", "barrier", "broadcast",
-           "check_supported", "init", "is_main", "merge_parts", "shard_bounds", "world"]
+           "check_supported", "init", "is_main", "merge_parts", "shard_bounds", "unwrap", "world"]

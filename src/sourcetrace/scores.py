@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .artifacts import atomic_write, atomic_write_json
-from .data import plain_id
+from .data import Ids, plain_id
 from .errors import InvalidOptionError, MissingExtraError, ScoresError, ShapeError
 
 
@@ -41,8 +41,8 @@ class Scores:
     """Scores of `query_ids` (rows) against `train_ids` (columns); see the module docstring for the sign."""
 
     matrix: torch.Tensor | None
-    train_ids: list[Any]
-    query_ids: list[Any]
+    train_ids: Sequence[Any]  # a list, or `data.Ids` (compact: no Python object per example)
+    query_ids: Sequence[Any]
     method: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
     self_influence: torch.Tensor | None = None
@@ -203,13 +203,14 @@ class Scores:
 
         path = Path(path)
         for ids, what in ((self.train_ids, "training"), (self.query_ids, "query")):
-            for i in ids:
-                plain_id(i, f"{what} ids")  # refuses ids that JSON would turn into something else
+            if not isinstance(ids, Ids):  # an Ids holds plain ids only
+                for i in ids:
+                    plain_id(i, f"{what} ids")  # refuses ids that JSON would turn into something else
         tensors = {k: v.contiguous() for k, v in self._tensors().items() if v is not None}
         atomic_write(path / "scores.safetensors", lambda tmp: save_file(tensors, tmp))
         atomic_write_json(path / "scores.json", {"format": 1, "method": self.method,
-                                                 "metadata": self.metadata, "train_ids": self.train_ids,
-                                                 "query_ids": self.query_ids})
+                                                 "metadata": self.metadata, "train_ids": list(self.train_ids),
+                                                 "query_ids": list(self.query_ids)})
         return path
 
     @classmethod

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -762,25 +763,45 @@ class GradientCollector:
     epoch to cover the training set. The model is run in eval mode for this (dropout off, as `Attributor`
     does), at the cost of one extra forward and backward per collected batch. Each shard is renamed into
     place once complete, so a killed run keeps what it collected.
+
+    `optimizer`: an Adam or AdamW optimizer whose state preconditions the rows, as LESS and bergson do:
+    each gradient is divided elementwise by √v̂ + ε (v̂ the bias-corrected second moment the optimizer holds
+    when `collect` is called, before its step) and then projected. Adam has no second moment before its
+    first step, so collect from step 2; `features` must be "random" or "identity" (they form the gradient).
     """
 
     def __init__(self, folder: str | os.PathLike, model: nn.Module, task: Any, n_train: int, *,
                  steps: Sequence[int] | None = None, features: str = "random", proj_dim: int = 2048,
                  projection: str = "gaussian", rank: int = 32, seed: int = 0, store_dtype: str = "float32",
-                 modules: Sequence[str] | None = None, shard_size: int = 8192):
+                 modules: Sequence[str] | None = None, shard_size: int = 8192,
+                 optimizer: torch.optim.Optimizer | None = None):
         from .grads import GradientCapture
         from .grads.features import FEATURE_MAPS, FeatureMap
         from .grads.store import GradientStore
 
         if features not in FEATURE_MAPS:
             raise InvalidOptionError(f"features must be one of {', '.join(FEATURE_MAPS)}; got {features!r}")
-        self.model, self.task = model, task
+        if optimizer is not None and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise InvalidOptionError(f"optimizer= preconditions rows with Adam's second moments; got "
+                                     f"{type(optimizer).__name__} (give an Adam or AdamW, or leave it out)")
+        if optimizer is not None and features not in ("random", "identity"):
+            raise InvalidOptionError(f"Adam-preconditioned rows need the whole gradient: features='random' "
+                                     f"or 'identity', not {features!r}")
+        # a DDP model trains through its .module's parameters; FSDP shards them between its forwards
+        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule")
+               for m in model.modules() for c in type(m).__mro__):
+            raise InvalidOptionError("GradientCollector cannot collect from an FSDP-sharded model (its "
+                                     "parameters are shards between forwards); collect with DDP or one "
+                                     "process, or attribute a saved checkpoint with an Attributor")
+        self.model, self.task, self.optimizer = model, task, optimizer
         self.steps = None if steps is None else {int(s) for s in steps}
         self.capture = GradientCapture(model, modules)
         self.featuremap = FeatureMap(features, proj_dim, projection, rank, seed)
         self.features = self.featuremap.bind(self.capture, 0)
         key = {"collected": "during training", "modules": modules,
-               "features": [features, proj_dim, projection, rank, seed]}
+               "features": [features, proj_dim, projection, rank, seed],
+               **({"preconditioned": "adam"} if optimizer is not None else {})}
         self.store = GradientStore(folder, n_train, self.features.dim, dtype=store_dtype,
                                    shard_size=shard_size, key=key)
 
@@ -792,11 +813,31 @@ class GradientCollector:
         self.model.eval()
         try:
             with torch.enable_grad():
-                rows = self.features(self.task.train_loss, batch)
+                if self.optimizer is None:
+                    rows = self.features(self.task.train_loss, batch)
+                else:
+                    flat = self.capture.flat(self.task.train_loss, batch)
+                    flat = flat * self._adam_scale().to(flat.dtype)
+                    projection = getattr(self.features, "projection", None)  # random features; else identity
+                    rows = flat if projection is None else projection(flat)
         finally:
             self.model.train(was)
         self.store.write_at(list(positions), rows.detach())
         return True
+
+    def _adam_scale(self) -> torch.Tensor:
+        """1/(√v̂ + ε) of every captured parameter, flat in the capture's order (uncapped, as LESS)."""
+        opt = cast(torch.optim.Optimizer, self.optimizer)
+        groups = {id(p): g for g in opt.param_groups for p in g["params"]}
+        parts = []
+        for name, p in self.capture.params.items():
+            entry = opt.state.get(p, {})
+            if "exp_avg_sq" not in entry or id(p) not in groups:
+                raise InvalidOptionError(f"the optimizer holds no second moment of {name!r} yet (Adam's "
+                                         "state appears at its first step): collect from step 2 (steps=...)")
+            scale = adam_preconditioner({name: entry}, groups[id(p)], cap=math.inf)[name]
+            parts.append(scale.reshape(-1))
+        return torch.cat(parts)
 
     @property
     def complete(self) -> bool:

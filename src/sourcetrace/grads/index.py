@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,35 @@ class GradientIndex:
             self.index.train(self._sample(max(40 * self.nlist, 10_000), seed))
         from tqdm.auto import tqdm
 
-        for _, _, rows in tqdm(store.shards(), total=store.num_shards, desc="index", disable=not progress):
-            self.index.add(self._prepare(rows))
-        if self.kind != "flat":
+        if self.kind == "flat":
+            for _, _, rows in tqdm(store.shards(), total=store.num_shards, desc="index",
+                                   disable=not progress):
+                self.index.add(self._prepare(rows))
+        else:
+            self._add_presized(faiss, progress)
             self.index.nprobe = self.nprobe
         if path is not None:
             atomic_write(path, lambda tmp: faiss.write_index(self.index, tmp))
+
+    def _add_presized(self, faiss: Any, progress: bool) -> None:
+        """Add the rows to the IVF lists, each list allocated once at its final size: a first pass assigns
+        every row to its cluster, a second adds the rows with those assignments. (Lists grown shard by
+        shard reallocate and end up to twice their size: 1.6 × the rows at 10^6 rows.)"""
+        from tqdm.auto import tqdm
+
+        assign = np.empty(self.store.n, dtype=np.int64)  # 8 bytes a row, as FAISS keeps each row's id
+        for lo, hi, rows in self.store.shards():
+            assign[lo:hi] = self._quantizer.assign(self._prepare(rows), 1)[:, 0]
+        lists = self.index.invlists
+        for cluster, size in enumerate(np.bincount(assign, minlength=self.nlist).tolist()):
+            lists.resize(cluster, size)  # capacity = size; resizing to 0 keeps the capacity
+            lists.resize(cluster, 0)
+        for lo, hi, rows in tqdm(self.store.shards(), total=self.store.num_shards, desc="index",
+                                 disable=not progress):
+            x, ids = self._prepare(rows), np.arange(lo, hi, dtype=np.int64)
+            self.index.add_core(hi - lo, faiss.swig_ptr(x), faiss.swig_ptr(ids),
+                                faiss.swig_ptr(assign[lo:hi]))
+        self.index.ntotal = self.store.n
 
     def _prepare(self, rows: torch.Tensor) -> np.ndarray:
         x = rows.float()
@@ -128,7 +152,7 @@ class GradientIndex:
             out_v[r, :len(v)], out_i[r, :len(v)] = v, torch.from_numpy(ids)[j]
         return out_v, out_i
 
-    def scores(self, queries: torch.Tensor, k: int, *, train_ids: list[Any], query_ids: list[Any],
+    def scores(self, queries: torch.Tensor, k: int, *, train_ids: Sequence[Any], query_ids: Sequence[Any],
                weight: float = 1.0, method: str = "", metadata: dict[str, Any] | None = None) -> Scores:
         """Top-k `Scores` of preconditioned query rows, with score(q, i) = -weight · qᵀ g_i (the sign
         convention of `sourcetrace.scores`): proponents from the largest of -weight·q, opponents from +."""

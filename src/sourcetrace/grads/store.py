@@ -166,7 +166,8 @@ class GradientStore:
                 seen.unlink()
 
     def _save_norms(self, k: int) -> None:
-        atomic_write(self._norms_path(k), functools.partial(_save_npy, array=self._norms[k]))
+        """Write shard k's squared norms beside it and drop them from memory (read back when needed)."""
+        atomic_write(self._norms_path(k), functools.partial(_save_npy, array=self._norms.pop(k)))
 
     def to_numpy(self, rows: torch.Tensor) -> np.ndarray:
         """Rows as this store keeps them (bfloat16 as its uint16 bits)."""
@@ -197,7 +198,7 @@ class GradientStore:
 
     def sqnorms(self) -> torch.Tensor:
         """Squared norm of every row [n] (float64), kept while filling: free self-influence and cosines."""
-        parts = [self._norms[k] if k in self._norms else np.load(self._norms_path(k))
+        parts = [self._norms[k] if k in self._norms else np.load(self._norms_path(k), mmap_mode="r")
                  for k in range(self.num_shards)]
         return torch.from_numpy(np.concatenate(parts))
 

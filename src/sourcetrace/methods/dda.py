@@ -123,7 +123,7 @@ def query_features(attr: Any, queries: Any) -> list[torch.Tensor]:
     return attr.method.query_features(attr.ctx, Examples(queries, None, name="queries"))
 
 
-def score_features(attr: Any, feats: list[torch.Tensor], query_ids: list[Any], what: str = "features"
+def score_features(attr: Any, feats: list[torch.Tensor], query_ids: Sequence[Any], what: str = "features"
                    ) -> Scores:
     """Scores of given (already preconditioned) query features against a fitted Attributor's store."""
     method = attr.method
