@@ -101,7 +101,11 @@ def test_image_compare_gives_the_l2_distance_and_the_difference_on_one_scale():
     queries = [{"image": a, "compare_to": "q1"}, {"image": b}]
     c = report_payload(s, query_items=queries)["queries"][0]["compare"]["image"]
     assert c["distance"] == pytest.approx(float(np.sqrt(((a - b[0]) ** 2).sum())), rel=1e-5)
-    assert c["diff"]["data"] == list(np.round(np.abs(a - b[0]).reshape(-1) * 255).astype(int))
+    diff = np.abs(a - b[0])
+    assert c["diff_max"] == pytest.approx(diff.max(), rel=1e-5)
+    assert c["diff"]["data"] == list(np.round(diff.reshape(-1) / diff.max() * 255).astype(int))
+    same = report_payload(s, query_items=[{"image": a, "compare_to": "q1"}, {"image": a}])
+    assert same["queries"][0]["compare"]["image"]["distance"] == 0.0
     with pytest.raises(ShapeError, match="one shape"):
         report_payload(s, query_items=[{"image": a, "compare_to": "q1"}, {"image": np.ones((4, 4))}])
 

@@ -44,7 +44,7 @@ class Setting:
     checkpoints: tuple[int, ...] = (300, 550, 800)
     # encoded-ensemble validity: (members, one seed for all) candidates, chosen on the tuning examples
     validity_ensembles: tuple[tuple[int, bool], ...] = ((12, False), (12, True), (32, True))
-    n_loo: int = 20  # training images left out per split (tuning, reporting)
+    n_loo: int = 20  # per split (tuning, reporting): n_loo near the samples + n_loo at random
     loo_seeds: tuple[int, ...] = (0, 1)
     validity_samples: int = 32
     n_quality: int = 500  # samples (and held-out real images) for the Fréchet distance
@@ -280,7 +280,7 @@ def _spearman_ci(a: np.ndarray, b: np.ndarray, n: int = 1000, seed: int = 0) -> 
 
 # ---- encoded-ensemble validity ------------------------------------------------------------------------
 def _ensemble_validity(setting: Setting, workdir: Path, progress: bool) -> dict[str, Any]:
-    """The ensembles' counterfactual change for 2 × n_loo training images against retraining without each.
+    """The ensembles' counterfactual change for 4 × n_loo training images against retraining without each.
 
     Ground truth: the attributed model retrained without the image, for each of `loo_seeds` (same
     subset-stable minibatches as the full model of that seed), samples drawn from the same stored noise;
@@ -689,7 +689,7 @@ def _ensemble_notes(v: dict[str, Any], setting: Setting) -> list[str]:
         "",
         "## Encoded ensemble: counterfactuals against retraining",
         "",
-        f"{2 * s.n_loo} training images, split into tuning and reporting ({s.n_loo} each: the "
+        f"{4 * s.n_loo} training images, split into tuning and reporting ({2 * s.n_loo} each: the "
         f"{2 * s.n_loo} nearest to the samples in pixels taken alternately, plus {s.n_loo} at random per "
         f"split). For each, the ensemble's counterfactual change (L2 between its sample and its resample "
         f"without the members that saw the image, mean over {s.validity_samples} samples from stored noise, "

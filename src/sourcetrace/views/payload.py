@@ -9,7 +9,8 @@ front end (`static/app.js`). Its shape:
                   "result": {"top": [{"index", "score", "token_scores"?}], "bottom": [...],
                              "hist": {"edges", "counts", "partial"}, "keywords": {"pos", "neg"},
                              "removal": {"k", "top", "bottom"}?},
-                  "compare": {"other", "ops", "removed", "added", "image": {"distance", "diff"}?}?}],
+                  "compare": {"other", "ops", "removed", "added",
+                              "image": {"distance", "diff", "diff_max"}?}?}],
      "train": {"<index>": {"id", "text", "tokens", "image", "row", "audio", "label", "source"}},  # shown only
      "groups": [{"name", "names", "sizes", "query": [[mass per group] per query], "mean"}]}
 
@@ -50,12 +51,15 @@ def image_json(image: Any, top: float | None = None) -> dict[str, Any]:
 
 
 def image_compare(a: Any, b: Any) -> dict[str, Any]:
-    """Two images side by side: the L2 distance of their given values and |a − b| as an image (same scale)."""
+    """Two images side by side: the L2 distance of their given values and |a − b| as an image, its largest
+    value (`diff_max`) drawn as full ink so that small changes show."""
     x, y = _grey(a), _grey(b)
     if x.shape != y.shape:
         raise ShapeError(f"compared images must have one shape; got {x.shape} and {y.shape}")
     diff = np.abs(np.nan_to_num(x) - np.nan_to_num(y))
-    return {"distance": _num(np.sqrt((diff ** 2).sum())), "diff": image_json(diff, max(_top(x), _top(y)))}
+    top = float(diff.max()) if diff.size else 0.0
+    return {"distance": _num(np.sqrt((diff ** 2).sum())), "diff_max": _num(top),
+            "diff": image_json(diff, top or 1.0)}
 
 
 def _top(a: np.ndarray) -> float:

@@ -341,7 +341,7 @@ var SourcetraceView = (function () {
         h("div", { class: "st-figs" },
           figure("st-img-a", q.image, String(q.id)),
           figure("st-img-b", b.image, String(b.id)),
-          figure("st-img-diff", c.image.diff, "difference |a − b| (darker = larger)")),
+          figure("st-img-diff", c.image.diff, "difference |a − b|, darkest = " + fmt(c.image.diff_max))),
         h("div", null, "L2 distance between the two images: ", h("b", { id: "st-img-dist" }, fmt(c.image.distance)))),
         h("div", { class: "st-compare" },
           h("div", { class: "st-side", id: "st-side-model" }, lists(q.result, scale, "st-a-")),
