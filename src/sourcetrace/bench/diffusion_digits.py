@@ -318,7 +318,8 @@ def _ensemble_validity(setting: Setting, workdir: Path, progress: bool) -> dict[
                             len(setting.loo_seeds), n, -1), axis=3).mean(2)  # [K, S]: mean over samples
     truth = change.mean(1)
     part = {name: np.isin(chosen, ids) for name, ids in splits.items()}
-    out: dict[str, Any] = {"examples": splits, "retraining_change": change.tolist(), "ensembles": []}
+    out: dict[str, Any] = {"examples": splits, "retraining_change": change.tolist(),
+                           "retraining_mean_change": float(change.mean()), "ensembles": []}
     out["seed_agreement"] = {name: _spearman_ci(change[m, 0], change[m, 1]) for name, m in part.items()}
     for members, one_seed in setting.validity_ensembles:
         ens = _ensemble(setting, workdir, members, one_seed)
@@ -328,7 +329,9 @@ def _ensemble_validity(setting: Setting, workdir: Path, progress: bool) -> dict[
                                  .reshape(n, -1).norm(dim=1).mean()) for i in chosen])
         rho = {name: _spearman_ci(cf[m], truth[m]) for name, m in part.items()}
         out["ensembles"].append({"members": members, "seeding": _seeding(one_seed), "change": cf.tolist(),
-                                 "spearman": rho})
+                                 "mean_change": float(cf.mean()), "spearman": rho})
+    a, b = (np.asarray(e["change"]) for e in out["ensembles"][-2:])
+    out["ensemble_agreement"] = {name: _spearman_ci(a[m], b[m]) for name, m in part.items()}
     out["chosen"] = max(range(len(out["ensembles"])),
                         key=lambda k: out["ensembles"][k]["spearman"]["tuning"][0])
     out.update(_ablation_costs(setting, workdir, progress))
@@ -708,6 +711,9 @@ def _ensemble_notes(v: dict[str, Any], setting: Setting) -> list[str]:
         notes.append(f"| {e['members']} members, {e['seeding']}{mark} vs retraining | "
                      f"{_ci(e['spearman']['tuning'])} | {_ci(e['spearman']['reporting'])} | "
                      f"{np.mean(e['change']):.3f} |")
+    (ea, eb), agree2 = v["ensembles"][-2:], v["ensemble_agreement"]
+    notes.append(f"| {ea['members']} members, {ea['seeding']} vs {eb['members']} members, {eb['seeding']} "
+                 f"(two ensembles) | {_ci(agree2['tuning'])} | {_ci(agree2['reporting'])} | – |")
     best = v["ensembles"][v["chosen"]]
     rep, agree = best["spearman"]["reporting"], v["seed_agreement"]["reporting"]
     holds = "excludes" if rep[1] > 0 else "does not exclude"
