@@ -32,7 +32,7 @@ def _numbers(obj: object, out: set[str]) -> set[str]:
         out.update(m.lstrip("+-") for m in NUMBER.findall(obj))
     elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
         for fmt in (".1f", ".2f", ".3f", ".3g", "+.1f", "+.3f"):
-            out.add(format(obj, fmt).lstrip("+"))
+            out.add(format(obj, fmt).lstrip("+-"))  # README figures are compared without their sign
     return out
 
 

@@ -207,9 +207,13 @@ def test_diffusion_report_in_chromium_without_console_errors(tmp_path):
     """The report of generated digits (images, a counterfactual to compare with) in headless Chromium."""
     import os
     import shutil
+    from pathlib import Path
 
     sync_api = pytest.importorskip("playwright.sync_api")
+    from sourcetrace import Scores
     from sourcetrace.views import write_report
+
+    shots = os.environ.get("SOURCETRACE_SCREENSHOTS")
 
     chromium = (os.environ.get("SOURCETRACE_CHROMIUM") or shutil.which("chromium")
                 or shutil.which("chromium-browser"))
@@ -242,8 +246,24 @@ def test_diffusion_report_in_chromium_without_console_errors(tmp_path):
         page.goto(path.as_uri())
         page.wait_for_selector("#st-root[data-ready]")
         assert page.locator(".st-query canvas.st-thumb").count() == 1
+        assert page.locator("#st-bottom li").count() == 6  # signed scores: opponents too
         page.click("[data-tab='compare']")
         assert page.locator(".st-compare").count() == 1
+        for fig in ("#st-img-a", "#st-img-b", "#st-img-diff"):  # generated, counterfactual, difference
+            assert page.locator(f"{fig} canvas.st-thumb").count() == 1
+        shown = float(page.inner_text("#st-img-dist"))
+        expected = float((torch.tensor(items[0]["image"]) - torch.tensor(items[2]["image"])).norm())
+        assert abs(shown - expected) < 1e-2 * expected
+        if shots:
+            page.screenshot(path=str(Path(shots) / "diffusion-compare.png"))
+        # distances (an encoded ensemble's counterfactuals) have no sign: no opponents in the report
+        distances = Scores(scores.matrix.abs(), scores.train_ids, scores.query_ids, "ensemble-counterfactual",
+                           metadata={"distance": "l2"})
+        path = write_report(distances, tmp_path / "ensemble.html", train_items=image, query_items=items)
+        page.goto(path.as_uri())
+        page.wait_for_selector("#st-root[data-ready]")
+        assert page.locator("#st-top li").count() == 6 and page.locator("#st-bottom").count() == 0
+        assert "Opponents" not in page.inner_text("main") and "no sign" in page.inner_text("header")
         browser.close()
     assert errors == []
 

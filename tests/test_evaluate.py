@@ -241,3 +241,36 @@ def test_loo_matches_by_id_too():
     shuffled = st.Scores(torch.from_numpy(scores[:, cols]), [f"t{c}" for c in cols], list(range(n_query)))
     got = loo(shuffled, gt, train_ids=[f"t{i}" for i in range(n_train)], query_ids=list(range(n_query)))
     np.testing.assert_allclose(got.per_query, expected, atol=1e-12)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_formula():
+    from scipy.linalg import sqrtm
+
+    from sourcetrace.evaluate import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
+    b = rng.normal(size=(150, 6)) @ rng.normal(size=(6, 6)) + 0.5
+    sa, sb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    mu = a.mean(0) - b.mean(0)
+    direct = mu @ mu + np.trace(sa + sb - 2 * np.real(sqrtm(sa @ sb)))
+    assert frechet_distance(a, b) == pytest.approx(direct, rel=1e-8)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # rank-deficient covariances (fewer rows than features) still give a finite, symmetric value
+    c, d = rng.normal(size=(4, 10)), rng.normal(size=(5, 10))
+    assert np.isfinite(frechet_distance(c, d))
+    assert frechet_distance(c, d) == pytest.approx(frechet_distance(d, c), rel=1e-6)
+
+
+def test_frechet_distance_bad_input():
+    from sourcetrace.errors import EmptyDataError, NonFiniteError, ShapeError
+    from sourcetrace.evaluate import frechet_distance
+
+    with pytest.raises(ShapeError, match="same feature extractor"):
+        frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+    with pytest.raises(ShapeError, match=r"\[N, D\]"):
+        frechet_distance(np.zeros(5), np.zeros((5, 1)))
+    with pytest.raises(EmptyDataError, match="at least 2"):
+        frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+    with pytest.raises(NonFiniteError):
+        frechet_distance(np.full((3, 2), np.nan), np.zeros((5, 2)))

@@ -94,6 +94,35 @@ def test_image_json_scales_digits_and_unit_images():
         image_json(np.ones(15))
 
 
+def test_image_compare_gives_the_l2_distance_and_the_difference_on_one_scale():
+    rng = np.random.default_rng(0)
+    a, b = rng.random((8, 8)), rng.random((1, 8, 8)) * 0.5
+    s = small_scores(n_query=2, n_train=40)
+    queries = [{"image": a, "compare_to": "q1"}, {"image": b}]
+    c = report_payload(s, query_items=queries)["queries"][0]["compare"]["image"]
+    assert c["distance"] == pytest.approx(float(np.sqrt(((a - b[0]) ** 2).sum())), rel=1e-5)
+    diff = np.abs(a - b[0])
+    assert c["diff_max"] == pytest.approx(diff.max(), rel=1e-5)
+    assert c["diff"]["data"] == list(np.round(diff.reshape(-1) / diff.max() * 255).astype(int))
+    same = report_payload(s, query_items=[{"image": a, "compare_to": "q1"}, {"image": a}])
+    assert same["queries"][0]["compare"]["image"]["distance"] == 0.0
+    with pytest.raises(ShapeError, match="one shape"):
+        report_payload(s, query_items=[{"image": a, "compare_to": "q1"}, {"image": np.ones((4, 4))}])
+
+
+def test_distance_scores_are_shown_as_magnitudes_without_opponents():
+    s = small_scores()
+    s = Scores(s.matrix.abs(), s.train_ids, s.query_ids, "ensemble-counterfactual")
+    signed = report_payload(s, k=4)
+    assert not signed["magnitude"] and len(signed["queries"][0]["result"]["bottom"]) == 4
+    s.metadata["distance"] = "l2"
+    p = report_payload(s, k=4)
+    assert p["magnitude"] and p["distance"] == "l2"
+    for r, q in enumerate(p["queries"]):
+        assert q["result"]["bottom"] == []
+        assert [x["index"] for x in q["result"]["top"]] == s.matrix[r].argsort(descending=True)[:4].tolist()
+
+
 def decode_wav_uri(uri):
     """The samples (in [-1, 1]) and sample rate of a `data:audio/wav;base64,` URI, read back by `wave`."""
     import base64

@@ -397,9 +397,12 @@ def train_members(
 ) -> list[Any]:
     """Train member j of an encoded ensemble on the examples whose bit j is set, one after another.
 
-    `train_fn(indices, j)` returns the trained torch module. With `workdir`, each finished member's
-    state_dict is written there atomically and a rerun loads it into `build_fn()` instead of retraining
-    (so a killed run resumes); the codes and `fingerprint` are in the manifest, another ensemble is refused.
+    `train_fn(indices, j)` returns the trained torch module; one that uses the same training seed for every
+    member (common random numbers) makes members differ only by their data, which shrinks the part of a
+    counterfactual that comes from dropping other members' seeds (benchmarks/diffusion-digits.md). With
+    `workdir`, each finished member's state_dict is written there atomically and a rerun loads it into
+    `build_fn()` instead of retraining (so a killed run resumes); the codes and `fingerprint` are in the
+    manifest, another ensemble is refused.
     """
     import torch
 

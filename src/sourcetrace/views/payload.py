@@ -3,18 +3,20 @@
 Every way of opening the views (HTML report, notebook widget, web app) hands the same JSON to the same
 front end (`static/app.js`). Its shape:
 
-    {"title", "method", "kind": "classifier" | "llm", "can_attribute": bool,
+    {"title", "method", "kind": "classifier" | "llm", "can_attribute": bool, "magnitude": bool, "distance",
      "queries": [{"id", "index", "text", "prompt", "tokens", "selection", "image", "row", "audio", "label",
                   "source", "spans",
                   "result": {"top": [{"index", "score", "token_scores"?}], "bottom": [...],
                              "hist": {"edges", "counts", "partial"}, "keywords": {"pos", "neg"},
                              "removal": {"k", "top", "bottom"}?},
-                  "compare": {"other", "ops", "removed", "added"}?}],
+                  "compare": {"other", "ops", "removed", "added",
+                              "image": {"distance", "diff", "diff_max"}?}?}],
      "train": {"<index>": {"id", "text", "tokens", "image", "row", "audio", "label", "source"}},  # shown only
      "groups": [{"name", "names", "sizes", "query": [[mass per group] per query], "mean"}]}
 
 with "row": {"columns", "values"} and "audio": {"src": "data:audio/wav;base64,...", "seconds", "sample_rate",
-"truncated"?} (see media.py).
+"truncated"?} (see media.py). "magnitude": the scores are distances (e.g. an encoded ensemble's counterfactual
+distances, named by "distance"): the front end shows the largest and no opponents.
 """
 
 from __future__ import annotations
@@ -37,8 +39,35 @@ def _num(v: float) -> float:
     return float(f"{float(v):.6g}")
 
 
-def image_json(image: Any) -> dict[str, Any]:
-    """A grey image (2-D, values 0..1, 0..16 or 0..255; a flat square also works) as 8-bit pixels."""
+def image_json(image: Any, top: float | None = None) -> dict[str, Any]:
+    """A grey image (2-D, values 0..1, 0..16 or 0..255; a flat square also works) as 8-bit pixels.
+
+    `top` is the value drawn as full ink (by default 1, 16 or 255, whichever range the values fit).
+    """
+    a = _grey(image)
+    top = _top(a) if top is None else top
+    px = np.clip(np.nan_to_num(a) / top * 255, 0, 255).round().astype(int)
+    return {"h": int(a.shape[0]), "w": int(a.shape[1]), "data": px.reshape(-1).tolist()}
+
+
+def image_compare(a: Any, b: Any) -> dict[str, Any]:
+    """Two images side by side: the L2 distance of their given values and |a − b| as an image, its largest
+    value (`diff_max`) drawn as full ink so that small changes show."""
+    x, y = _grey(a), _grey(b)
+    if x.shape != y.shape:
+        raise ShapeError(f"compared images must have one shape; got {x.shape} and {y.shape}")
+    diff = np.abs(np.nan_to_num(x) - np.nan_to_num(y))
+    top = float(diff.max()) if diff.size else 0.0
+    return {"distance": _num(np.sqrt((diff ** 2).sum())), "diff_max": _num(top),
+            "diff": image_json(diff, top or 1.0)}
+
+
+def _top(a: np.ndarray) -> float:
+    hi = float(np.nanmax(a)) if a.size else 1.0
+    return 1.0 if hi <= 1 else 16.0 if hi <= 16 else 255.0
+
+
+def _grey(image: Any) -> np.ndarray:
     a = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image, dtype=float)
     if a.ndim == 1:
         side = int(round(len(a) ** 0.5))
@@ -49,10 +78,7 @@ def image_json(image: Any) -> dict[str, Any]:
         a = a.reshape(a.shape[1:] if a.shape[0] == 1 else a.shape[:-1])
     if a.ndim != 2:
         raise ShapeError(f"images must be 2-D grey values; got shape {a.shape}")
-    hi = float(np.nanmax(a)) if a.size else 1.0
-    top = 1.0 if hi <= 1 else 16.0 if hi <= 16 else 255.0
-    px = np.clip(np.nan_to_num(a) / top * 255, 0, 255).round().astype(int)
-    return {"h": int(a.shape[0]), "w": int(a.shape[1]), "data": px.reshape(-1).tolist()}
+    return a
 
 
 def item_json(item: Mapping[str, Any] | None, id_: Any, columns: Sequence[Any] | None = None, *,
@@ -133,13 +159,22 @@ def train_texts(train: Sequence[dict[str, Any]]) -> list[str]:
     return [t.get("text", "") for t in train]
 
 
+def is_magnitude(scores: Scores) -> bool:
+    """Whether the scores are distances (metadata names a `distance`): no sign, so no opponents."""
+    return scores.metadata.get("distance") is not None
+
+
 def query_result(scores: Scores, row: int, *, k: int = 6, keywords: Keywords | None = None,
                  texts: Sequence[str] = (), bins: int = 20) -> dict[str, Any]:
-    """The shown part of one query's scores: top and bottom k, a histogram of all scores, keywords."""
+    """The shown part of one query's scores: top and bottom k, a histogram of all scores, keywords.
+
+    Distances (`is_magnitude`) have only a top: their smallest values are not opponents.
+    """
     kept = scores.top_values.shape[1] if scores.matrix is None else len(scores.train_ids)  # type: ignore
     k = max(0, min(k, kept))
     top = [{"index": a.index, "score": _num(a.score)} for a in scores.top(row=row, k=k)]
-    bottom = [{"index": a.index, "score": _num(a.score)} for a in scores.bottom(row=row, k=k)]
+    bottom = ([] if is_magnitude(scores)
+              else [{"index": a.index, "score": _num(a.score)} for a in scores.bottom(row=row, k=k)])
     if scores.matrix is not None:
         values = scores.matrix[row].detach().double().cpu().numpy()
         partial = False
@@ -211,8 +246,11 @@ def report_payload(scores: Scores, *, train_items: Sequence[Any] | None = None,
         if other is not None:
             j = scores._row(other)
             queries[r]["compare"] = compare_json(queries[r], queries[j], j)
+            if it.get("image") is not None and (raw_queries[j] or {}).get("image") is not None:
+                queries[r]["compare"]["image"] = image_compare(it["image"], raw_queries[j]["image"])
     kind = "llm" if any("tokens" in q for q in queries) else "classifier"
     return {"title": title, "method": scores.method, "kind": kind, "can_attribute": False,
+            "magnitude": is_magnitude(scores), "distance": scores.metadata.get("distance"),
             "queries": queries, "train": {str(i): with_audio(train[i], raw_train[i]) for i in sorted(shown)},
             "groups": groups_json(scores, groups, train)}
 

@@ -230,6 +230,11 @@ var SourcetraceView = (function () {
     }
 
     function lists(res, scale, prefix) {
+      if (data.magnitude) {  // distances have no sign: the largest only, no opponents
+        return h("div", { class: "st-lists" },
+          h("section", { class: "st-card" }, h("h3", null, "Largest change ", h("span", { class: "st-muted" }, "removing it moves the output most")),
+            h("ol", { class: "st-list", id: prefix + "top" }, res.top.map(function (r, i) { return row(r, "pos", i + 1, scale, prefix + "t" + r.index); }))));
+      }
       return h("div", { class: "st-lists" },
         h("section", { class: "st-card" }, h("h3", null, "Proponents ", h("span", { class: "st-muted" }, "support the output")),
           h("ol", { class: "st-list", id: prefix + "top" }, res.top.map(function (r, i) { return row(r, "pos", i + 1, scale, prefix + "t" + r.index); }))),
@@ -313,6 +318,7 @@ var SourcetraceView = (function () {
       }
       if (!c) { out.push(h("section", { class: "st-card" }, "No comparison for this query yet.")); return out; }
       var b = data.queries[c.other];
+      if (c.image && q.image && b.image) return out.concat(imageCompare(q, b, c));
       var rem = {}, add = {};
       c.removed.forEach(function (i) { rem[i] = true; }); c.added.forEach(function (i) { add[i] = true; });
       var scale = scaleOf([q.result, b.result]);
@@ -323,6 +329,24 @@ var SourcetraceView = (function () {
           tokens(b, { mark: add, markClass: "st-ins" })), lists(b.result, scale, "st-b-"))));
       out.push(h("div", { class: "st-muted" }, "Both sides share one scale (largest |score| shown: " + fmt(scale) + ")."));
       return out;
+    }
+
+    function imageCompare(q, b, c) {
+      function figure(id, img, caption) {
+        return h("figure", { class: "st-fig", id: id }, thumb(img, 160), h("figcaption", null, caption));
+      }
+      var scale = scaleOf([q.result, b.result]);
+      return [h("section", { class: "st-card st-imgcompare" },
+        h("h3", null, "Side by side ", h("span", { class: "st-muted" }, "this query and the one it is compared with")),
+        h("div", { class: "st-figs" },
+          figure("st-img-a", q.image, String(q.id)),
+          figure("st-img-b", b.image, String(b.id)),
+          figure("st-img-diff", c.image.diff, "difference |a − b|, darkest = " + fmt(c.image.diff_max))),
+        h("div", null, "L2 distance between the two images: ", h("b", { id: "st-img-dist" }, fmt(c.image.distance)))),
+        h("div", { class: "st-compare" },
+          h("div", { class: "st-side", id: "st-side-model" }, lists(q.result, scale, "st-a-")),
+          h("div", { class: "st-side", id: "st-side-user" }, lists(b.result, scale, "st-b-"))),
+        h("div", { class: "st-muted" }, "Left: " + q.id + "; right: " + b.id + ". Both sides share one scale (largest |score| shown: " + fmt(scale) + ").")];
     }
 
     function draw() {
@@ -340,7 +364,8 @@ var SourcetraceView = (function () {
       var view = ui.tab === "groups" ? groupsView(q) : ui.tab === "compare" ? compareView(q) : attributionView(q);
       var app = h("div", { class: "st-app st-" + data.kind },
         h("header", null, h("h1", null, data.title), h("span", { class: "st-muted" },
-          (data.method || "scores") + " · " + data.queries.length + " queries · positive = proponent")),
+          (data.method || "scores") + " · " + data.queries.length + " queries · " +
+          (data.magnitude ? (data.distance || "") + " distance, no sign: larger = removing the example moves the output more" : "positive = proponent"))),
         nav, h("div", { class: "st-body" }, data.queries.length > 1 ? aside : null, h("main", null, view)));
       root.replaceChildren(app);
       root.setAttribute("data-ready", "1");
