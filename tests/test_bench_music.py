@@ -1,0 +1,41 @@
+"""The music-attribution benchmark's own numerical helpers, each against an independent computation."""
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from sourcetrace.bench.music_attribution import ngram_overlap, split_lds
+from sourcetrace.ensembles import SubsetRetraining
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_ngram_overlap_equals_a_window_by_window_search(n):
+    rng = np.random.default_rng(n)
+    train = [rng.integers(0, 4, size=rng.integers(8, 30)) for _ in range(5)]
+    queries = [rng.integers(0, 4, size=20), train[2][3:17].copy(), rng.integers(0, 4, size=n)]
+    got = ngram_overlap(queries, train, n)
+    for a, q in enumerate(queries):
+        windows = np.lib.stride_tricks.sliding_window_view(q, n)
+        distinct = np.unique(windows, axis=0)
+        for b, t in enumerate(train):
+            found = [any(np.array_equal(g, t[i:i + n]) for i in range(len(t) - n + 1)) for g in distinct]
+            assert got[a, b] == pytest.approx(np.mean(found))
+    assert got[1, 2] == 1.0  # a piece of a training sequence is wholly inside it
+
+
+def test_ngram_overlap_of_a_query_shorter_than_n_is_zero():
+    assert ngram_overlap([np.arange(2)], [np.arange(10)], 3).tolist() == [[0.0]]
+
+
+def test_split_lds_is_the_mean_spearman_over_the_chosen_queries():
+    rng = np.random.default_rng(0)
+    masks = rng.random((12, 9)) < 0.5
+    measurements = rng.standard_normal((12, 6))
+    truth = SubsetRetraining(masks, measurements, measurements[:, None, :])
+    scores = rng.standard_normal((6, 9))
+    cols = np.asarray([1, 3, 4])
+    got = split_lds(scores, truth, cols)
+    rho = [spearmanr(masks.astype(float) @ scores[q], measurements[:, q])[0] for q in cols]
+    assert got["mean"] == pytest.approx(np.mean(rho))
+    assert got["low"] <= got["mean"] <= got["high"]
+    assert got["queries"] == 3
