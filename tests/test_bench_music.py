@@ -39,3 +39,32 @@ def test_split_lds_is_the_mean_spearman_over_the_chosen_queries():
     assert got["mean"] == pytest.approx(np.mean(rho))
     assert got["low"] <= got["mean"] <= got["high"]
     assert got["queries"] == 3
+
+
+def test_near_clips_are_the_source_tracks_audio_at_the_shifted_offsets(tmp_path):
+    sf = pytest.importorskip("soundfile")
+    pytest.importorskip("librosa")
+    from sourcetrace.bench.music_attribution import NEAR, MusicBenchSetting, near_clips
+
+    rate = 8000
+    rng = np.random.default_rng(0)
+    tracks = [(0.3 * rng.standard_normal(rate * 6)).astype(np.float32) for _ in range(2)]
+    tracks[1][: int(rate * 4.5)] = 0  # silent up to 4.5 s: clips that start before 1.5 s are left out
+    paths = []
+    for i, t in enumerate(tracks):
+        paths.append(tmp_path / f"t{i}.wav")
+        sf.write(paths[-1], t, rate, subtype="FLOAT")
+    data = {"piece": np.asarray([0, 0, 0, 1, 1, 1]), "offsets": np.asarray([0.0, 1.5, 3.0] * 2),
+            "paths": paths}
+    q = {"source": np.asarray([1, 0, 5, 4]), "split": np.asarray([1, 1, 0, 1])}  # the third is tuning
+    got = near_clips(MusicBenchSetting(sample_rate=rate), data, q)
+    want = []
+    for source in (1, 0, 4):
+        track, offset = tracks[data["piece"][source]], data["offsets"][source]
+        for d in NEAR:
+            start = round((offset + d) * rate)
+            clip = track[start:start + 3 * rate]
+            if start >= 0 and len(clip) == 3 * rate and np.abs(clip).max() > 0:
+                want.append(clip)
+    assert len(want) == 6 + 3 + 3  # source 1: all six; source 0: the later three; source 4: loud ones only
+    np.testing.assert_array_equal(got, np.stack(want))
