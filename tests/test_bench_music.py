@@ -68,3 +68,26 @@ def test_near_clips_are_the_source_tracks_audio_at_the_shifted_offsets(tmp_path)
                 want.append(clip)
     assert len(want) == 6 + 3 + 3  # source 1: all six; source 0: the later three; source 4: loud ones only
     np.testing.assert_array_equal(got, np.stack(want))
+
+
+def test_paired_differences_skip_undefined_queries_and_match_a_direct_mean():
+    from sourcetrace.bench.music_attribution import paired
+    from sourcetrace.bench.runner import bootstrap_ci
+
+    def row(method, family, values, copying):
+        split = {"per_query": values}
+        return {"method": method, "family": family, "report": split,
+                "report, copying": {"per_query": values[:2]} if copying else None,
+                "report, not copying": {"per_query": values[2:]}}
+
+    nan = float("nan")
+    rows = [row("sim", "similarity", [0.5, nan, 0.1, 0.2], True),
+            row("trak", "TRAK", [0.3, 0.4, nan, 0.6], True),
+            row("ekfac", "EK-FAC", [0.0, 0.1, 0.2, 0.3], False)]
+    got = paired(rows, {"similarity": "sim", "TRAK": "trak", "EK-FAC": "ekfac"})
+    assert [(p["gradient"], p["generations"], p["n"]) for p in got] == [
+        ("trak", "all", 2), ("trak", "copying", 1), ("trak", "not copying", 1), ("ekfac", "all", 3),
+        ("ekfac", "not copying", 2)]
+    assert got[0]["difference"] == pytest.approx(((0.5 - 0.3) + (0.2 - 0.6)) / 2)
+    assert got[3]["difference"] == pytest.approx(((0.5 - 0.0) + (0.1 - 0.2) + (0.2 - 0.3)) / 3)
+    assert (got[3]["low"], got[3]["high"]) == bootstrap_ci([0.5, -0.1, -0.1])
