@@ -1,4 +1,4 @@
-"""`sourcetrace bench music-attribution`: similarity attribution for music, three parts.
+"""`sourcetrace bench music-attribution`: similarity attribution for music, five parts.
 
 - robustness (Barnett et al.'s protocol, scaled down): Bach chorales from music21 rendered by the demo's
   synthesiser; every training clip (3 s, hop 1.5 s) of a sample is perturbed (pitch ±1/±2 semitones, time
@@ -6,6 +6,9 @@
   clips; recall@1, recall@10 and MRR per perturbation and embedder, Chromaprint as the fingerprinting
   anchor. The contrastive encoder's temperature is chosen on the tuning pieces' queries; the table reports
   the held-out pieces' queries.
+- ties: where the contrastive encoder's recall@1 ties a DSP feature's under a target perturbation, the same
+  reporting queries searched in a harder gallery (plus clips of each source's track a fraction of a second
+  off the source), by the same embedders.
 - planted: a small transformer over note tokens trained on the chorales with a few pieces duplicated;
   does each embedder put the planted source first for the generations that reproduce it?
 - index: build throughput and query latency of `SimilarityIndex` at 1M generated 128-d clip vectors.
