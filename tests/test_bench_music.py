@@ -39,6 +39,10 @@ def test_split_lds_is_the_mean_spearman_over_the_chosen_queries():
     assert got["mean"] == pytest.approx(np.mean(rho))
     assert got["low"] <= got["mean"] <= got["high"]
     assert got["queries"] == 3
+    scores[3] = 0.0  # constant predictions: undefined, left out of the mean and of the count
+    with pytest.warns(RuntimeWarning, match="constant"):
+        got = split_lds(scores, truth, cols)
+    assert got["queries"] == 2 and got["mean"] == pytest.approx(np.mean([rho[0], rho[2]]))
 
 
 def test_near_clips_are_the_source_tracks_audio_at_the_shifted_offsets(tmp_path):
@@ -70,13 +74,12 @@ def test_near_clips_are_the_source_tracks_audio_at_the_shifted_offsets(tmp_path)
     np.testing.assert_array_equal(got, np.stack(want))
 
 
-def test_paired_differences_skip_undefined_queries_and_match_a_direct_mean():
+def test_paired_differences_count_undefined_lds_as_zero_and_match_a_direct_mean():
     from sourcetrace.bench.music_attribution import paired
     from sourcetrace.bench.runner import bootstrap_ci
 
     def row(method, family, values, copying):
-        split = {"per_query": values}
-        return {"method": method, "family": family, "report": split,
+        return {"method": method, "family": family, "report": {"per_query": values},
                 "report, copying": {"per_query": values[:2]} if copying else None,
                 "report, not copying": {"per_query": values[2:]}}
 
@@ -86,8 +89,9 @@ def test_paired_differences_skip_undefined_queries_and_match_a_direct_mean():
             row("ekfac", "EK-FAC", [0.0, 0.1, 0.2, 0.3], False)]
     got = paired(rows, {"similarity": "sim", "TRAK": "trak", "EK-FAC": "ekfac"})
     assert [(p["gradient"], p["generations"], p["n"]) for p in got] == [
-        ("trak", "all", 2), ("trak", "copying", 1), ("trak", "not copying", 1), ("ekfac", "all", 3),
+        ("trak", "all", 4), ("trak", "copying", 2), ("trak", "not copying", 2), ("ekfac", "all", 4),
         ("ekfac", "not copying", 2)]
-    assert got[0]["difference"] == pytest.approx(((0.5 - 0.3) + (0.2 - 0.6)) / 2)
-    assert got[3]["difference"] == pytest.approx(((0.5 - 0.0) + (0.1 - 0.2) + (0.2 - 0.3)) / 3)
-    assert (got[3]["low"], got[3]["high"]) == bootstrap_ci([0.5, -0.1, -0.1])
+    want = [0.5 - 0.3, 0.0 - 0.4, 0.1 - 0.0, 0.2 - 0.6]
+    assert got[0]["difference"] == pytest.approx(np.mean(want))
+    assert (got[0]["low"], got[0]["high"]) == pytest.approx(bootstrap_ci(want))
+    assert got[3]["difference"] == pytest.approx(np.mean([0.5, -0.1, -0.1, -0.1]))

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -506,14 +507,15 @@ def ngram_overlap(queries: list[np.ndarray], train: list[np.ndarray], n: int) ->
 
 
 def split_lds(scores: np.ndarray, truth: Any, cols: np.ndarray) -> dict[str, Any]:
-    """LDS [95 % bootstrap CI over queries] of the query columns `cols` against subset retraining."""
+    """LDS [95 % bootstrap CI over queries] of the query columns `cols` against subset retraining; `queries`
+    counts those where it is defined (a query whose scores are constant over the subsets has none)."""
     from .. import evaluate
     from ..ensembles import SubsetRetraining
 
     part = SubsetRetraining(truth.masks, truth.measurements[:, cols], truth.per_seed[:, :, cols])
     r = evaluate.lds(scores[cols], part)
-    return {"mean": r.mean, "low": r.ci_low, "high": r.ci_high, "queries": int(len(cols)),
-            "per_query": r.per_query.tolist()}
+    return {"mean": r.mean, "low": r.ci_low, "high": r.ci_high,
+            "queries": int(np.isfinite(r.per_query).sum()), "per_query": r.per_query.tolist()}
 
 
 def tda_setup(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
@@ -706,10 +708,10 @@ def tda(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
             row[f"report, {kind}"] = split_lds(scores, truth, cols) if len(cols) > 1 else None
         rows.append(row)
         print("tda", label, round(row["tuning"]["mean"], 3), round(row["report"]["mean"], 3), flush=True)
-    chosen = {}
+    chosen = {}  # by mean tuning LDS, an undefined one counting 0 (the scores predict nothing there)
     for family in dict.fromkeys(r["family"] for r in rows):
         chosen[family] = max((r for r in rows if r["family"] == family),
-                             key=lambda r: np.nan_to_num(r["tuning"]["mean"], nan=-np.inf))["method"]
+                             key=lambda r: np.mean(np.nan_to_num(r["tuning"]["per_query"])))["method"]
     return {"rows": rows, "chosen": chosen, "paired": paired(rows, chosen), "subsets": setting.tda_subsets,
             "training_sequences": int(len(s["tokens"])), "generations": int(len(s["gen_tokens"])),
             "tuning_generations": int(len(tuning)), "copying_in_report": int(copying[report].sum()),
@@ -811,9 +813,10 @@ def ties_lines(r: dict[str, Any], t: dict[str, Any]) -> list[str]:
     g = t["gallery"]
     same = [n for n in t["recomputed"] if t["recomputed"][n] == r["report"][n]]
     lines = ["", "### Where recall@1 ties: the same reporting queries in a harder gallery", "",
-             f"- gallery: all {r['clips']} training clips plus {t['distractors']} clips of each reporting "
-             f"source's own track starting {', '.join(f'{d:+g}' for d in t['near_offsets'])} s from it "
-             "(near-duplicates: the source must win at a quarter-second resolution). Same queries, same "
+             f"- gallery: all {r['clips']} training clips plus {t['distractors']} clips cut from the "
+             "reporting sources' own tracks, starting "
+             f"{', '.join(f'{d:+g}' for d in t['near_offsets'])} s from each source clip (near-duplicates: "
+             "the source must win at a quarter-second resolution). Same queries, same "
              "embedders (the contrastive encoder of the chosen temperature, retrained with the same seed); "
              "nothing is chosen on these figures.",
              f"- the recomputed embeddings give the table above exactly for: {', '.join(same) or 'none'}"
@@ -891,25 +894,25 @@ def index_lines(setting: MusicBenchSetting, x: dict[str, Any]) -> list[str]:
 
 
 def paired(rows: list[dict[str, Any]], chosen: dict[str, str]) -> list[dict[str, Any]]:
-    """Chosen similarity minus each chosen gradient method, per reporting generation: mean [95 % bootstrap CI]
-    over all generations, those that copy their prompt's piece, and the others."""
+    """Chosen audio similarity and n-gram overlap minus each chosen gradient method, per reporting generation
+    (an undefined LDS counting 0): mean [95 % bootstrap CI] over all generations, those that copy their
+    prompt's piece, and the others."""
     from .runner import bootstrap_ci
 
     by = {r["method"]: r for r in rows}
-    sim = by[chosen["similarity"]]
     out = []
-    for family in ("TRAK", "EK-FAC"):
-        grad = by[chosen[family]]
+    for near, family in itertools.product(("similarity", "n-gram overlap"), ("TRAK", "EK-FAC")):
+        if near not in chosen or family not in chosen:
+            continue
+        sim, grad = by[chosen[near]], by[chosen[family]]
         for part, what in (("report", "all"), ("report, copying", "copying"),
                            ("report, not copying", "not copying")):
             if sim[part] is None or grad[part] is None:
                 continue
-            a, b = np.asarray(sim[part]["per_query"]), np.asarray(grad[part]["per_query"])
-            keep = ~(np.isnan(a) | np.isnan(b))
-            if keep.any():
-                d = a[keep] - b[keep]
+            d = np.nan_to_num(sim[part]["per_query"]) - np.nan_to_num(grad[part]["per_query"])
+            if len(d):
                 low, high = bootstrap_ci(d)
-                out.append({"generations": what, "n": int(keep.sum()), "similarity": sim["method"],
+                out.append({"generations": what, "n": int(len(d)), "similarity": sim["method"],
                             "gradient": grad["method"], "difference": float(d.mean()), "low": low,
                             "high": high})
     return out
@@ -917,7 +920,9 @@ def paired(rows: list[dict[str, Any]], chosen: dict[str, str]) -> list[dict[str,
 
 def tda_lines(setting: MusicBenchSetting, t: dict[str, Any]) -> list[str]:
     def cell(v: dict[str, Any] | None) -> str:
-        return "–" if v is None else f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}] (n={v['queries']})"
+        if v is None or not v["queries"]:
+            return "–"
+        return f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}] (n={v['queries']})"
 
     n_report = t["generations"] - t["tuning_generations"]
     lines = ["## Gradient TDA on the symbolic generator: is similarity a proxy for influence?", "",
@@ -929,7 +934,7 @@ def tda_lines(setting: MusicBenchSetting, t: dict[str, Any]) -> list[str]:
              "Scaled down from the usual hundreds of subsets × several seeds to fit one core, so each "
              "query's LDS is noisy.",
              f"- queries: {t['generations']} generations of the generator trained on every sequence "
-             f"({setting.generations_per_planted} per planted piece, one per {setting.tda_unplanted} "
+             f"({setting.generations_per_planted} per planted piece, one for each of {setting.tda_unplanted} "
              f"unplanted prompt pieces). Tuning split: the {t['tuning_generations']} generations prompted "
              "by the first half of the planted and of the unplanted pieces (where each family's option is "
              f"chosen); reporting split: the other {n_report} ({t['copying_in_report']} of them copy their "
@@ -939,7 +944,9 @@ def tda_lines(setting: MusicBenchSetting, t: dict[str, Any]) -> list[str]:
              "the piece; n-gram overlap: share of the generation's distinct token n-grams (after the "
              "prompt) found in the training sequence; TRAK and EK-FAC: `Attributor` with `CausalLMTask` "
              f"on the layers {', '.join(TDA_MODULES)}.",
-             "- LDS [95 % bootstrap CI over generations]; ★ = the option chosen on the tuning split.", "",
+             "- LDS [95 % bootstrap CI over generations] (n: generations where it is defined; – where the "
+             "scores are constant over the subsets, e.g. no shared n-gram); ★ = the option with the best "
+             "mean LDS on the tuning split, an undefined one counting 0.", "",
              "| method | LDS tuning | LDS reporting | reporting, copying | reporting, not copying |",
              "|---|---|---|---|---|"]
     chosen = set(t["chosen"].values())
@@ -947,8 +954,8 @@ def tda_lines(setting: MusicBenchSetting, t: dict[str, Any]) -> list[str]:
         star = " ★" if r["method"] in chosen else ""
         lines.append(f"| {r['method']}{star} | {cell(r['tuning'])} | {cell(r['report'])} | "
                      f"{cell(r['report, copying'])} | {cell(r['report, not copying'])} |")
-    lines += ["", "### Similarity against the chosen gradient methods (reporting split, paired over "
-              "generations)", ""]
+    lines += ["", "### Similarity against the chosen gradient methods (reporting split, difference of LDS "
+              "paired over generations, an undefined one counting 0)", ""]
     for p in t.get("paired", []):
         verdict = ("similarity higher" if p["low"] > 0 else "gradient higher" if p["high"] < 0 else
                    "no difference resolved")
