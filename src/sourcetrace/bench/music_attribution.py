@@ -62,7 +62,7 @@ class MusicBenchSetting:
     unplanted_generations: int = 4
     index_vectors: int = 1_000_000
     index_dim: int = 128
-    tda_subsets: int = 16  # random halves the generator is retrained on (one seed each)
+    tda_subsets: int = 32  # random halves the generator is retrained on (one seed each)
     tda_unplanted: int = 12  # generations prompted by unplanted pieces (beside every planted one's)
     seed: int = 0
 
