@@ -197,6 +197,38 @@ def test_cli_build_query_and_report(tmp_path, corpus):
     assert "data:audio/wav;base64," in report.read_text()
 
 
+@pytest.mark.parametrize("offset", [0.0, 1.3, 17.0, 36.5])
+def test_report_excerpt_holds_the_matched_clip_at_its_start(offset):
+    from sourcetrace.similarity.audio import excerpt
+
+    track = np.random.default_rng(0).standard_normal(SR * 40).astype(np.float32)  # 40 s, above the limit
+    part, start = excerpt(track, SR, offset, 3.0, limit=30.0)
+    assert len(part) == 30 * SR and 0 <= start <= 27.0
+    first = int(round(offset * SR))
+    at = int(round(start * SR))
+    np.testing.assert_array_equal(part[at:at + 3 * SR], track[first:first + 3 * SR])
+    short, same = excerpt(track[: SR * 10], SR, 4.5, 3.0, limit=30.0)
+    assert same == 4.5 and np.array_equal(short, track[: SR * 10])
+
+
+def test_audio_report_players_start_at_the_matched_offsets(tmp_path, corpus):
+    import json
+    import re
+
+    from sourcetrace.similarity import write_audio_report
+
+    index = build_audio_index(corpus, tmp_path / "idx", make_embedder("mfcc", sample_rate=SR), progress=False)
+    query = query_audio(corpus / "c.wav", index, k=3)
+    path = write_audio_report(query, index, tmp_path / "r.html")
+    data = json.loads(re.search(r'id="st-data">(.*?)</script>', path.read_text(), re.S).group(1))
+    q = data["queries"][0]
+    assert q["audio"]["start"] == pytest.approx(query.matches[0].query_offset, abs=1e-3)
+    assert q["audio"]["seconds"] == pytest.approx(8.0)  # the whole track, not the clip
+    starts = {item["source"]: item["audio"]["start"] for item in data["train"].values()}
+    for m in query.matches:
+        assert starts[f"{m.track} at {m.train_offset:.1f} s"] == pytest.approx(m.train_offset, abs=1e-3)
+
+
 def bad_input_cases(tmp_path, corpus):
     (tmp_path / "garbage").mkdir()
     (tmp_path / "garbage" / "x.wav").write_bytes(b"not audio at all")

@@ -205,6 +205,11 @@ def test_audio_json_cuts_long_clips_and_explains_bad_input(tmp_path):
         audio_json(tmp_path / "missing.wav")
     with pytest.raises(ShapeError, match="columns="):
         row_json([1, 2], ["a"])
+    assert audio_json(long[:2000], rate, start=1.5)["start"] == 1.5  # where the player starts
+    with pytest.raises(ShapeError, match="outside its clip of 2.0 s"):
+        audio_json(long[:2000], rate, start=2.5)
+    with pytest.raises(ShapeError, match="a number of seconds"):
+        audio_json(long[:2000], rate, start="soon")
 
 
 def test_saved_view_keeps_rows_columns_and_audio_bytes(tmp_path):

@@ -114,6 +114,34 @@ def test_classifier_report_loads_without_console_errors(page, digits, tmp_path):
     assert page.errors == []
 
 
+def test_audio_player_starts_at_the_items_start(page, tmp_path):
+    """An audio item's `start` (a similarity match's offset) is where its player begins, with a note."""
+    import numpy as np
+    import torch
+
+    from sourcetrace import Scores
+
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(8000 * 2) / 8000)).astype(np.float32)  # 2 s
+    scores = Scores(torch.tensor([[0.9, 0.5]]), ["a", "b"], ["q"], method="similarity")
+    train = [{"audio": tone, "sample_rate": 8000, "start": 1.25, "label": "a"},
+             {"audio": tone, "sample_rate": 8000, "label": "b"}]
+    query = [{"audio": tone, "sample_rate": 8000, "start": 0.5, "label": "q"}]
+    path = write_report(scores, tmp_path / "start.html", train_items=train, query_items=query, k=2)
+    page.goto(path.as_uri())
+    page.wait_for_selector("#st-root[data-ready]")
+    page.wait_for_function("[...document.querySelectorAll('audio')].every(a => a.readyState >= 1)")
+    times = page.locator("#st-top .st-row audio").evaluate_all("els => els.map(a => a.currentTime)")
+    assert times == pytest.approx([1.25, 0.0], abs=0.01)  # "a" (start 1.25 s) scores above "b" (none)
+    assert page.locator(".st-query audio").evaluate("a => a.currentTime") == pytest.approx(0.5, abs=0.01)
+    assert page.locator(".st-query .st-start").inner_text() == "starts at 0.5 s"
+    played = page.locator(".st-query audio").evaluate("""a => new Promise(ok => {
+        a.muted = true;
+        a.addEventListener('timeupdate', () => { a.pause(); ok(a.currentTime); }, { once: true });
+        a.play(); })""")
+    assert 0.5 <= played < 1.5  # playback goes on from the start, not from 0 s
+    assert page.errors == []
+
+
 def test_table_and_audio_report_plays_clips_offline(page, tmp_path):
     """Table rows and audio clips: the query's row and player, a summary and a player for each example."""
     from sourcetrace.demos.examples import calls_example

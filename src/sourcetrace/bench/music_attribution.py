@@ -1,4 +1,4 @@
-"""`sourcetrace bench music-attribution`: similarity attribution for music, three parts.
+"""`sourcetrace bench music-attribution`: similarity attribution for music, five parts.
 
 - robustness (Barnett et al.'s protocol, scaled down): Bach chorales from music21 rendered by the demo's
   synthesiser; every training clip (3 s, hop 1.5 s) of a sample is perturbed (pitch ±1/±2 semitones, time
@@ -6,13 +6,22 @@
   clips; recall@1, recall@10 and MRR per perturbation and embedder, Chromaprint as the fingerprinting
   anchor. The contrastive encoder's temperature is chosen on the tuning pieces' queries; the table reports
   the held-out pieces' queries.
+- ties: where the contrastive encoder's recall@1 ties a DSP feature's under a target perturbation, the same
+  reporting queries searched in a harder gallery (plus clips of each source's track a fraction of a second
+  off the source), by the same embedders.
 - planted: a small transformer over note tokens trained on the chorales with a few pieces duplicated;
   does each embedder put the planted source first for the generations that reproduce it?
 - index: build throughput and query latency of `SimilarityIndex` at 1M generated 128-d clip vectors.
+- tda (as Deng et al., arXiv 2312.06646, for music transformers): LDS against retraining the planted
+  generator on random halves, for embedding similarity of the rendered audio, symbolic n-gram overlap,
+  TRAK and EK-FAC (the Attributor through `CausalLMTask`), with bootstrap CIs over generated pieces;
+  each family's option chosen on the tuning generations, reported on the others.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -53,6 +62,8 @@ class MusicBenchSetting:
     unplanted_generations: int = 4
     index_vectors: int = 1_000_000
     index_dim: int = 128
+    tda_subsets: int = 32  # random halves the generator is retrained on (one seed each)
+    tda_unplanted: int = 12  # generations prompted by unplanted pieces (beside every planted one's)
     seed: int = 0
 
 
@@ -398,8 +409,318 @@ def index_scale(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
     return out
 
 
+# ---- where recall@1 ties: a harder gallery ---------------------------------------------------------------
+NEAR = (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75)  # s: distractors start this far from a reporting source's clip
+
+
+def near_clips(setting: MusicBenchSetting, data: dict[str, Any], q: dict[str, Any]) -> np.ndarray:
+    """Clips of each reporting query's source track starting `NEAR` seconds from the source clip (inside the
+    track, not silent): the harder gallery's distractors."""
+    from ..similarity import ClipWindows, load_audio
+    from ..similarity.clips import SILENCE_DBFS, rms_dbfs
+
+    rate = setting.sample_rate
+    length = ClipWindows().length(rate)
+    tracks: dict[int, np.ndarray] = {}
+    clips = []
+    for j in np.flatnonzero(q["split"] == 1):
+        source = int(q["source"][j])
+        piece = int(data["piece"][source])
+        if piece not in tracks:
+            tracks[piece] = load_audio(data["paths"][piece], rate)[0]
+        audio = tracks[piece]
+        for d in NEAR:
+            start = int(round((float(data["offsets"][source]) + d) * rate))
+            if start >= 0 and start + length <= len(audio):
+                clips.append(audio[start:start + length])
+    stacked = np.stack(clips).astype(np.float32)
+    return stacked[rms_dbfs(stacked) > SILENCE_DBFS]
+
+
+def ties(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
+    """Where the contrastive encoder's recall@1 ties a DSP feature's under a target perturbation: the same
+    reporting queries searched in a harder gallery (all training clips plus `near_clips`), by the same
+    embedders (the encoder of the temperature the robustness part chose; nothing is chosen here)."""
+    from ..similarity import make_embedder
+
+    r = json.loads((workdir / "robustness.json").read_text())
+    c = r["report"]["contrastive"]
+    cells = [[n, k] for k in TARGET for n in DSP if r["report"][n][k]["recall@1"] == c[k]["recall@1"]]
+    out: dict[str, Any] = {"cells": cells, "near_offsets": list(NEAR), "gallery": {}, "recomputed": {}}
+    if not cells:
+        return out
+    data = corpus(setting, workdir)
+    q = queries(setting, data, workdir)
+    near = near_clips(setting, data, q)
+    out["distractors"] = int(len(near))
+    keep = q["split"] == 1
+    chosen = r["chosen_temperature"]
+    for name in [*dict.fromkeys(n for n, _ in cells), "contrastive"]:
+        if name == "contrastive":
+            key = f"contrastive-t{chosen:g}"
+            emb = make_embedder("contrastive", sample_rate=setting.sample_rate, temperature=chosen,
+                                steps=setting.contrastive_steps, views=setting.contrastive_views,
+                                seed=setting.seed)
+        else:
+            key, emb = name, make_embedder(name, sample_rate=setting.sample_rate)
+        vec = embeddings(key, emb, data, q, workdir)
+        emb.load_state_dict({k[6:]: vec[k] for k in vec if k.startswith("state/")})
+        out["recomputed"][name] = evaluate(vec, q, 1)
+        path = workdir / f"near-{key}.npy"
+        if not path.exists():
+            atomic_write_bytes(path, _npy_bytes(emb.embed(near)))
+        gallery = np.concatenate([vec["train"], np.load(path)])
+        out["gallery"][name] = {kind: summary(ranks(vec[kind][keep] @ gallery.T, q["source"][keep]))
+                                for kind in TARGET}
+        print("ties", name, {k: round(v["recall@1"], 3) for k, v in out["gallery"][name].items()}, flush=True)
+    return out
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+# ---- gradient TDA on the symbolic generator --------------------------------------------------------------
+#: the generator's MLP and output layers (nn.MultiheadAttention keeps its projections as bare parameters and
+#: calls even `out_proj` functionally, so no layer hook sees them)
+TDA_MODULES = ["body.layers.*.linear1", "body.layers.*.linear2", "out"]
+NGRAMS = (4, 8, 16, 32)  # token n-grams tried on the tuning generations (4 tokens: one step of all voices)
+
+
+def ngram_overlap(queries: list[np.ndarray], train: list[np.ndarray], n: int) -> np.ndarray:
+    """Share of each query's distinct token n-grams found in each training sequence: [n_query, n_train]."""
+    def grams(seq: np.ndarray) -> set[tuple[int, ...]]:
+        seq = np.asarray(seq).tolist()
+        return {tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)}
+
+    train_sets = [grams(t) for t in train]
+    out = np.zeros((len(queries), len(train)))
+    for a, q in enumerate(queries):
+        g = grams(q)
+        if g:
+            out[a] = [len(g & t) / len(g) for t in train_sets]
+    return out
+
+
+def split_lds(scores: np.ndarray, truth: Any, cols: np.ndarray) -> dict[str, Any]:
+    """LDS [95 % bootstrap CI over queries] of the query columns `cols` against subset retraining; `queries`
+    counts those where it is defined (a query whose scores are constant over the subsets has none)."""
+    from .. import evaluate
+    from ..ensembles import SubsetRetraining
+
+    part = SubsetRetraining(truth.masks, truth.measurements[:, cols], truth.per_seed[:, :, cols])
+    r = evaluate.lds(scores[cols], part)
+    return {"mean": r.mean, "low": r.ci_low, "high": r.ci_high,
+            "queries": int(np.isfinite(r.per_query).sum()), "per_query": r.per_query.tolist()}
+
+
+def tda_setup(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
+    """The planted generator trained on every sequence, its generations (tokens and audio) and their split."""
+    from ..demos.music import (
+        from_tokens,
+        generate,
+        planted_training_tokens,
+        synthesize,
+        timbre_of,
+        to_tokens,
+        token_agreement,
+        train_generator,
+    )
+
+    data = corpus(setting, workdir)
+    demo, chorales = data["demo"], data["chorales"]
+    demo.planted, demo.copies = setting.planted, setting.copies
+    tokens, planted_ids = planted_training_tokens(chorales, demo)
+    pieces = len(chorales)
+    piece_of = np.asarray([int(np.flatnonzero((tokens[:pieces] == row).all(1))[0]) for row in tokens])
+    prompt = 1 + 4 * demo.prompt_steps
+    folder = workdir / "tda"
+    path = folder / "generations.npz"
+    if not path.exists():
+        model_path = folder / "generator.pt"
+        model = train_generator(tokens, steps=setting.generator_steps, seed=setting.seed, progress=False)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(model_path, _torch_bytes(model.state_dict()))
+        unplanted = [i for i in range(pieces) if i not in planted_ids][: setting.tda_unplanted]
+        jobs = [(i, s) for i in planted_ids for s in range(setting.generations_per_planted)] + \
+               [(i, 0) for i in unplanted]
+        seqs, audio, rows = [], [], []
+        for i, s in jobs:
+            source = to_tokens(chorales[i], setting.steps)
+            seq = generate(model, source[:prompt], len(source), seed=1000 * s + i)
+            seqs.append(seq)
+            audio.append(synthesize(from_tokens(seq), timbre_of(i + 1 + s), setting.sample_rate, demo.bpm,
+                                    setting.steps * 0.5))
+            rows.append([i, s, token_agreement(seq, source, prompt)])
+        atomic_write_bytes(path, _npz_bytes({"tokens": np.stack(seqs), "audio": np.stack(audio),
+                                             "rows": np.asarray(rows, dtype=np.float64)}))
+    with np.load(path) as z:
+        gen = {k: z[k] for k in z.files}
+    piece = gen["rows"][:, 0].astype(int)
+    # tuning: generations prompted by the first half of the planted and of the unplanted pieces (by piece,
+    # so that no piece's generations sit on both sides)
+    planted_mask = np.isin(piece, planted_ids)
+    tuning_pieces = set(planted_ids[: len(planted_ids) // 2])
+    unplanted_pieces = list(dict.fromkeys(piece[~planted_mask].tolist()))
+    tuning_pieces |= set(unplanted_pieces[: len(unplanted_pieces) // 2])
+    tuning = np.asarray([p in tuning_pieces for p in piece])
+    return {"data": data, "tokens": tokens, "piece_of": piece_of, "planted_ids": planted_ids,
+            "prompt": prompt,
+            "gen_tokens": gen["tokens"], "gen_audio": gen["audio"], "gen_piece": piece,
+            "agreement": gen["rows"][:, 2], "planted": planted_mask, "tuning": tuning}
+
+
+def _torch_bytes(state: Any) -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def tda_model(setting: MusicBenchSetting, workdir: Path) -> Any:
+    """The generator `tda_setup` trained (from its saved weights)."""
+    import io
+
+    import torch
+
+    from ..demos.music import make_generator
+
+    model = make_generator(context=setting.steps * 4 + 1, seed=setting.seed)
+    state = torch.load(io.BytesIO((workdir / "tda" / "generator.pt").read_bytes()), weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def tda_examples(s: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Training sequences and generations as `CausalLMTask` examples (a generation's prompt is masked)."""
+    train = [{"input_ids": row.tolist()} for row in s["tokens"]]
+    queries = [{"prompt": g[: s["prompt"]].tolist(), "completion": g[s["prompt"]:].tolist()}
+               for g in s["gen_tokens"]]
+    return train, queries
+
+
+def tda_truth(setting: MusicBenchSetting, workdir: Path, s: dict[str, Any]) -> Any:
+    """Subset retraining: the generator retrained on `tda_subsets` random halves, measured on the generations
+    (log-probability of the generated tokens after the prompt); cached per model, resumable."""
+    import hashlib
+
+    import torch
+
+    from ..demos.music import train_generator
+    from ..ensembles import retrain_subsets
+    from ..tasks import CausalLMTask
+
+    task = CausalLMTask()
+    batch = task.collate(tda_examples(s)[1])
+    tokens = s["tokens"]
+
+    def measure(model: Any) -> np.ndarray:
+        with torch.no_grad():
+            return task.measurement(model, batch).numpy()
+
+    fingerprint = hashlib.sha256(tokens.tobytes() + s["gen_tokens"].tobytes() + json.dumps(
+        [setting.generator_steps, setting.seed]).encode()).hexdigest()[:16]
+    return retrain_subsets(lambda idx, seed: train_generator(tokens[idx], steps=setting.generator_steps,
+                                                             seed=seed, progress=False),
+                           measure, len(tokens), n_subsets=setting.tda_subsets, fraction=0.5,
+                           seeds=(setting.seed,), workdir=workdir / "tda" / "truth", seed=setting.seed,
+                           fingerprint=fingerprint)
+
+
+def tda_scores(setting: MusicBenchSetting, workdir: Path, s: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """{label: (family, job)}: each job gives scores [n_generation, n_train_sequence] (higher = proponent)."""
+    from ..similarity import ClipWindows, aggregate_tracks, make_embedder
+    from ..similarity.embedders import DEFAULT_EMBEDDER
+
+    @functools.cache
+    def generation_clips() -> tuple[Any, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+        data = s["data"]
+        emb = make_embedder(DEFAULT_EMBEDDER, sample_rate=setting.sample_rate)
+        vec = embeddings(DEFAULT_EMBEDDER, emb, data, queries(setting, data, workdir), workdir)
+        emb.load_state_dict({k[6:]: vec[k] for k in vec if k.startswith("state/")})
+        cut = [ClipWindows().cut(a, setting.sample_rate) for a in s["gen_audio"]]
+        return data, vec["train"], [(emb.embed(c), o) for c, o in cut]
+
+    def similarity(how: str) -> np.ndarray:
+        data, train, gens = generation_clips()
+        tracks = [str(p) for p in data["piece"]]
+        out = np.zeros((len(gens), len(s["tokens"])))
+        for g, (vectors, offsets) in enumerate(gens):
+            per_piece = {int(m.track): m.score for m in aggregate_tracks(vectors, offsets, train, tracks,
+                                                                          data["offsets"], how)}
+            out[g] = [per_piece[int(p)] for p in s["piece_of"]]
+        return out
+
+    def overlap(n: int) -> np.ndarray:
+        return ngram_overlap([g[s["prompt"]:] for g in s["gen_tokens"]], list(s["tokens"]), n)
+
+    def gradient(method: str, **options: Any) -> np.ndarray:
+        import sourcetrace as st
+
+        from ..tasks import CausalLMTask
+
+        train, gens = tda_examples(s)
+        attr = st.Attributor(tda_model(setting, workdir), CausalLMTask(), method, workdir=None,
+                             progress=False, modules=TDA_MODULES, batch_size=16, **options)
+        matrix = attr.fit(train).score(gens).matrix
+        assert matrix is not None
+        return matrix.double().numpy()
+
+    jobs: dict[str, tuple[str, Any]] = {
+        f"similarity ({DEFAULT_EMBEDDER}, {how})": ("similarity", functools.partial(similarity, how))
+        for how in ("max", "mean")}
+    jobs |= {f"{n}-gram overlap": ("n-gram overlap", functools.partial(overlap, n)) for n in NGRAMS}
+    jobs |= {f"TRAK (damping factor {f:g})": ("TRAK", functools.partial(gradient, "trak", damping_factor=f))
+             for f in (0.3, 3.0, 30.0)}
+    jobs |= {"EK-FAC (Kronecker features, the LM default)": ("EK-FAC", functools.partial(gradient, "ekfac")),
+             "EK-FAC (full gradients)": ("EK-FAC", functools.partial(gradient, "ekfac", features="identity"))}
+    return jobs
+
+
+def tda(setting: MusicBenchSetting, workdir: Path) -> dict[str, Any]:
+    """LDS of similarity, n-gram overlap, TRAK and EK-FAC against retraining on random halves."""
+    s = tda_setup(setting, workdir)
+    truth = tda_truth(setting, workdir, s)
+    tuning, report = np.flatnonzero(s["tuning"]), np.flatnonzero(~s["tuning"])
+    copying = s["agreement"] >= REPRODUCED
+    rows: list[dict[str, Any]] = []
+    for label, (family, job) in tda_scores(setting, workdir, s).items():
+        path = workdir / "tda" / f"scores-{label}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                scores, seconds = z["scores"], float(z["seconds"])
+        else:
+            t0 = time.perf_counter()
+            scores = job()
+            seconds = time.perf_counter() - t0
+            atomic_write_bytes(path, _npz_bytes({"scores": scores, "seconds": np.asarray(seconds)}))
+        row: dict[str, Any] = {"method": label, "family": family, "seconds": seconds,
+               "tuning": split_lds(scores, truth, tuning), "report": split_lds(scores, truth, report)}
+        for kind, keep in (("copying", copying), ("not copying", ~copying)):
+            cols = report[keep[report]]
+            row[f"report, {kind}"] = split_lds(scores, truth, cols) if len(cols) > 1 else None
+        rows.append(row)
+        print("tda", label, round(row["tuning"]["mean"], 3), round(row["report"]["mean"], 3), flush=True)
+    chosen = {}  # by mean tuning LDS, an undefined one counting 0 (the scores predict nothing there)
+    for family in dict.fromkeys(r["family"] for r in rows):
+        chosen[family] = max((r for r in rows if r["family"] == family),
+                             key=lambda r: np.mean(np.nan_to_num(r["tuning"]["per_query"])))["method"]
+    return {"rows": rows, "chosen": chosen, "paired": paired(rows, chosen), "subsets": setting.tda_subsets,
+            "training_sequences": int(len(s["tokens"])), "generations": int(len(s["gen_tokens"])),
+            "tuning_generations": int(len(tuning)), "copying_in_report": int(copying[report].sum()),
+            "planted_pieces": [s["data"]["chorales"][i].name for i in s["planted_ids"]],
+            "agreement": s["agreement"].tolist(), "tuning_mask": s["tuning"].tolist()}
+
+
 # ---- the runner ------------------------------------------------------------------------------------------
-PARTS = {"robustness": robustness, "planted": planted, "index": index_scale}
+PARTS = {"robustness": robustness, "ties": ties, "planted": planted, "index": index_scale, "tda": tda}
 
 
 def run(out_dir: Path = Path("benchmarks"), workdir: Path = Path("runs/bench/music-attribution"), *,
@@ -432,7 +753,7 @@ def _f(v: Any) -> str:
     return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def robustness_lines(setting: MusicBenchSetting, r: dict[str, Any]) -> list[str]:
+def robustness_lines(setting: MusicBenchSetting, r: dict[str, Any], t: dict[str, Any] | None) -> list[str]:
     from ..similarity import ClipWindows
 
     held = setting.pieces - setting.tuning_pieces
@@ -482,7 +803,38 @@ def robustness_lines(setting: MusicBenchSetting, r: dict[str, Any]) -> list[str]
     lines.append("- above every DSP feature under those perturbations: " + versus(r, DSP, TARGET))
     pt = ["pitch +1", "pitch -1", "pitch +2", "pitch -2", "stretch 0.9", "stretch 1.1"]
     lines.append("- above Chromaprint under pitch and tempo changes: " + versus(r, ["chromaprint"], pt))
+    if t and t["cells"]:
+        lines += ties_lines(r, t)
     return [*lines, ""]
+
+
+def ties_lines(r: dict[str, Any], t: dict[str, Any]) -> list[str]:
+    """The tied cells searched again in the harder gallery, and what the comparison says there."""
+    g = t["gallery"]
+    same = [n for n in t["recomputed"] if t["recomputed"][n] == r["report"][n]]
+    lines = ["", "### Where recall@1 ties: the same reporting queries in a harder gallery", "",
+             f"- gallery: all {r['clips']} training clips plus {t['distractors']} clips cut from the "
+             "reporting sources' own tracks, starting "
+             f"{', '.join(f'{d:+g}' for d in t['near_offsets'])} s from each source clip (near-duplicates: "
+             "the source must win at a quarter-second resolution). Same queries, same "
+             "embedders (the contrastive encoder of the chosen temperature, retrained with the same seed); "
+             "nothing is chosen on these figures.",
+             f"- the recomputed embeddings give the table above exactly for: {', '.join(same) or 'none'}"
+             + (f"; not for {', '.join(n for n in t['recomputed'] if n not in same)}" if len(same) < len(
+                 t["recomputed"]) else "") + ".", "",
+             "| perturbation | " + " | ".join(g) + " |", "|---|" + "---|" * len(g)]
+    for kind in TARGET:
+        lines.append(f"| {kind} | " + " | ".join(f"{g[n][kind]['recall@1']:.2f} / {g[n][kind]['mrr']:.3f}"
+                                                  for n in g) + " |")
+    lines += ["", "(recall@1 / MRR)", ""]
+    for name, kind in t["cells"]:
+        a, b = g["contrastive"][kind], g[name][kind]
+        key = (a["recall@1"], a["mrr"]), (b["recall@1"], b["mrr"])
+        verdict = "above" if key[0] > key[1] else "below" if key[0] < key[1] else "still tied"
+        lines.append(f"- tied cell {name} at {kind}: in the harder gallery the contrastive encoder is "
+                     f"{verdict} ({a['recall@1']:.2f} / {a['mrr']:.3f} against {b['recall@1']:.2f} / "
+                     f"{b['mrr']:.3f}).")
+    return lines
 
 
 def versus(r: dict[str, Any], others: list[str], kinds: list[str]) -> str:
@@ -541,20 +893,91 @@ def index_lines(setting: MusicBenchSetting, x: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def paired(rows: list[dict[str, Any]], chosen: dict[str, str]) -> list[dict[str, Any]]:
+    """Chosen audio similarity and n-gram overlap minus each chosen gradient method, per reporting generation
+    (an undefined LDS counting 0): mean [95 % bootstrap CI] over all generations, those that copy their
+    prompt's piece, and the others."""
+    from .runner import bootstrap_ci
+
+    by = {r["method"]: r for r in rows}
+    out = []
+    for near, family in itertools.product(("similarity", "n-gram overlap"), ("TRAK", "EK-FAC")):
+        if near not in chosen or family not in chosen:
+            continue
+        sim, grad = by[chosen[near]], by[chosen[family]]
+        for part, what in (("report", "all"), ("report, copying", "copying"),
+                           ("report, not copying", "not copying")):
+            if sim[part] is None or grad[part] is None:
+                continue
+            d = np.nan_to_num(sim[part]["per_query"]) - np.nan_to_num(grad[part]["per_query"])
+            if len(d):
+                low, high = bootstrap_ci(d)
+                out.append({"generations": what, "n": int(len(d)), "similarity": sim["method"],
+                            "gradient": grad["method"], "difference": float(d.mean()), "low": low,
+                            "high": high})
+    return out
+
+
+def tda_lines(setting: MusicBenchSetting, t: dict[str, Any]) -> list[str]:
+    def cell(v: dict[str, Any] | None) -> str:
+        if v is None or not v["queries"]:
+            return "–"
+        return f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}] (n={v['queries']})"
+
+    n_report = t["generations"] - t["tuning_generations"]
+    lines = ["## Gradient TDA on the symbolic generator: is similarity a proxy for influence?", "",
+             "- ground truth (LDS, as Deng et al. computed it for music transformers): the planted "
+             f"generator ({t['training_sequences']} training sequences: the {setting.pieces} chorales and "
+             f"the planted copies of {', '.join(t['planted_pieces'])}) retrained from scratch on "
+             f"{t['subsets']} random halves, one seed each, {setting.generator_steps} steps as the "
+             "original; the measurement is the log-probability of a generation's tokens after its prompt. "
+             "Scaled down from the usual hundreds of subsets × several seeds to fit one core, so each "
+             "query's LDS is noisy.",
+             f"- queries: {t['generations']} generations of the generator trained on every sequence "
+             f"({setting.generations_per_planted} per planted piece, one for each of {setting.tda_unplanted} "
+             f"unplanted prompt pieces). Tuning split: the {t['tuning_generations']} generations prompted "
+             "by the first half of the planted and of the unplanted pieces (where each family's option is "
+             f"chosen); reporting split: the other {n_report} ({t['copying_in_report']} of them copy their "
+             f"prompt's piece: at least {REPRODUCED:.0%} of the generated tokens equal it).",
+             "- similarity: the default embedder on the rendered audio (a generation in another timbre than "
+             "its piece's training audio), per-piece max or mean over clip pairs, given to every copy of "
+             "the piece; n-gram overlap: share of the generation's distinct token n-grams (after the "
+             "prompt) found in the training sequence; TRAK and EK-FAC: `Attributor` with `CausalLMTask` "
+             f"on the layers {', '.join(TDA_MODULES)}.",
+             "- LDS [95 % bootstrap CI over generations] (n: generations where it is defined; – where the "
+             "scores are constant over the subsets, e.g. no shared n-gram); ★ = the option with the best "
+             "mean LDS on the tuning split, an undefined one counting 0.", "",
+             "| method | LDS tuning | LDS reporting | reporting, copying | reporting, not copying |",
+             "|---|---|---|---|---|"]
+    chosen = set(t["chosen"].values())
+    for r in t["rows"]:
+        star = " ★" if r["method"] in chosen else ""
+        lines.append(f"| {r['method']}{star} | {cell(r['tuning'])} | {cell(r['report'])} | "
+                     f"{cell(r['report, copying'])} | {cell(r['report, not copying'])} |")
+    lines += ["", "### Similarity against the chosen gradient methods (reporting split, difference of LDS "
+              "paired over generations, an undefined one counting 0)", ""]
+    for p in t.get("paired", []):
+        verdict = ("similarity higher" if p["low"] > 0 else "gradient higher" if p["high"] < 0 else
+                   "no difference resolved")
+        lines.append(f"- {p['generations']} generations ({p['n']}): {p['similarity']} − {p['gradient']} = "
+                     f"{p['difference']:+.3f} [{p['low']:+.3f}, {p['high']:+.3f}] → {verdict}.")
+    return [*lines, ""]
+
+
 def write(out_dir: Path, setting: MusicBenchSetting, found: dict[str, Any]) -> Path:
     lines = ["# music-attribution", "",
              "Written by `sourcetrace bench music-attribution`; do not edit by hand.", ""]
     info = {"setting": asdict(setting), "versions": versions("librosa", "faiss-cpu", "torch", "music21"),
             **{f"{k}_seconds": v.get("seconds") for k, v in found.items()}}
     if "robustness" in found:
-        lines += robustness_lines(setting, found["robustness"])
+        lines += robustness_lines(setting, found["robustness"], found.get("ties"))
     if "planted" in found:
         lines += planted_lines(setting, found["planted"])
     if "index" in found:
         lines += index_lines(setting, found["index"])
+    if "tda" in found:
+        lines += tda_lines(setting, found["tda"])
     lines += ["## Not done", "",
-              "- Gradient TDA on the symbolic generator (LDS of similarity vs TRAK vs EK-FAC against "
-              "retraining on random halves): not run.",
               "- CLAP and MERT: no weights on this machine (no downloads); they are tested on tiny random "
               "configs only, not benchmarked.", ""]
     out_dir.mkdir(parents=True, exist_ok=True)

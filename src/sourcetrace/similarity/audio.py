@@ -130,24 +130,33 @@ def track_scores(queries: list[AudioQuery], index: SimilarityIndex, method: str 
                   top_values=values, top_indices=indices)
 
 
-def clip_at(audio: np.ndarray, sample_rate: int, offset: float, seconds: float) -> np.ndarray:
-    start = int(round(offset * sample_rate))
-    return np.asarray(audio[start:start + int(round(seconds * sample_rate))], dtype=np.float32)
+def excerpt(audio: np.ndarray, sample_rate: int, offset: float, seconds: float,
+            limit: float) -> tuple[np.ndarray, float]:
+    """The track if it lasts at most `limit` seconds, else the `limit`-second excerpt centred on the clip of
+    `seconds` at `offset` (as far as the track allows); and the second at which that clip starts in it."""
+    keep = int(limit * sample_rate)
+    if len(audio) <= keep:
+        return np.asarray(audio, dtype=np.float32), float(offset)
+    first = int(round(offset * sample_rate - (keep - seconds * sample_rate) / 2))
+    first = min(max(0, first), len(audio) - keep)
+    return np.asarray(audio[first:first + keep], dtype=np.float32), float(offset) - first / sample_rate
 
 
 def write_audio_report(queries: AudioQuery | list[AudioQuery], index: SimilarityIndex,
                        path: str | os.PathLike, *, title: str | None = None, train_audio: Any = None,
                        labels: list[str] | None = None) -> Path:
-    """An HTML report: each query's best-matching clip and the matched training clips at their offsets.
+    """An HTML report: each query and the matched training clips, each player starting at the matched offset.
 
     The columns are the matched training clips (a track at an offset); a query's score for a clip is the
-    best cosine between any of its clips and that one. The views' player starts at 0 s, so each item holds
-    the clip itself, cut at its offset. `train_audio` (optional) maps a track to its samples; by default
-    they are read from the indexed source folder. `labels` (one per query) describe the queries.
+    best cosine between any of its clips and that one. Each item holds its whole track (or the views'
+    longest excerpt around the match) and its player starts at the matched moment. `train_audio` (optional)
+    maps a track to its samples; by default they are read from the indexed source folder. `labels` (one per
+    query) describe the queries.
     """
     import torch
 
     from ..views import write_report
+    from ..views.media import MAX_AUDIO_SECONDS
 
     queries = [queries] if isinstance(queries, AudioQuery) else list(queries)
     info = index.manifest["info"]
@@ -165,13 +174,14 @@ def write_audio_report(queries: AudioQuery | list[AudioQuery], index: Similarity
         if track not in cache:
             cache[track] = train_audio[track] if train_audio is not None else load_audio(
                 Path(info["source"]) / track, rate, resample=bool(info.get("resample")))[0]
-        train_items.append({"audio": clip_at(cache[track], rate, offset, seconds), "sample_rate": rate,
-                            "label": track, "source": f"{track} at {offset:.1f} s"})
+        audio, start = excerpt(cache[track], rate, offset, seconds, MAX_AUDIO_SECONDS)
+        train_items.append({"audio": audio, "sample_rate": rate, "start": start, "label": track,
+                            "source": f"{track} at {offset:.1f} s"})
     query_items = []
     for q, label in zip(queries, labels or [q.name for q in queries]):
         best = q.matches[0]
-        query_items.append({"audio": clip_at(q.audio, q.sample_rate, best.query_offset, seconds),
-                            "sample_rate": q.sample_rate, "label": label,
+        audio, start = excerpt(q.audio, q.sample_rate, best.query_offset, seconds, MAX_AUDIO_SECONDS)
+        query_items.append({"audio": audio, "sample_rate": q.sample_rate, "start": start, "label": label,
                             "source": f"{q.name} at {best.query_offset:.1f} s (best match: {best.track} "
                                       f"at {best.train_offset:.1f} s)"})
     scores = Scores(torch.from_numpy(matrix.astype(np.float32)), [f"{t}@{o:.1f}s" for t, o in clips],

@@ -62,14 +62,26 @@ def row_json(row: Any, columns: Sequence[Any] | None = None) -> dict[str, Any]:
 
 
 # ---- audio -----------------------------------------------------------------------------------------------
-def audio_json(audio: Any, sample_rate: Any = None, *, max_seconds: float = MAX_AUDIO_SECONDS
-               ) -> dict[str, Any]:
-    """A clip as `{"src": data URI of a WAV file, "seconds", "sample_rate", "truncated"?}`.
+def audio_json(audio: Any, sample_rate: Any = None, *, max_seconds: float = MAX_AUDIO_SECONDS,
+               start: Any = None) -> dict[str, Any]:
+    """A clip as `{"src": data URI of a WAV file, "seconds", "sample_rate", "truncated"?, "start"?}`.
 
     `audio` is a 1-D array of samples (floats in [-1, 1], or int16) with `sample_rate`; a WAV file's path or
     bytes (or a `data:audio/wav;base64,` URI); or a dict like Hugging Face's `{"array", "sampling_rate"}`.
     Clips longer than `max_seconds` are cut to that length, with a warning, and marked `truncated`.
+    `start` (seconds into the clip) is where the player starts, e.g. the moment a similarity search matched.
     """
+    if start is not None:
+        out = audio_json(audio, sample_rate, max_seconds=max_seconds)
+        try:
+            at = float(start)
+        except (TypeError, ValueError):
+            raise ShapeError(f"an audio item's start must be a number of seconds; got {start!r}") from None
+        if not (math.isfinite(at) and 0 <= at < out["seconds"]):
+            raise ShapeError(f"an audio item's start of {start!r} s is outside its clip of {out['seconds']} s"
+                             f"{' (cut to that length)' if 'truncated' in out else ''}; give a start from 0 "
+                             "up to the clip's length, or cut the clip around the moment")
+        return {**out, "start": round(at, 3)}
     if isinstance(audio, Mapping):
         rate = audio.get("sampling_rate", audio.get("sample_rate", sample_rate))
         if audio.get("array") is not None:

@@ -15,8 +15,9 @@ front end (`static/app.js`). Its shape:
      "groups": [{"name", "names", "sizes", "query": [[mass per group] per query], "mean"}]}
 
 with "row": {"columns", "values"} and "audio": {"src": "data:audio/wav;base64,...", "seconds", "sample_rate",
-"truncated"?} (see media.py). "magnitude": the scores are distances (e.g. an encoded ensemble's counterfactual
-distances, named by "distance"): the front end shows the largest and no opponents.
+"truncated"?, "start"?} (see media.py; the player starts at "start" seconds). "magnitude": the scores are
+distances (e.g. an encoded ensemble's counterfactual distances, named by "distance"): the front end shows the
+largest and no opponents.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def item_json(item: Mapping[str, Any] | None, id_: Any, columns: Sequence[Any] |
     if item.get("row") is not None:
         out["row"] = row_json(item["row"], columns)
     if audio and item.get("audio") is not None:
-        out["audio"] = audio_json(item["audio"], item.get("sample_rate"))
+        out["audio"] = audio_json(item["audio"], item.get("sample_rate"), start=item.get("start"))
     if item.get("spans"):
         out["spans"] = [_span_json(s) for s in item["spans"]]
     return out
@@ -125,7 +126,7 @@ def with_audio(shown: dict[str, Any], item: Any) -> dict[str, Any]:
     """A train item's JSON (made with `audio=False`) with the clip of its raw `item`, when it has one."""
     if "audio" in shown or not isinstance(item, Mapping) or item.get("audio") is None:
         return shown
-    return {**shown, "audio": audio_json(item["audio"], item.get("sample_rate"))}
+    return {**shown, "audio": audio_json(item["audio"], item.get("sample_rate"), start=item.get("start"))}
 
 
 def _span_json(span: Any) -> dict[str, Any]:

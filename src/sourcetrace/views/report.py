@@ -23,12 +23,12 @@ def write_report(scores: Scores, path: str | os.PathLike, *, train_items: Sequen
     with optional keys `text`, `tokens` (an LLM generation), `prompt`, `selection` (the attributed tokens),
     `image` (2-D grey values), `row` (a table row: a dict column -> value, or a list aligned with
     `columns`), `audio` (1-D samples in [-1, 1] with `sample_rate`, or a WAV file's path or bytes; inlined
-    as a WAV data URI, clips cut to 30 s), `label`, `source`, `spans` (verbatim spans) and, for queries,
-    `compare_to` (another query: the compare view diffs the two texts, or shows the two images with their
-    difference, e.g. a generated image beside its counterfactual). `groups` maps a grouping name to each
-    training example's group (default: the items' labels and sources); `k` examples are shown on each side.
-    Scores that are distances (their metadata names a `distance`, as an encoded ensemble's) have no sign:
-    the report lists the largest `k` and no opponents.
+    as a WAV data URI, clips cut to 30 s; `start`: the second the player starts at), `label`, `source`,
+    `spans` (verbatim spans) and, for queries, `compare_to` (another query: the compare view diffs the two
+    texts, or shows the two images with their difference, e.g. a generated image beside its counterfactual).
+    `groups` maps a grouping name to each training example's group (default: the items' labels and sources);
+    `k` examples are shown on each side. Scores that are distances (their metadata names a `distance`, as an
+    encoded ensemble's) have no sign: the report lists the largest `k` and no opponents.
     With an LM `backend` (see `LMBackend`), expanded training texts shade each token's share of the score.
     """
     if backend is not None and hasattr(backend, "token_contributions"):

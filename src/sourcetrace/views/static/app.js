@@ -90,8 +90,13 @@ var SourcetraceView = (function () {
       var el = players[key];
       if (!el || el.getAttribute("src") !== a.src) {
         el = players[key] = h("audio", { class: "st-audio", controls: true, preload: "metadata", src: a.src });
+        if (a.start) {  // start at the matched moment (a data URI takes no #t= media fragment in every browser)
+          var audio = el, seek = function () { audio.currentTime = a.start; };
+          if (audio.readyState >= 1) seek(); else audio.addEventListener("loadedmetadata", seek, { once: true });
+        }
       }
       return h("div", { class: "st-audiobox" }, el,
+        a.start ? h("span", { class: "st-muted st-start" }, "starts at " + a.start + " s") : null,
         a.truncated ? h("span", { class: "st-muted" }, "first " + a.seconds + " s of " + a.truncated + " s") : null);
     }
 
