@@ -309,3 +309,25 @@ def test_demo_and_benchmark_are_registered():
 
     assert "diffusion" in demo_names() and callable(load_demo("diffusion"))
     assert "diffusion-digits" in BENCHMARKS
+
+
+@pytest.mark.slow
+def test_validity_benchmark_picks_the_regime_that_agrees_best_on_tuning(tmp_path):
+    import json
+
+    import numpy as np
+
+    from sourcetrace.bench.diffusion_digits import Setting, run_validity
+
+    base = Setting(steps=20, sample_steps=5, n_loo=3, validity_samples=4,
+                   validity_ensembles=((6, True), (6, False)))
+    regimes = ({"n_train": 20, "batch_size": 20}, {"n_train": 18, "batch_size": 18})
+    path = run_validity(tmp_path, tmp_path / "work", progress=False, regimes=regimes, base=base)
+    data = json.loads((tmp_path / "diffusion-digits-validity.json").read_text())
+    agreement = [r["agreement"][0] for r in data["regimes"]]
+    assert data["setting"]["n_train"] == regimes[int(np.argmax(agreement))]["n_train"]
+    v = data["ensemble_validity"]
+    tuning, reporting = v["examples"]["tuning"], v["examples"]["reporting"]
+    assert len(reporting) == 6 and not set(tuning) & set(reporting)
+    assert np.asarray(v["retraining_change"]).shape == (12, 2) and min(map(min, v["retraining_change"])) > 0
+    assert "(chosen)" in path.read_text()

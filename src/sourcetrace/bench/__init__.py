@@ -13,6 +13,7 @@ from ..errors import InvalidOptionError
 BENCHMARKS: dict[str, str] = {
     "corpus-trace": "sourcetrace.corpus.bench:run_benchmark",
     "diffusion-digits": "diffusion_digits:run",
+    "diffusion-digits-validity": "diffusion_digits:run_validity",
     "digits-mlp": "digits_mlp:run",
     "ekfac-scaling": "ekfac_scaling:scaling_benchmark",
     "facts-lm": "facts_lm:run",
