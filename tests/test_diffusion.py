@@ -319,10 +319,10 @@ def test_validity_benchmark_picks_the_regime_that_agrees_best_on_tuning(tmp_path
 
     from sourcetrace.bench.diffusion_digits import Setting, run_validity
 
-    base = Setting(steps=20, sample_steps=5, n_loo=3, validity_samples=4,
-                   validity_ensembles=((6, True), (6, False)))
+    base = Setting(steps=20, sample_steps=5, n_loo=3, validity_samples=4)
     regimes = ({"n_train": 20, "batch_size": 20}, {"n_train": 18, "batch_size": 18})
-    path = run_validity(tmp_path, tmp_path / "work", progress=False, regimes=regimes, base=base)
+    path = run_validity(tmp_path, tmp_path / "work", progress=False, regimes=regimes, base=base,
+                        ensembles=((6, True), (6, False)))
     data = json.loads((tmp_path / "diffusion-digits-validity.json").read_text())
     agreement = [r["agreement"][0] for r in data["regimes"]]
     assert data["setting"]["n_train"] == regimes[int(np.argmax(agreement))]["n_train"]
