@@ -95,3 +95,84 @@ def test_paired_differences_count_undefined_lds_as_zero_and_match_a_direct_mean(
     assert got[0]["difference"] == pytest.approx(np.mean(want))
     assert (got[0]["low"], got[0]["high"]) == pytest.approx(bootstrap_ci(want))
     assert got[3]["difference"] == pytest.approx(np.mean([0.5, -0.1, -0.1, -0.1]))
+
+
+def test_the_larger_gallery_starts_with_the_corpus_clips_rendered_alike(tmp_path):
+    pytest.importorskip("music21")
+    pytest.importorskip("librosa")
+    from dataclasses import replace
+
+    from sourcetrace.bench.music_attribution import MusicBenchSetting, corpus
+
+    setting = MusicBenchSetting(pieces=2, steps=16, sample_rate=8000)
+    small = corpus(setting, tmp_path / "a")
+    big = corpus(replace(setting, pieces=3), tmp_path / "b")  # rendered afresh in another folder
+    n = len(small["clips"])
+    assert len(big["clips"]) > n and big["piece"][n:].min() == 2
+    np.testing.assert_array_equal(big["clips"][:n], small["clips"])
+    np.testing.assert_array_equal(big["offsets"][:n], small["offsets"])
+
+
+def test_verdicts_read_ties_at_the_ceiling_and_the_search_among_the_first_clips():
+    from sourcetrace.bench.music_attribution import (
+        DSP,
+        PERTURBATIONS,
+        ceiling,
+        ceiling_ties,
+        margins,
+        searched,
+        verdicts,
+    )
+
+    def cell(r1):
+        return {"recall@1": r1, "recall@10": 1.0, "mrr": r1}
+
+    table = {n: {k: cell(0.5) for k in PERTURBATIONS} for n in [*DSP, "chromaprint"]}
+    table["contrastive"] = {k: cell(1.0) for k in PERTURBATIONS}
+    table["chroma"]["stretch 1.1"] = cell(1.0)
+    table["mfcc"]["pitch -1"] = cell(1.0)
+    table["contrastive"]["pitch -1"] = cell(0.95)
+    assert ceiling(table) == [["mfcc", "pitch -1"], ["chroma", "stretch 1.1"]]
+    assert ceiling_ties(table) == [["chroma", "stretch 1.1"]]
+    lines = verdicts(table)
+    assert lines[0].endswith("lowest 0.95 → met.")
+    assert lines[1].endswith("NOT met strictly (below mfcc at pitch -1; tied with chroma at stretch 1.1).")
+    assert lines[2].endswith("met.") and "NOT" not in lines[2]
+
+    sims = {"pitch +1": np.asarray([[0.9, 0.1, 0.95], [0.2, 0.8, 0.1]])}  # the third column: an added clip
+    full, first = searched(sims, np.asarray([0, 1]), 2)
+    assert full["pitch +1"]["recall@1"] == 0.5 and full["pitch +1"]["mrr"] == 0.75
+    assert first["pitch +1"]["recall@1"] == 1.0
+    assert margins(sims, np.asarray([0, 1]))["pitch +1"] == pytest.approx({"median": 0.275, "min": -0.05})
+
+
+def test_the_target_is_evaluated_on_the_larger_gallery_when_there_is_one():
+    from sourcetrace.bench.music_attribution import (
+        DSP,
+        PERTURBATIONS,
+        MusicBenchSetting,
+        robustness_lines,
+    )
+
+    def table(cells=()):
+        out = {n: {k: {"recall@1": 0.5, "recall@10": 1.0, "mrr": 0.5} for k in PERTURBATIONS}
+               for n in [*DSP, "contrastive", "chromaprint"]}
+        out["contrastive"] = {k: {"recall@1": 1.0, "recall@10": 1.0, "mrr": 1.0} for k in PERTURBATIONS}
+        for n, k, v in cells:
+            out[n][k] = {"recall@1": v, "recall@10": 1.0, "mrr": v}
+        return out
+
+    first = {"clips": 448, "chosen_temperature": 0.1, "chromaprint_codes_per_clip": 3.0, "tuning": {},
+             "costs": {}, "report": table([("chroma", "stretch 0.9", 1.0)])}
+    big = {"pieces": 256, "clips": 3500, "recomputed": {"chroma": True},
+           "report": table([("chroma", "stretch 0.9", 0.9)]), "original_gallery": table(),
+           "margin": {n: {k: {"median": 0.1, "min": 0.0} for k in PERTURBATIONS}
+                      for n in [*DSP, "contrastive", "chromaprint"]},
+           "costs": {"chroma": {"fit_s": 1.0, "embed_ms": 1.0}}}
+    text = "\n".join(robustness_lines(MusicBenchSetting(), first, None, big))
+    target = text[text.index("### Target"):]
+    assert text.index("### A larger gallery") < text.index("### Target")
+    assert "evaluated on the larger gallery (3500 clips)" in target
+    assert "no DSP feature is at the ceiling under the target perturbations" in target
+    assert "- above every DSP feature under those perturbations: met." in target
+    assert "on the first table (448 clips)" in target and "tied with chroma at stretch 0.9" in target
