@@ -705,11 +705,12 @@ def _paired(deltas: dict, s: KGSetting) -> list[dict[str, Any]]:
     for a, b in pairs:
         d = deltas[("reporting", a)] - deltas[("reporting", b)]
         lo, hi = _bootstrap(d, s.bootstrap, 7)
+        (name_a, rate_a), (name_b, rate_b) = a.split("|"), b.split("|")
         out.append(
             {
-                "ranking": a.split("|")[0].removeprefix("kg "),
-                "against": b.split("|")[0].removeprefix("kg ") + ("" if a.startswith("kg") else " at 0%"),
-                "error_rate": a.split("|")[1],
+                "ranking": name_a.removeprefix("kg "),
+                "against": name_b.removeprefix("kg ") + ("" if rate_a else _at(rate_b)),
+                "error_rate": rate_a,
                 "mean": round(float(d.mean()), 5),
                 "lo": lo,
                 "hi": hi,
