@@ -1,13 +1,14 @@
 """`sourcetrace bench kg-attribution`: does removing the images a ranking names change the generations?
 
-The unlearning check of Aivalis et al. (2025), with the random-removal control their study lacked. For each
-prompt (an attribute combination of the procedural garments, `demos.kg`): generate a few images with fixed
-noise; rank the training images by knowledge-graph similarity (three measures), by pixel-PCA embedding
-cosine and at random; remove each ranking's top k, retrain the generator with the same seed, regenerate with
-the same noise, and judge with a fixed random convolutional network that no ranking uses: the change of
-cosine similarity (centred features) between the generations and the prompt's clean rendering. Negative
-changes mean the removal took the generations away from the prompt. The KG rankings are repeated with
-the scene extractor's error rates (drop = confuse = invent) at 0 %, 10 % and 30 %.
+The unlearning check of Aivalis et al. (2025), with the random-removal control their study lacked. For
+each prompt (an attribute combination of the procedural garments, `demos.kg`): generate a few images with
+fixed noise; rank the training images by knowledge-graph similarity (four measures), by pixel-PCA
+embedding cosine, at random and (`gradient_methods`) by the generator's own loss gradients through
+`Attributor`; remove each ranking's top k, retrain the generator with the same seed, regenerate with the
+same noise, and judge with a fixed random convolutional network that no ranking uses: the change of cosine
+similarity (centred features) between the generations and the prompt's clean rendering. Negative changes
+mean the removal took the generations away from the prompt. The KG rankings are repeated with the scene
+extractor's error rates (drop = confuse = invent) at 0 %, 10 % and 30 %.
 
 Two data settings. `uniform` (`kg-attribution`): every attribute combination twice, so each value of a
 relation is equally frequent and only "plain" (pattern, material) is a value of two relations.

@@ -3,7 +3,8 @@
 The images are 16×16 RGB garments drawn from attributes of the shipped fashion ontology (silhouette,
 length, colour, pattern, material), so every training image's triples are known by construction; captions
 are made from the same attributes. The generator is a conditional VAE on the attributes' one-hot codes,
-small enough to retrain in about a second (the benchmark `kg-attribution` retrains it many times).
+small enough to retrain in about a second (the benchmark `kg-attribution` retrains it many times);
+`GarmentVAETask` makes it a Task, so the gradient methods attribute its generations.
 """
 
 from __future__ import annotations
@@ -212,14 +213,10 @@ class GarmentVAETask:
         from ..diffusion import example_noise
 
         ids = [ex["id"] for ex in examples]
-        noise = torch.stack(
-            [
-                torch.stack(
-                    [example_noise(self.seed, i, 0, d, (self.latent,)) for d in range(self.noise_draws)]
-                )
-                for i in ids
-            ]
-        )
+        draws = [
+            example_noise(self.seed, i, 0, d, (self.latent,)) for i in ids for d in range(self.noise_draws)
+        ]
+        noise = torch.stack(draws).reshape(len(ids), self.noise_draws, self.latent)
         return {
             "x": torch.stack([ex["x"] for ex in examples]),
             "c": torch.stack([ex["c"] for ex in examples]),
