@@ -267,6 +267,9 @@ def test_measures_by_hand(fashion):
     # C: g2 exactly
     assert idf.matrix[0].tolist() == pytest.approx([1.0, w2 / (w1 + w2 + w1), 1.0])
     assert kg_scores(store, measure="relation", aggregate="max").matrix[0].tolist() == [2, 1, 1]
+    # unweighted Jaccard of triples: A 2/2 (g1) + 0; B 1/3 (red of plain pattern, red, plain material); C 1
+    jaccard = kg_scores(store, measure="relation-jaccard").matrix[0].tolist()
+    assert jaccard == pytest.approx([1.0, 1 / 3, 1.0])
     assert shared_text(idf, "p", "A") == "hasColor red (1/2 generations)\nhasPattern plain (1/2 generations)"
     blind = kg_scores(store, measure="count")
     assert [r[:2] for r in blind.metadata["shared"]["p"]["B"]] == [
@@ -299,7 +302,7 @@ def test_measures_match_incidence_matrices_and_sparql(fashion, backend):
     Vt = np.array([[any(v == x for _, x in train[i]) for v in values] for i in ids], dtype=float)
     df = Xt.sum(0)
     w = np.log((1 + len(ids)) / (1 + df)) + 1
-    for measure in ("count", "relation", "idf-jaccard"):
+    for measure in ("count", "relation", "idf-jaccard", "relation-jaccard"):
         scores = kg_scores(store, measure=measure)
         assert scores.train_ids == ids and scores.query_ids == ["p0", "p1", "p2"]
         for r, prompt in enumerate(scores.query_ids):
@@ -312,8 +315,9 @@ def test_measures_match_incidence_matrices_and_sparql(fashion, backend):
                 elif measure == "relation":
                     expected += Xt @ xq
                 else:
-                    inter = (np.minimum(Xt, xq) * w).sum(1)
-                    union = (np.maximum(Xt, xq) * w).sum(1)
+                    weight = w if measure == "idf-jaccard" else 1.0
+                    inter = (np.minimum(Xt, xq) * weight).sum(1)
+                    union = (np.maximum(Xt, xq) * weight).sum(1)
                     expected += inter / union
             np.testing.assert_allclose(scores.matrix[r].numpy(), expected, rtol=1e-12)
     # the exposed SPARQL queries give the same shared triples, shared values and document frequencies

@@ -3,13 +3,14 @@
 The images are 16×16 RGB garments drawn from attributes of the shipped fashion ontology (silhouette,
 length, colour, pattern, material), so every training image's triples are known by construction; captions
 are made from the same attributes. The generator is a conditional VAE on the attributes' one-hot codes,
-small enough to retrain in about a second (the benchmark `kg-attribution` retrains it many times).
+small enough to retrain in about a second (the benchmark `kg-attribution` retrains it many times);
+`GarmentVAETask` makes it a Task, so the gradient methods attribute its generations.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -164,14 +165,80 @@ class ConditionalVAE(nn.Module):
         )
 
     def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decoder(torch.cat([z, c], 1)))
+        return torch.sigmoid(self.decoder(torch.cat([z, c], -1)))
+
+    def per_example_loss(self, x: torch.Tensor, c: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Negative ELBO of each image with the latent noise given, [B]; noise [B, latent], or [B, M, latent]
+        for the mean over M draws (the decoder then sees the [B, M] layout, one example per batch row)."""
+        mu, logvar = self.encoder(torch.cat([x, c], -1)).chunk(2, -1)
+        if noise.dim() == 3:
+            draws = noise.shape[1]
+            mu, logvar = mu[:, None], logvar[:, None]
+            x, c = x[:, None].expand(-1, draws, -1), c[:, None].expand(-1, draws, -1)
+        z = mu + noise * torch.exp(0.5 * logvar)
+        recon = nn.functional.binary_cross_entropy(self.decode(z, c), x, reduction="none").sum(-1)
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(-1)
+        loss = recon + kl
+        return loss.mean(1) if noise.dim() == 3 else loss
 
     def loss(self, x: torch.Tensor, c: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        mu, logvar = self.encoder(torch.cat([x, c], 1)).chunk(2, 1)
-        z = mu + noise * torch.exp(0.5 * logvar)
-        recon = nn.functional.binary_cross_entropy(self.decode(z, c), x, reduction="none").sum(1)
-        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
-        return (recon + kl).mean()
+        return self.per_example_loss(x, c, noise).mean()
+
+
+class GarmentVAETask:
+    """The conditional VAE as a Task, so every gradient method of the registry attributes its generations.
+
+    The per-example training loss is the VAE's loss (negative ELBO) with its latent noise fixed per example
+    id (`noise_draws` draws, seeded from (seed, id, draw) as `diffusion.example_noise`), so an example's
+    loss is the same function in every pass; the measurement is minus it, for a generated image its negative
+    ELBO under its prompt's condition. Examples: `examples(images, attrs, ids)`.
+    """
+
+    def __init__(
+        self, schema: dict[str, list[str]] = ATTRIBUTES, noise_draws: int = 1, seed: int = 0, latent: int = 8
+    ):
+        if int(noise_draws) < 1:
+            raise ValueError(f"noise_draws must be at least 1; got {noise_draws}")
+        self.schema, self.noise_draws, self.seed, self.latent = schema, int(noise_draws), int(seed), latent
+
+    def examples(
+        self, images: np.ndarray, attrs: list[dict[str, str]], ids: list[Any]
+    ) -> list[dict[str, Any]]:
+        """One dict per image: the flattened image `x`, its condition `c` and its `id`."""
+        x = torch.as_tensor(np.asarray(images, dtype=np.float32)).reshape(len(images), -1)
+        c = condition(attrs, self.schema)
+        return [{"x": x[i], "c": c[i], "id": ids[i]} for i in range(len(ids))]
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        from ..diffusion import example_noise
+
+        ids = [ex["id"] for ex in examples]
+        draws = [
+            example_noise(self.seed, i, 0, d, (self.latent,)) for i in ids for d in range(self.noise_draws)
+        ]
+        noise = torch.stack(draws).reshape(len(ids), self.noise_draws, self.latent)
+        return {
+            "x": torch.stack([ex["x"] for ex in examples]),
+            "c": torch.stack([ex["c"] for ex in examples]),
+            "id": ids,
+            "noise": noise,
+        }
+
+    def train_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        x = batch["x"]
+        vae = cast(ConditionalVAE, model)
+        return vae.per_example_loss(x, batch["c"].to(x.dtype), batch["noise"].to(x.dtype))
+
+    def measurement(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return -self.train_loss(model, batch)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "task": type(self).__name__,
+            "schema": self.schema,
+            "noise_draws": self.noise_draws,
+            "seed": self.seed,
+        }
 
 
 def train_generator(

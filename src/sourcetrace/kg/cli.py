@@ -96,7 +96,7 @@ def extract(
 def score(
     store: Path = STORE,
     ontology: str = ONTOLOGY,
-    measure: str = typer.Option("idf-jaccard", help="count, relation or idf-jaccard."),
+    measure: str = typer.Option("idf-jaccard", help="count, relation, idf-jaccard or relation-jaccard."),
     by: str = typer.Option("prompt", help="prompt (a prompt's generations together) or image."),
     out: Path | None = typer.Option(None, help="Save the Scores here."),
     k: int = typer.Option(5, help="How many training images to show per query."),

@@ -1,12 +1,14 @@
 """Knowledge-graph similarity between generated and training images, explained by the triples they share.
 
-Three measures of a query image's triples Q against a training image's triples T:
+Four measures of a query image's triples Q against a training image's triples T:
 
 - `count` (the published measure, Aivalis et al. 2025): the number of attribute values both carry, whatever
   the relation (a "plain" pattern matches a "plain" material);
 - `relation`: the number of shared (relation, value) triples, |Q ∩ T|;
 - `idf-jaccard`: Σ_{t ∈ Q∩T} w(t) / Σ_{t ∈ Q∪T} w(t), with w(t) = log((1 + N) / (1 + df(t))) + 1 over the
-  N training images, so rare attributes count more and images with many attributes are not favoured.
+  N training images, so rare attributes count more and images with many attributes are not favoured;
+- `relation-jaccard`: |Q ∩ T| / |Q ∪ T|, idf-jaccard with every weight 1 (relation-aware and normalised,
+  no IDF: the ablation that separates the two).
 
 A prompt's score is the sum over its generations (`aggregate="sum"`, as published) or their maximum. The
 triples come from the store's SPARQL queries (`store.QUERIES`: triples, document-frequency); the scores are
@@ -27,7 +29,7 @@ from ..scores import Scores
 from .align import Triple
 from .store import KGStore, StoreError, literal
 
-MEASURES = ("count", "relation", "idf-jaccard")
+MEASURES = ("count", "relation", "idf-jaccard", "relation-jaccard")
 AGGREGATES = ("sum", "max")
 
 
@@ -59,6 +61,8 @@ def similarity(
 
         union = sum(w(x) for x in q | t)
         return sum(w(x) for x in q & t) / union if union > 0 else 0.0
+    if measure == "relation-jaccard":
+        return len(q & t) / len(q | t) if q | t else 0.0
     raise StoreError(f"measure must be one of {', '.join(MEASURES)}; got {measure!r}")
 
 
