@@ -573,7 +573,7 @@ VALIDITY_REGIMES: tuple[dict[str, Any], ...] = (
 # first run of this benchmark with the others (commit cb941d4 holds its figures); the 128-member one and the
 # 64-member change averaged over code draws after the 64-member figure had been seen to depend on the draw of
 # its codes (commit 84ef460 holds those figures)
-VALIDITY_CODE_DRAWS = 5
+VALIDITY_CODE_DRAWS = 8
 VALIDITY_ENSEMBLES: tuple[tuple[Any, ...], ...] = (
     (12, False), (12, True), (32, True), (64, True), (128, True), (64, True, VALIDITY_CODE_DRAWS))
 # (members, one seed for all, code draws): ensembles measured again on the codes of other seeds
