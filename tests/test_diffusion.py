@@ -322,7 +322,7 @@ def test_validity_benchmark_picks_the_regime_that_agrees_best_on_tuning(tmp_path
     base = Setting(steps=20, sample_steps=5, n_loo=3, validity_samples=4)
     regimes = ({"n_train": 20, "batch_size": 20}, {"n_train": 18, "batch_size": 18})
     path = run_validity(tmp_path, tmp_path / "work", progress=False, regimes=regimes, base=base,
-                        ensembles=((6, True), (6, False)))
+                        ensembles=((6, True), (6, False), (6, True, 3)), draws=((6, True, 3),))
     data = json.loads((tmp_path / "diffusion-digits-validity.json").read_text())
     agreement = [r["agreement"][0] for r in data["regimes"]]
     assert data["setting"]["n_train"] == regimes[int(np.argmax(agreement))]["n_train"]
@@ -331,3 +331,55 @@ def test_validity_benchmark_picks_the_regime_that_agrees_best_on_tuning(tmp_path
     assert len(reporting) == 6 and not set(tuning) & set(reporting)
     assert np.asarray(v["retraining_change"]).shape == (12, 2) and min(map(min, v["retraining_change"])) > 0
     assert "(chosen)" in path.read_text()
+    # the averaged candidate is the mean of the per-draw changes; draw 0 is the single-draw candidate
+    (drawn,) = v["draws"]
+    per_draw = np.asarray([d["change"] for d in drawn["draws"]])
+    assert [d["codes_seed"] for d in drawn["draws"]] == [0, 1, 2]
+    assert np.allclose(v["ensembles"][2]["change"], per_draw.mean(0))
+    assert np.allclose(v["ensembles"][0]["change"], per_draw[0])
+    assert not np.allclose(per_draw[1], per_draw[0])  # other codes, other members
+    reporting = drawn["summary"]["reporting"]
+    rho = [d["spearman"]["reporting"] for d in drawn["draws"]]
+    assert reporting["draws"] == 3 and reporting["ci_excludes_0"] == sum(r[1] > 0 for r in rho)
+    assert np.isclose(reporting["median"], np.median([r[0] for r in rho]))
+    text = path.read_text()
+    assert "6 members, one-seed, codes seed 2" in text and "change averaged over 3 code draws" in text
+
+
+def _fake_validity(draws: list[list[tuple[float, float, float]]], averaged_chosen: bool = False) -> dict:
+    """A validity result with 2 candidates (one draw, and averaged over the draws of the first config)."""
+    ci = (0.5, 0.2, 0.7)
+    split = {"tuning": ci, "reporting": ci}
+
+    def drawn(members: int, rho: list[tuple[float, float, float]]) -> dict:
+        from sourcetrace.bench.diffusion_digits import _draw_summary
+
+        per_draw = [{"codes_seed": d, "change": [0.1], "mean_change": 0.1, "agreement": split,
+                     "spearman": {"tuning": r, "reporting": r}} for d, r in enumerate(rho)]
+        return {"members": members, "seeding": "one-seed", "draws": per_draw, **_draw_summary(per_draw)}
+
+    return {"retraining_change": [[0.05, 0.06]], "sample_norm": 5.0, "seed_agreement": split,
+            "ensembles": [{"members": 64, "seeding": "one-seed", "code_draws": 1, "change": [0.1],
+                           "spearman": split},
+                          {"members": 64, "seeding": "one-seed", "code_draws": len(draws[0]), "change": [0.1],
+                           "spearman": split}],
+            "ensemble_agreement": split, "chosen": int(averaged_chosen),
+            "draws": [drawn(64 * (k + 1), rho) for k, rho in enumerate(draws)]}
+
+
+def test_validity_verdict_counts_the_draws_whose_reporting_ci_excludes_0():
+    from sourcetrace.bench.diffusion_digits import Setting, _validity_notes
+
+    rho = [(0.5, 0.2, 0.7), (0.3, -0.01, 0.6), (0.4, 0.1, 0.6)]
+    text = "\n".join(_validity_notes(_fake_validity([rho, rho[:2]]), Setting()))
+    assert "Trained again on other codes, its CI excludes 0 in 2 of 3 draws of the codes" in text
+    assert "median 0.400" in text and "| 128 members, one-seed, codes seed 1 |" in text
+    text = "\n".join(_validity_notes(_fake_validity([rho]), Setting()))
+    assert "chosen estimator (64 members, one-seed) follows retraining at 0.500 [0.200, 0.700]" in text
+    averaged = "\n".join(_validity_notes(_fake_validity([rho], averaged_chosen=True), Setting()))
+    assert "chosen estimator (64 members, one-seed, change averaged over 3 code draws)" in averaged
+    assert "The CI of a single 64-member draw excludes 0 in 2 of 3" in averaged
+    # the chosen ensemble on one other draw: the diffusion-digits benchmark's two rows
+    compact = "\n".join(_validity_notes(_fake_validity([rho[:2]]), Setting()))
+    assert "| the chosen ensemble with other codes (seed 1) vs retraining |" in compact
+    assert "with other codes its CI does not exclude 0." in compact

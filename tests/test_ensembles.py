@@ -219,6 +219,20 @@ def test_codes_are_balanced_and_unique():
         balanced_codes(5, 5)
 
 
+def test_code_draws_of_other_seeds_differ_and_stay_balanced_and_unique():
+    """The validity benchmark's code draws (seeds 0..7, 64 and 128 members for 200 examples): new codes,
+    each draw balanced and unique."""
+    from sourcetrace.ensembles import balanced_codes
+
+    for e in (64, 128):
+        draws = [balanced_codes(200, e, seed=s) for s in range(8)]
+        for codes in draws:
+            assert (codes.sum(1) == e // 2).all() and len({row.tobytes() for row in codes}) == 200
+        for a in range(8):
+            for b in range(a + 1, 8):
+                assert (draws[a] != draws[b]).any(1).mean() > 0.99  # almost every example gets a new code
+
+
 def test_ensemble_sampler_equals_averaging_members_by_hand():
     import torch
 

@@ -336,13 +336,23 @@ def _retraining_change(setting: Setting, workdir: Path, ids: list[int], split: s
     return np.linalg.norm(diff.reshape(len(ids), len(setting.loo_seeds), n, -1), axis=3).mean(2)
 
 
+def _candidate(c: tuple[Any, ...]) -> tuple[int, bool, int]:
+    """(members, one seed for all, code draws averaged): a candidate given as (members, one_seed) averages
+    one draw."""
+    return int(c[0]), bool(c[1]), int(c[2]) if len(c) > 2 else 1
+
+
 def _ensemble_validity(setting: Setting, workdir: Path, progress: bool,
-                       ensembles: tuple[tuple[int, bool], ...] | None = None) -> dict[str, Any]:
+                       ensembles: tuple[tuple[Any, ...], ...] | None = None,
+                       draws: tuple[tuple[int, bool, int], ...] | None = None) -> dict[str, Any]:
     """The ensembles' counterfactual change for 4 × n_loo training images against retraining without each
-    (the change averaged over `loo_seeds`). The candidate ensembles (default: `validity_ensembles`) are
-    compared on the tuning images; the reporting images only report.
+    (the change averaged over `loo_seeds`). The candidate ensembles (default: `validity_ensembles`; a third
+    entry D averages the change over code draws 0..D-1) are compared on the tuning images; the reporting
+    images only report. `draws` (members, one_seed, D): ensembles measured on each of code draws 0..D-1
+    (default: the chosen candidate on 2 draws).
     """
     import torch
+    from tqdm.auto import tqdm
 
     labels, noise, kw = _validity_noise(setting)
     ab = setting.schedule()
@@ -358,30 +368,55 @@ def _ensemble_validity(setting: Setting, workdir: Path, progress: bool,
                            "retraining_mean_change": float(change.mean()), "ensembles": [],
                            "sample_norm": float(_draw(setting, full).reshape(n, -1).norm(dim=1).mean())}
     out["seed_agreement"] = {name: _spearman_ci(change[m, 0], change[m, 1]) for name, m in part.items()}
-    def counterfactual_change(ens: Any) -> np.ndarray:
-        with torch.no_grad():
-            made = ens.sample(noise, ab, labels=labels, **kw)
-            return np.array([float((ens.counterfactual(noise, ab, i, labels=labels, **kw) - made)
-                                   .reshape(n, -1).norm(dim=1).mean()) for i in chosen])
+    measured: dict[tuple[int, bool, int], np.ndarray] = {}
 
-    candidates = ensembles or setting.validity_ensembles
-    for members, one_seed in candidates:
-        cf = counterfactual_change(_ensemble(setting, workdir, members, one_seed))
-        rho = {name: _spearman_ci(cf[m], truth[m]) for name, m in part.items()}
-        out["ensembles"].append({"members": members, "seeding": _seeding(one_seed), "change": cf.tolist(),
-                                 "mean_change": float(cf.mean()), "spearman": rho})
+    def counterfactual_change(members: int, one_seed: bool, codes_seed: int) -> np.ndarray:
+        """Per example: the ensemble's counterfactual change on code draw `codes_seed` (computed once)."""
+        key = (members, one_seed, codes_seed)
+        if key not in measured:
+            ens = _ensemble(setting, workdir, members, one_seed, codes_seed)
+            with torch.no_grad():
+                made = ens.sample(noise, ab, labels=labels, **kw)
+                measured[key] = np.array([float((ens.counterfactual(noise, ab, i, labels=labels, **kw) - made)
+                                                .reshape(n, -1).norm(dim=1).mean()) for i in chosen])
+        return measured[key]
+
+    def versus(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+        return {name: _spearman_ci(a[m], b[m]) for name, m in part.items()}
+
+    candidates = [_candidate(c) for c in ensembles or setting.validity_ensembles]
+    for members, one_seed, averaged in tqdm(candidates, desc="candidate ensembles", disable=not progress):
+        cf = np.mean([counterfactual_change(members, one_seed, d) for d in range(averaged)], axis=0)
+        out["ensembles"].append({"members": members, "seeding": _seeding(one_seed), "code_draws": averaged,
+                                 "change": cf.tolist(), "mean_change": float(cf.mean()),
+                                 "spearman": versus(cf, truth)})
     a, b = (np.asarray(e["change"]) for e in out["ensembles"][-2:])
-    out["ensemble_agreement"] = {name: _spearman_ci(a[m], b[m]) for name, m in part.items()}
+    out["ensemble_agreement"] = versus(a, b)
     out["chosen"] = max(range(len(out["ensembles"])),
                         key=lambda k: out["ensembles"][k]["spearman"]["tuning"][0])
-    # the chosen ensemble again with other codes: how much its figure owes to one draw of the codes
-    members, one_seed = candidates[out["chosen"]]
-    cf = counterfactual_change(_ensemble(setting, workdir, members, one_seed, codes_seed=1))
-    best = np.asarray(out["ensembles"][out["chosen"]]["change"])
-    out["other_codes"] = {"change": cf.tolist(),
-                          "spearman": {name: _spearman_ci(cf[m], truth[m]) for name, m in part.items()},
-                          "agreement": {name: _spearman_ci(cf[m], best[m]) for name, m in part.items()}}
+    # ensembles again with other codes: how much a figure owes to one draw of the codes
+    best_members, best_one_seed, _ = candidates[out["chosen"]]
+    out["draws"] = []
+    for members, one_seed, n_draws in draws or ((best_members, best_one_seed, 2),):
+        first = counterfactual_change(members, one_seed, 0)
+        per_draw = []
+        for d in tqdm(range(n_draws), desc=f"{members}-member code draws", disable=not progress):
+            cf = counterfactual_change(members, one_seed, d)
+            per_draw.append({"codes_seed": d, "change": cf.tolist(), "mean_change": float(cf.mean()),
+                             "spearman": versus(cf, truth), "agreement": versus(cf, first)})
+        out["draws"].append({"members": members, "seeding": _seeding(one_seed), "draws": per_draw,
+                             **_draw_summary(per_draw)})
     return out
+
+
+def _draw_summary(per_draw: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over code draws, per split: mean and median Spearman vs retraining, and how many CIs exclude 0."""
+    out: dict[str, Any] = {}
+    for name in per_draw[0]["spearman"]:
+        rho = np.array([d["spearman"][name] for d in per_draw])
+        out[name] = {"mean": float(rho[:, 0].mean()), "median": float(np.median(rho[:, 0])),
+                     "ci_excludes_0": int((rho[:, 1] > 0).sum()), "draws": len(per_draw)}
+    return {"summary": out}
 
 
 def _ablation_costs(setting: Setting, workdir: Path, progress: bool) -> dict[str, Any]:
@@ -534,16 +569,23 @@ VALIDITY_REGIMES: tuple[dict[str, Any], ...] = (
     {"n_train": 100, "batch_size": 100},
     {"n_train": 200, "batch_size": 200, "lr": 1e-3, "steps": 2000},
 )
-# (members, one seed for all) candidate ensembles; the 64-member one was added after a first run of this
-# benchmark with the others (commit cb941d4 holds its figures)
-VALIDITY_ENSEMBLES: tuple[tuple[int, bool], ...] = ((12, False), (12, True), (32, True), (64, True))
+# (members, one seed for all[, code draws averaged]) candidate ensembles; the 64-member one was added after a
+# first run of this benchmark with the others (commit cb941d4 holds its figures); the 128-member one and the
+# 64-member change averaged over code draws after the 64-member figure had been seen to depend on the draw of
+# its codes (commit 84ef460 holds those figures)
+VALIDITY_CODE_DRAWS = 8
+VALIDITY_ENSEMBLES: tuple[tuple[Any, ...], ...] = (
+    (12, False), (12, True), (32, True), (64, True), (128, True), (64, True, VALIDITY_CODE_DRAWS))
+# (members, one seed for all, code draws): ensembles measured again on the codes of other seeds
+VALIDITY_DRAWS: tuple[tuple[int, bool, int], ...] = ((64, True, VALIDITY_CODE_DRAWS), (128, True, 2))
 
 
 def run_validity(out_dir: Path = Path("benchmarks"),
                  workdir: Path = Path("runs/bench/diffusion-digits-validity"), *, progress: bool = True,
                  name: str = "diffusion-digits-validity",
                  regimes: tuple[dict[str, Any], ...] = VALIDITY_REGIMES, base: Setting | None = None,
-                 ensembles: tuple[tuple[int, bool], ...] = VALIDITY_ENSEMBLES) -> Path:
+                 ensembles: tuple[tuple[Any, ...], ...] = VALIDITY_ENSEMBLES,
+                 draws: tuple[tuple[int, bool, int], ...] = VALIDITY_DRAWS) -> Path:
     """Encoded-ensemble counterfactuals against leave-one-out retraining, in the candidate regime (changes
     to `base`) whose retraining agrees best with itself across seeds on the tuning images (cached,
     resumable)."""
@@ -565,7 +607,7 @@ def run_validity(out_dir: Path = Path("benchmarks"),
             print(regime, screen[-1]["agreement"], flush=True)
     chosen = max(range(len(screen)), key=lambda k: screen[k]["agreement"][0])
     setting = screen[chosen]["setting"]
-    validity = _ensemble_validity(setting, screen[chosen]["folder"], progress, ensembles)
+    validity = _ensemble_validity(setting, screen[chosen]["folder"], progress, ensembles, draws)
     rows = [{"regime": _regime(r["setting"], base) + (" (chosen)" if k == chosen else ""),
              "agreement": _ci(r["agreement"]), "change": r["change"]} for k, r in enumerate(screen)]
     s = setting
@@ -580,9 +622,12 @@ def run_validity(out_dir: Path = Path("benchmarks"),
         "tuning split": f"the regime (table) and the ensemble are chosen on the {2 * s.n_loo} tuning images "
                         "of each regime: the regime by its retraining's seed-to-seed Spearman, the "
                         "ensemble by its Spearman with retraining",
-        "history": f"the {ensembles[-1][0]}-member ensemble was added to the candidates after a first run "
-                   "with the others had shown them on the reporting images (git history of this file); "
-                   "it too was chosen or not on the tuning images only",
+        "history": "the 64-member ensemble was added to the candidates after a first run with the smaller "
+                   "ones had shown them on the reporting images; the 128-member ensemble, the 64-member "
+                   f"change averaged over {VALIDITY_CODE_DRAWS} code draws and the code-draws table were "
+                   "added after the earlier runs had shown that the 64-member figure depends on the draw of "
+                   "its codes (commit 84ef460 holds those figures; git history of this file); every "
+                   "candidate was chosen or not on the tuning images only",
         "reporting split": f"{2 * s.n_loo} other training images of the chosen regime, never used for a "
                            "choice",
         "time": f"this run {(time.perf_counter() - started) / 60:.1f} min (cached retrainings and members "
@@ -596,6 +641,7 @@ def run_validity(out_dir: Path = Path("benchmarks"),
              *_validity_notes(validity, s)]
     return write_results(out_dir, name, name, rows, info, columns, notes,
                          extra={"ensemble_validity": validity, "setting": asdict(s), "ensembles": ensembles,
+                                "draws": draws,
                                 "regimes": [{**g, "agreement": x["agreement"], "change": x["change"]}
                                             for g, x in zip(regimes, screen, strict=True)]})
 
@@ -829,26 +875,41 @@ def _validity_notes(v: dict[str, Any], setting: Setting) -> list[str]:
     ]
     for k, e in enumerate(v["ensembles"]):
         mark = " (chosen on tuning)" if k == v["chosen"] else ""
-        notes.append(f"| {e['members']} members, {e['seeding']}{mark} vs retraining | "
-                     f"{_ci(e['spearman']['tuning'])} | {_ci(e['spearman']['reporting'])} | "
-                     f"{np.mean(e['change']):.3f} |")
+        notes.append(f"| {_label(e)}{mark} vs retraining | {_ci(e['spearman']['tuning'])} | "
+                     f"{_ci(e['spearman']['reporting'])} | {np.mean(e['change']):.3f} |")
     (ea, eb), agree2 = v["ensembles"][-2:], v["ensemble_agreement"]
-    notes.append(f"| {ea['members']} members, {ea['seeding']} vs {eb['members']} members, {eb['seeding']} "
-                 f"(two ensembles) | {_ci(agree2['tuning'])} | {_ci(agree2['reporting'])} | – |")
-    best, other = v["ensembles"][v["chosen"]], v["other_codes"]
-    notes += [f"| the chosen ensemble with other codes (seed 1) vs retraining | "
-              f"{_ci(other['spearman']['tuning'])} | {_ci(other['spearman']['reporting'])} | "
-              f"{np.mean(other['change']):.3f} |",
-              f"| the chosen ensemble vs itself with other codes | {_ci(other['agreement']['tuning'])} | "
-              f"{_ci(other['agreement']['reporting'])} | – |"]
+    notes.append(f"| {_label(ea)} vs {_label(eb)} (two ensembles) | {_ci(agree2['tuning'])} | "
+                 f"{_ci(agree2['reporting'])} | – |")
+    best = v["ensembles"][v["chosen"]]
+    same = (best["members"], best["seeding"])
+    drawn = next((x for x in v["draws"] if (x["members"], x["seeding"]) == same), None)
+    compact = len(v["draws"]) == 1 and len(v["draws"][0]["draws"]) == 2  # the chosen again on other codes
     rep, agree = best["spearman"]["reporting"], v["seed_agreement"]["reporting"]
     holds = "excludes" if rep[1] > 0 else "does not exclude"
-    again = "excludes" if other["spearman"]["reporting"][1] > 0 else "does not exclude"
+    if compact:
+        other = v["draws"][0]["draws"][1]
+        notes += [f"| the chosen ensemble with other codes (seed {other['codes_seed']}) vs retraining | "
+                  f"{_ci(other['spearman']['tuning'])} | {_ci(other['spearman']['reporting'])} | "
+                  f"{other['mean_change']:.3f} |",
+                  f"| the chosen ensemble vs itself with other codes | {_ci(other['agreement']['tuning'])} | "
+                  f"{_ci(other['agreement']['reporting'])} | – |"]
+        again = "excludes" if other["spearman"]["reporting"][1] > 0 else "does not exclude"
+        verdict = f"the chosen ensemble's Spearman CI {holds} 0; with other codes its CI {again} 0."
+    else:
+        notes += _draws_notes(v["draws"])
+        verdict = f"the chosen estimator ({_label(best)}) follows retraining at {_ci(rep)}; its CI {holds} 0."
+        if drawn is not None:
+            r = drawn["summary"]["reporting"]
+            spread = (f"in {r['ci_excludes_0']} of {r['draws']} draws of the codes (codes seeds 0 to "
+                      f"{r['draws'] - 1}; Spearman mean {r['mean']:.3f}, median {r['median']:.3f})")
+            single_draw = best["code_draws"] == 1
+            verdict += (f" Trained again on other codes, its CI excludes 0 {spread}." if single_draw
+                        else f" The CI of a single {best['members']}-member draw excludes 0 {spread}.")
     floor = "excludes" if agree[1] > 0 else "does not exclude"
+    single = [e for e in v["ensembles"] if e.get("code_draws", 1) == 1]
     notes += [
         "",
-        f"Verdict, reporting images: the chosen ensemble's Spearman CI {holds} 0; with other codes its CI "
-        f"{again} 0. Retraining with another "
+        f"Verdict, reporting images: {verdict} Retraining with another "
         f"seed agrees with itself at {agree[0]:.3f} (its CI {floor} 0): removing one of {s.n_train} images "
         f"changes a sample by {change.mean():.3f} on average (the sample norm is about "
         f"{v['sample_norm']:.2f}), "
@@ -858,9 +919,35 @@ def _validity_notes(v: dict[str, Any], setting: Setting) -> list[str]:
         + (f"The ensemble's counterfactual change is {np.mean(best['change']) / change.mean():.1f} times the "
            "retraining change: dropping half the members also drops the other images they saw and their "
            "seeds; across the rows above (own seeds → one seed, more members) that mean change goes "
-           f"{' → '.join(format(np.mean(e['change']), '.3f') for e in v['ensembles'])}."
+           f"{' → '.join(format(np.mean(e['change']), '.3f') for e in single)}."
            if np.mean(best["change"]) > change.mean() else ""),
     ]
+    return notes
+
+
+def _label(e: dict[str, Any]) -> str:
+    """A candidate ensemble's row label."""
+    draws = e.get("code_draws", 1)
+    averaged = f", change averaged over {draws} code draws" if draws > 1 else ""
+    return f"{e['members']} members, {e['seeding']}{averaged}"
+
+
+def _draws_notes(draws: list[dict[str, Any]]) -> list[str]:
+    """The table of ensembles on several draws of their codes: each draw and the summary over draws."""
+    notes = ["", "Code draws: each ensemble trained again on the codes of other seeds (new members, same "
+             "training seed), against retraining and against its codes-seed-0 draw.", "",
+             "| ensemble, codes seed | tuning Spearman [95 % CI] | reporting Spearman [95 % CI] | "
+             "reporting Spearman vs codes seed 0 | mean change |", "|---|---|---|---|---|"]
+    for x in draws:
+        for d in x["draws"]:
+            notes.append(f"| {x['members']} members, {x['seeding']}, codes seed {d['codes_seed']} | "
+                         f"{_ci(d['spearman']['tuning'])} | {_ci(d['spearman']['reporting'])} | "
+                         f"{_ci(d['agreement']['reporting']) if d['codes_seed'] else '–'} | "
+                         f"{d['mean_change']:.3f} |")
+        cells = [f"mean {c['mean']:.3f}, median {c['median']:.3f}; CI excludes 0 in {c['ci_excludes_0']} of "
+                 f"{c['draws']}" for c in (x["summary"]["tuning"], x["summary"]["reporting"])]
+        notes.append(f"| {x['members']} members, {x['seeding']}: over {len(x['draws'])} draws | {cells[0]} | "
+                     f"{cells[1]} | – | – |")
     return notes
 
 
